@@ -1,0 +1,64 @@
+"""Options shared by several commands, logging setup, and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mmcli.errors import MMCLIError, UsageError
+
+console = Console(stderr=True)
+
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights", "-w", envvar="MMCLI_WEIGHTS", show_envvar=True,
+        help="Checkpoint file or registered weights name (default: the shipped default weights).",
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", envvar="MMCLI_DEVICE", show_envvar=True, help="auto, cpu, cuda, cuda:N or mps.")
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="auto (bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16."),
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", "-j", min=0, envvar="MMCLI_WORKERS", help="Processes that read images (0: main).")
+]
+InputsArg = Annotated[
+    list[str], typer.Argument(help="Folders (searched recursively), files or glob patterns.", show_default=False)
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report file: .csv, .h5 or .hdf5.", show_default=False)]
+
+
+def setup_logging(verbose: int) -> None:
+    """One Rich handler on stderr; tracebacks without local variables (they may hold patient data)."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger("mmcli")
+    root.handlers.clear()
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, tracebacks_show_locals=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn library errors into a one-line message and an exit code (2 usage, 1 failure)."""
+    try:
+        yield
+    except UsageError as err:
+        console.print(f"[bold red]Error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    except MMCLIError as err:
+        console.print(f"[bold red]Error:[/] {err}", highlight=False)
+        raise typer.Exit(1) from None

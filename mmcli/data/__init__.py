@@ -1,0 +1,1 @@
+"""Torch-facing data code: preprocessing with its exact inverse, datasets."""

@@ -1,0 +1,73 @@
+"""Datasets that read radiographs in DataLoader workers and never raise on a bad file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mmcli.config import PreprocessConfig
+from mmcli.data.transforms import preprocess
+from mmcli.errors import CaseError
+from mmcli.io.discover import InputFile
+from mmcli.io.readers import read_radiograph
+
+logger = logging.getLogger(__name__)
+
+
+class RadiographDataset(Dataset[dict[str, Any]]):
+    """Read and preprocess one input per item.
+
+    Each item is a dict with ``index``, ``image`` (``(1, S, S)`` float32 tensor, or
+    ``None`` when the file failed), ``error`` (the reason, or ``None``) and ``meta``
+    (native ``height``/``width``, ``pixel_spacing`` in mm or ``None``, ``format``).
+    """
+
+    def __init__(self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False) -> None:
+        self.files = list(files)
+        self.cfg = cfg
+        self.voi_lut = voi_lut
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": index, "image": None, "error": None, "meta": {}}
+        try:
+            rad = read_radiograph(self.files[index].path, voi_lut=self.voi_lut)
+            item["meta"] = {
+                "height": rad.height,
+                "width": rad.width,
+                "pixel_spacing": rad.pixel_spacing,
+                "format": rad.format,
+            }
+            item["image"] = preprocess(rad.pixels, self.cfg)
+        except CaseError as err:
+            item["error"] = err.reason
+        except MemoryError:
+            item["error"] = "out of memory while reading the image"
+        except Exception as err:  # one bad file must never stop the batch
+            logger.debug("unexpected error reading %s", self.files[index].path, exc_info=True)
+            item["error"] = f"unexpected error while reading: {type(err).__name__}: {err}"
+        return item
+
+
+def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the images that were read; keep every item's metadata and error.
+
+    Returns:
+        ``{"images": (N, 1, S, S) tensor or None, "ok": [positions in items with an image],
+        "items": items without their image tensors}``.
+    """
+    ok = [i for i, item in enumerate(items) if item["image"] is not None]
+    images = torch.stack([items[i]["image"] for i in ok]) if ok else None
+    stripped = [{k: v for k, v in item.items() if k != "image"} for item in items]
+    return {"images": images, "ok": ok, "items": stripped}
+
+
+def worker_init(_: int) -> None:
+    """Keep each DataLoader worker on one thread: the main process owns the cores' BLAS."""
+    torch.set_num_threads(1)

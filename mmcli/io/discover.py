@@ -1,0 +1,208 @@
+"""Find the radiographs named on the command line: folders, files and glob patterns.
+
+Each input file gets a case id, its path relative to the common parent of all
+input roots, so ``scans/a/x.png`` and ``scans/b/x.png`` never collide in outputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from mmcli.errors import InputError
+from mmcli.io.readers import SUPPORTED_SUFFIXES, is_dicom
+
+log = logging.getLogger(__name__)
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file to process.
+
+    ``path`` is absolute and resolved. ``case_id`` is the posix path relative to
+    the common parent of all input roots, without its image suffix (kept when
+    dropping it would make two ids equal, ignoring case); ids are unique.
+    """
+
+    path: Path
+    case_id: str
+
+
+def discover_inputs(
+    inputs: Sequence[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()
+) -> list[InputFile]:
+    """Expand folders, files and glob patterns into a deduplicated, ordered file list.
+
+    Folders are searched recursively in sorted order for files with a supported
+    suffix (any case) and for suffix-less or numeric-suffix files that sniff as
+    DICOM; hidden files and folders are skipped. A file named directly is taken
+    whatever its suffix (reading it decides). A glob (``scans/**/*.dcm``) is
+    expanded recursively and its matches filtered like folder contents. Anything
+    under a path in ``exclude`` (e.g. an output folder inside the input) is skipped.
+
+    Args:
+        inputs: command-line inputs, in order.
+        exclude: files or folders to leave out.
+
+    Returns:
+        One :class:`InputFile` per distinct file (by resolved path), first occurrence first.
+
+    Raises:
+        InputError: an input matches nothing, or no image was found at all.
+    """
+    if not inputs:
+        raise InputError("No inputs given: name image files, folders or glob patterns.")
+    excluded = [Path(p).resolve() for p in exclude]
+    roots: list[Path] = []
+    found: list[Path] = []  # absolute, not resolved: case ids follow the names given
+    for item in inputs:
+        root, files = _expand(os.fspath(item), excluded)
+        roots.append(root)
+        found.extend(files)
+
+    seen: set[Path] = set()
+    unique: list[tuple[Path, Path]] = []  # (logical path, resolved path)
+    for path in found:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            unique.append((path, real))
+    if not unique:
+        given = ", ".join(os.fspath(i) for i in inputs)
+        supported = " ".join(SUPPORTED_SUFFIXES)
+        raise InputError(
+            f"Found 0 images in {given}. Supported: {supported} (DICOM also without suffix)"
+        )
+
+    ids = _case_ids([p for p, _ in unique], _common_parent(roots))
+    log.debug("found %d input files in %d inputs", len(unique), len(inputs))
+    return [InputFile(real, case_id) for (_, real), case_id in zip(unique, ids, strict=True)]
+
+
+def _expand(text: str, excluded: list[Path]) -> tuple[Path, list[Path]]:
+    """One input's root folder and its files (absolute, sorted)."""
+    path = Path(text)
+    if path.is_dir():
+        root = _absolute(path)
+        return root, _walk(root, excluded)
+    if path.exists():
+        if not path.is_file():
+            raise InputError(f"Not a file or folder: {text!r}")
+        file = _absolute(path)
+        return file.parent, [] if _is_excluded(file, excluded) else [file]
+    matches = glob.glob(text, recursive=True) if _GLOB_MAGIC.search(text) else []
+    if matches:
+        files: set[Path] = set()
+        for match in matches:
+            hit = _absolute(Path(match))
+            if hit.is_dir():
+                files.update(_walk(hit, excluded))
+            elif _is_candidate(hit) and not _is_excluded(hit, excluded):
+                files.add(hit)
+        return _glob_root(text), _sorted(files)
+    raise InputError(f"No such file, folder or pattern: {text!r}")
+
+
+def _walk(root: Path, excluded: list[Path]) -> list[Path]:
+    """Candidate image files under ``root``, skipping hidden and excluded entries."""
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_warn_unreadable):
+        here = Path(dirpath)
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and not _is_excluded(here / d, excluded)
+        ]
+        for name in filenames:
+            path = here / name
+            if (
+                not name.startswith(".")
+                and _is_candidate(path)
+                and not _is_excluded(path, excluded)
+            ):
+                files.append(path)
+    return _sorted(files)
+
+
+def _is_candidate(path: Path) -> bool:
+    """A supported suffix, or no / a numeric suffix and a DICOM header (``IM0001``, ``1.2.3.4``)."""
+    suffix = path.suffix.lower()
+    if suffix in SUPPORTED_SUFFIXES:
+        return path.is_file()
+    if suffix == "" or suffix[1:].isdigit():
+        return is_dicom(path)
+    return False
+
+
+def _is_excluded(path: Path, excluded: list[Path]) -> bool:
+    if not excluded:
+        return False
+    real = path.resolve()
+    return any(real == ex or ex in real.parents for ex in excluded)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder made of the pattern's leading parts that hold no wildcard."""
+    prefix: list[str] = []
+    for part in Path(pattern).parts:
+        if _GLOB_MAGIC.search(part):
+            break
+        prefix.append(part)
+    return _absolute(Path(*prefix)) if prefix else _absolute(Path("."))
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised, symlinks kept (so names stay as the user sees them)."""
+    return Path(os.path.abspath(path))
+
+
+def _sorted(files: Iterable[Path]) -> list[Path]:
+    """Sorted by path components, so ``a/x`` comes before ``a b/x`` and ``a-b/x``."""
+    return sorted(files, key=lambda p: p.parts)
+
+
+def _common_parent(roots: list[Path]) -> Path:
+    try:
+        return Path(os.path.commonpath([str(r) for r in roots]))
+    except ValueError:  # different drives on Windows: keep full paths
+        return Path(roots[0].anchor)
+
+
+def _case_ids(paths: list[Path], parent: Path) -> list[str]:
+    """Relative posix paths without image suffix; colliding ones keep their suffix.
+
+    Collisions are checked ignoring case, since outputs may land on a
+    case-insensitive file system. Full relative paths are distinct, so the loop ends.
+    """
+    full = [_relative(p, parent) for p in paths]
+    ids = [_strip_suffix(f) for f in full]
+    while True:
+        counts = Counter(i.casefold() for i in ids)
+        new = [f if counts[i.casefold()] > 1 else i for i, f in zip(ids, full, strict=True)]
+        if new == ids:
+            return ids
+        ids = new
+
+
+def _relative(path: Path, parent: Path) -> str:
+    try:
+        return path.relative_to(parent).as_posix()
+    except ValueError:
+        return path.relative_to(path.anchor).as_posix()
+
+
+def _strip_suffix(case_id: str) -> str:
+    path = PurePosixPath(case_id)
+    if path.suffix.lower() in SUPPORTED_SUFFIXES:
+        return str(path.with_suffix(""))
+    return case_id
+
+
+def _warn_unreadable(exc: OSError) -> None:
+    log.warning("cannot read folder %s: %s", exc.filename, exc.strerror or exc)

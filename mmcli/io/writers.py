@@ -1,0 +1,170 @@
+"""Write outputs atomically: mask PNGs, CSV and HDF5 reports, JSON manifests.
+
+Every writer goes through a temporary file in the destination folder and
+:func:`os.replace`, so a killed run never leaves a half-written file under the final
+name. :class:`Journal` records finished cases one line at a time so that a killed run
+can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
+    """Write a binary mask as an 8-bit grey PNG with values {0, 255}.
+
+    Args:
+        mask: ``(H, W)`` bool or {0, 1} array.
+    """
+    img = Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), mode="L")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", compress_level=1)
+
+
+def read_mask_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a mask PNG back as an ``(H, W)`` bool array (pixel > 127)."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L")) > 127
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write ``rows`` as CSV with exactly ``columns``, atomically."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows), columns=list(columns))
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a report written by :func:`write_csv` back as a list of dicts (NaN -> None)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, keep_default_na=True, dtype={"case_id": str})
+    frame = frame.astype(object).where(frame.notna(), None)
+    return frame.to_dict("records")
+
+
+def write_hdf5(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    masks: Callable[[Mapping[str, Any]], np.ndarray | None] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the report table, and optionally each case's mask, to HDF5 atomically.
+
+    Layout: ``/cases/<column>`` one 1-D dataset per column (strings as UTF-8, numbers
+    as float64 with NaN for missing); ``/masks/<case_id>`` a ``(H, W)`` uint8 {0, 1}
+    dataset, chunked and gzip-compressed, for each case whose mask ``masks(row)`` returns;
+    ``attrs`` (provenance) on the root, non-scalar values as JSON strings.
+    """
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in (attrs or {}).items():
+            h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        table = h5.create_group("cases")
+        for col in columns:
+            values = [row.get(col) for row in rows]
+            if all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                data = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+                table.create_dataset(col, data=data)
+            else:
+                strings = ["" if v is None else str(v) for v in values]
+                table.create_dataset(col, data=strings, dtype=h5py.string_dtype("utf-8"))
+        if masks is None:
+            return
+        group = h5.create_group("masks")
+        for row in rows:
+            mask = masks(row)
+            if mask is None:
+                continue
+            chunks = (min(256, mask.shape[0]), min(256, mask.shape[1]))
+            group.create_dataset(
+                str(row["case_id"]), data=mask.astype(np.uint8), chunks=chunks,
+                compression="gzip", compression_opts=4, shuffle=True,
+            )
+
+
+class Journal:
+    """Append-only JSON-lines record of finished cases, flushed after every write.
+
+    The first line is a header (e.g. the weights' sha256); each later line one case row.
+    A line cut short by a kill is ignored on reading.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file: Any = None
+
+    def read(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Return the header and the last row recorded for each case id."""
+        header: dict[str, Any] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            return header, rows
+        with open(self.path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if i == 0 and "header" in record:
+                    header = record["header"]
+                elif "case_id" in record:
+                    rows[str(record["case_id"])] = record
+        return header, rows
+
+    def start(self, header: Mapping[str, Any], rows: Iterable[Mapping[str, Any]] = ()) -> None:
+        """(Re)write the journal with ``header`` and the ``rows`` carried over, then keep it open."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"header": dict(header)}) + "\n")
+            for row in rows:
+                f.write(json.dumps(dict(row), default=str) + "\n")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(dict(row), default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

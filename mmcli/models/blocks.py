@@ -1,0 +1,111 @@
+"""Small named building blocks of MultiMix (paper supplement, Tables 1-2).
+
+Every block is resolution-agnostic; the model checks that its input size is
+divisible by 16 so that the four poolings and four upsamplings line up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ClassifierHead", "DoubleConv", "Down", "Up"]
+
+
+class DoubleConv(nn.Sequential):
+    """Conv3x3 -> InstanceNorm -> LeakyReLU, twice, then Dropout.
+
+    Maps (B, in_ch, H, W) to (B, out_ch, H, W). The convolutions carry no bias:
+    the affine InstanceNorm right after each one would cancel it.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(out_ch, affine=True),
+            nn.LeakyReLU(negative_slope),
+            nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(out_ch, affine=True),
+            nn.LeakyReLU(negative_slope),
+            nn.Dropout(dropout),
+        )
+        self.in_channels = in_ch
+        self.out_channels = out_ch
+
+
+class Down(nn.Sequential):
+    """MaxPool2d(2) then DoubleConv: (B, in_ch, H, W) -> (B, out_ch, H/2, W/2)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__(
+            nn.MaxPool2d(2),
+            DoubleConv(in_ch, out_ch, dropout=dropout, negative_slope=negative_slope),
+        )
+        self.in_channels = in_ch
+        self.out_channels = out_ch
+
+
+class Up(nn.Module):
+    """Bilinear x2 upsampling, concatenation with the skip (and extra maps), DoubleConv.
+
+    The deeper map (B, in_ch, h, w) is upsampled to the skip's size (B, skip_ch, 2h, 2w);
+    ``extra`` (B, extra_ch, 2h, 2w), when the block was built with ``extra_ch > 0``,
+    is appended after the skip. Output: (B, out_ch, 2h, 2w).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        skip_ch: int,
+        out_ch: int,
+        extra_ch: int = 0,
+        *,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.extra_channels = extra_ch
+        self.conv = DoubleConv(
+            in_ch + skip_ch + extra_ch, out_ch, dropout=dropout, negative_slope=negative_slope
+        )
+
+    def forward(self, x: Tensor, skip: Tensor, extra: Tensor | None = None) -> Tensor:
+        """(B, in_ch, h, w), (B, skip_ch, 2h, 2w), extra -> (B, out_ch, 2h, 2w)."""
+        if (extra is None) != (self.extra_channels == 0):
+            raise ValueError(
+                f"Up block built with extra_ch={self.extra_channels} "
+                f"got extra={'None' if extra is None else tuple(extra.shape)}"
+            )
+        up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        parts = [up, skip]
+        if extra is not None:
+            # The bridge arrives in float32 while autocast may run the decoder in bf16.
+            parts.append(extra.to(up.dtype))
+        return self.conv(torch.cat(parts, dim=1))
+
+
+class ClassifierHead(nn.Sequential):
+    """MaxPool2d(2) -> global average pool -> Linear: (B, in_ch, h, w) -> (B, num_classes)."""
+
+    def __init__(self, in_ch: int, num_classes: int) -> None:
+        super().__init__(
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+            nn.Linear(in_ch, num_classes),
+        )

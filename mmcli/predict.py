@@ -1,0 +1,289 @@
+"""``mmcli predict`` as a library call: a batch of radiographs in, masks and reports out.
+
+Outputs for ``--out results.csv`` (or ``results.h5``)::
+
+    results.csv               one row per input (REPORT_COLUMNS)
+    results/masks/<case>.png  lung mask at the input's native resolution, {0, 255}
+    results/run.json          the command, resolved settings, versions, device, counts
+    results/journal.jsonl     finished cases, read back to resume a killed run
+
+Each case fails alone: a file that cannot be read gets status ``error`` and its reason,
+the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmcli import __version__
+from mmcli.data.datasets import RadiographDataset, collate_cases, worker_init
+from mmcli.data.transforms import mask_to_native
+from mmcli.errors import UsageError
+from mmcli.inference import Precision, Predictor
+from mmcli.io.discover import InputFile, discover_inputs
+from mmcli.io.writers import Journal, read_mask_png, write_csv, write_hdf5, write_json, write_mask_png
+from mmcli.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+REPORT_COLUMNS: tuple[str, ...] = (
+    "case_id", "source", "status", "error", "p_pneumonia", "label",
+    "lung_fraction", "lung_area_mm2", "height", "width", "mask",
+)
+HDF5_SUFFIXES = (".h5", ".hdf5")
+REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Resolved settings of one ``predict`` run (written to ``run.json``)."""
+
+    inputs: tuple[str, ...]
+    out: Path
+    weights: str | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    batch_size: int = 8
+    workers: int = 1
+    threshold: float = 0.5
+    voi_lut: bool = False
+    overwrite: bool = False
+    fail_fast: bool = False
+    hdf5: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.out.suffix.lower() not in REPORT_SUFFIXES:
+            raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run's files go, all derived from the report path."""
+
+    report: Path
+    folder: Path
+    masks: Path
+    manifest: Path
+    journal: Path
+
+    @classmethod
+    def for_report(cls, report: Path) -> OutputLayout:
+        folder = report.with_suffix("")
+        return cls(report, folder, folder / "masks", folder / "run.json", folder / "journal.jsonl")
+
+
+@dataclass
+class PredictSummary:
+    """Counts of a finished run; ``failed > 0`` means exit code 1."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    seconds: float = 0.0
+    report: Path | None = None
+    extra_reports: list[Path] = field(default_factory=list)
+
+
+def _case_row(file: InputFile) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(REPORT_COLUMNS)
+    row.update(case_id=file.case_id, source=str(file.path))
+    return row
+
+
+def _finish_case(
+    row: dict[str, Any], meta: dict[str, Any], prob: float | None, mask_logits: torch.Tensor | None,
+    class_names: Sequence[str], threshold: float, layout: OutputLayout,
+) -> dict[str, Any]:
+    """Post-process one case: label, native-resolution mask, areas, mask file."""
+    height, width = int(meta["height"]), int(meta["width"])
+    row.update(status="ok", height=height, width=width)
+    if prob is not None:
+        row["p_pneumonia"] = round(prob, 6)
+        row["label"] = class_names[-1] if prob >= threshold else class_names[0]
+    if mask_logits is not None:
+        mask = mask_to_native(mask_logits, height, width).numpy()
+        lung_pixels = int(mask.sum())
+        row["lung_fraction"] = round(lung_pixels / mask.size, 6)
+        spacing = meta.get("pixel_spacing")
+        if spacing:
+            row["lung_area_mm2"] = round(lung_pixels * float(spacing[0]) * float(spacing[1]), 2)
+        mask_path = layout.masks / f"{row['case_id']}.png"
+        write_mask_png(mask_path, mask)
+        row["mask"] = os.path.relpath(mask_path, layout.report.parent)
+    return row
+
+
+def _settings_header(cfg: PredictConfig, sha256: str | None) -> dict[str, Any]:
+    return {"weights_sha256": sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut}
+
+
+def _previous_rows(layout: OutputLayout, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished cases of an earlier run into the same report, to resume from."""
+    old_header, rows = Journal(layout.journal).read()
+    if not rows:
+        return {}
+    if old_header != header:
+        raise UsageError(
+            f"{layout.report} was started with other settings ({old_header}); "
+            "pass --overwrite to start again, or choose another --out"
+        )
+    finished = {}
+    for case_id, row in rows.items():
+        mask = row.get("mask")
+        if row.get("status") == "ok" and (mask is None or (layout.report.parent / mask).is_file()):
+            finished[case_id] = row
+    return finished
+
+
+def _write_reports(
+    cfg: PredictConfig, layout: OutputLayout, rows: list[dict[str, Any]], provenance: dict[str, Any]
+) -> list[Path]:
+    written = []
+    targets = [layout.report] + ([cfg.hdf5] if cfg.hdf5 is not None else [])
+    for target in targets:
+        if target.suffix.lower() in HDF5_SUFFIXES:
+
+            def load_mask(row: dict[str, Any]) -> np.ndarray | None:
+                mask = row.get("mask")
+                return read_mask_png(layout.report.parent / mask) if mask else None
+
+            write_hdf5(target, rows, REPORT_COLUMNS, masks=load_mask, attrs=provenance)
+        else:
+            write_csv(target, rows, REPORT_COLUMNS)
+        written.append(target)
+    return written
+
+
+def run_predict(
+    cfg: PredictConfig,
+    *,
+    on_start: Callable[[int, int], None] | None = None,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+    command: Sequence[str] | None = None,
+) -> PredictSummary:
+    """Predict every input of ``cfg`` and write the reports.
+
+    Args:
+        on_start: called once with (cases to run, cases resumed from an earlier run).
+        on_case: called with each finished row (status ok or error), for progress display.
+        command: the command line, recorded in ``run.json``.
+    """
+    started = time.perf_counter()
+    layout = OutputLayout.for_report(cfg.out.expanduser().resolve())
+    files = discover_inputs(cfg.inputs, exclude=[layout.folder, layout.report])
+    ckpt = load_weights(cfg.weights)
+    predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
+    header = _settings_header(cfg, ckpt.sha256)
+    previous = {} if cfg.overwrite else _previous_rows(layout, header)
+    done = {f.case_id: previous[f.case_id] for f in files if f.case_id in previous}
+    todo = [f for f in files if f.case_id not in done]
+    logger.info("%d inputs: %d to predict, %d already done", len(files), len(todo), len(done))
+    if on_start is not None:
+        on_start(len(todo), len(done))
+
+    journal = Journal(layout.journal)
+    journal.start(header, done.values())
+    rows: dict[str, dict[str, Any]] = dict(done)
+    summary = PredictSummary(total=len(files), resumed=len(done))
+    pending: deque[Future[dict[str, Any]]] = deque()
+
+    def record(row: dict[str, Any]) -> None:
+        rows[row["case_id"]] = row
+        journal.append(row)
+        if on_case is not None:
+            on_case(row)
+
+    loader = DataLoader(
+        RadiographDataset(todo, ckpt.preprocess, voi_lut=cfg.voi_lut),
+        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_cases,
+        worker_init_fn=worker_init if cfg.workers else None,
+        pin_memory=predictor.device.type == "cuda",
+    )
+    stop = False
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:
+            for batch in loader:
+                pred = predictor.predict(batch["images"]) if batch["images"] is not None else None
+                for pos, item in enumerate(batch["items"]):
+                    row = _case_row(todo[item["index"]])
+                    if item["error"] is not None:
+                        row.update(status="error", error=item["error"])
+                        record(row)
+                        stop = stop or cfg.fail_fast
+                        continue
+                    assert pred is not None  # an item without error always has an image
+                    k = batch["ok"].index(pos)
+                    prob = float(pred.probabilities[k, -1]) if pred.probabilities is not None else None
+                    logits = pred.mask_logits[k] if pred.mask_logits is not None else None
+                    pending.append(pool.submit(
+                        _finish_case, row, item["meta"], prob, logits, ckpt.class_names, cfg.threshold, layout
+                    ))
+                while pending and (pending[0].done() or len(pending) > 2 * cfg.batch_size):
+                    record(pending.popleft().result())
+                if stop:
+                    break
+            while pending:
+                record(pending.popleft().result())
+    finally:
+        journal.close()
+
+    for f in files:
+        if f.case_id not in rows:
+            row = _case_row(f)
+            row.update(status="skipped", error="not processed: the run stopped at the first failure (--fail-fast)")
+            rows[f.case_id] = row
+    ordered = [rows[f.case_id] for f in files]
+    summary.ok = sum(r["status"] == "ok" for r in ordered)
+    summary.failed = sum(r["status"] == "error" for r in ordered)
+    summary.skipped = sum(r["status"] == "skipped" for r in ordered)
+    summary.seconds = time.perf_counter() - started
+
+    provenance = {
+        "mmcli_version": __version__,
+        "weights": str(ckpt.path),
+        "weights_sha256": ckpt.sha256,
+        "model": ckpt.model_name,
+        "preprocess": ckpt.preprocess.to_dict(),
+        "class_names": list(ckpt.class_names),
+        "temperature": ckpt.temperature,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    written = _write_reports(cfg, layout, ordered, provenance)
+    summary.report, summary.extra_reports = written[0], written[1:]
+    write_json(layout.manifest, {
+        "command": list(command) if command is not None else None,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "provenance": provenance,
+        "device": str(predictor.device),
+        "precision": predictor.precision,
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__, "platform": sys.platform,
+        },
+        "counts": {k: getattr(summary, k) for k in ("total", "ok", "failed", "skipped", "resumed")},
+        "seconds": round(summary.seconds, 3),
+        "outputs": {"reports": [str(p) for p in written], "masks": str(layout.masks)},
+    })
+    return summary

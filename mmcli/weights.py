@@ -1,0 +1,213 @@
+"""Find, verify and load self-describing checkpoints.
+
+A checkpoint carries everything needed to rebuild its model: the registry name and
+kwargs, the preprocessing, the class names, the calibration temperature, the mmcli
+version and, for trained models, the training configuration. Model weights are stored
+as safetensors (the metadata holds that description as JSON); ``.pt`` files are read
+with ``torch.load(weights_only=True)``. Nothing is ever unpickled from an untrusted file.
+
+Lookup order for the weights of a command: ``--weights`` (a path or a name in
+``weights/registry.json``), then the ``MMCLI_WEIGHTS`` environment variable, then the
+registry's default. Files named through the registry are verified by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmcli import __version__
+from mmcli.config import CLASS_NAMES, PreprocessConfig
+from mmcli.errors import WeightsError
+from mmcli.models import create_model
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "MMCLI_WEIGHTS"
+_META_KEY = "mmcli"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIRS: tuple[Path, ...] = (_PACKAGE_DIR / "_weights", _PACKAGE_DIR.parent / "weights")
+HOW_TO_GET_WEIGHTS = (
+    "pass --weights PATH (a checkpoint made by `mmcli train`), or set the "
+    f"{ENV_VAR} environment variable to one"
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model description plus its weights."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    class_names: tuple[str, ...] = CLASS_NAMES
+    temperature: float = 1.0
+    mmcli_version: str = __version__
+    train_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON-serialisable description stored beside the tensors."""
+        return {
+            "format": 1,
+            "model_name": self.model_name,
+            "model_kwargs": self.model_kwargs,
+            "preprocess": self.preprocess.to_dict(),
+            "class_names": list(self.class_names),
+            "temperature": self.temperature,
+            "mmcli_version": self.mmcli_version,
+            "train_config": self.train_config,
+            "extra": self.extra,
+        }
+
+    def build_model(self) -> nn.Module:
+        """Rebuild the model from its description and load the weights (eval mode)."""
+        model = create_model(self.model_name, **self.model_kwargs)
+        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        if missing or unexpected:
+            raise WeightsError(
+                f"{self.path or 'checkpoint'}: weights do not fit model {self.model_name!r} "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        return model.eval()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _from_metadata(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Checkpoint:
+    try:
+        return Checkpoint(
+            model_name=meta["model_name"],
+            model_kwargs={k: _as_tuple(v) for k, v in meta.get("model_kwargs", {}).items()},
+            state_dict=state,
+            preprocess=PreprocessConfig.from_dict(meta.get("preprocess", {})),
+            class_names=tuple(meta.get("class_names", CLASS_NAMES)),
+            temperature=float(meta.get("temperature", 1.0)),
+            mmcli_version=str(meta.get("mmcli_version", "unknown")),
+            train_config=meta.get("train_config"),
+            extra=dict(meta.get("extra") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"checkpoint description is incomplete or invalid: {err}") from err
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
+    """Write ``ckpt`` as safetensors (``.safetensors``) or a weights-only ``.pt``.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a
+    half-written checkpoint. Returns the file's sha256.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(ckpt.metadata())})
+    else:
+        torch.save({_META_KEY: ckpt.metadata(), "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> Checkpoint:
+    """Load a checkpoint safely, verifying its sha256 when one is expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    sha = file_sha256(path)
+    if expected_sha256 and sha != expected_sha256.lower():
+        raise WeightsError(
+            f"{path}: sha256 mismatch (expected {expected_sha256}, got {sha}); "
+            "the file is corrupt or was replaced"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get(_META_KEY)
+            state = load_file(str(path))
+            if raw_meta is None:
+                raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' metadata)")
+            meta = json.loads(raw_meta)
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or _META_KEY not in blob:
+                raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' entry)")
+            meta, state = blob[_META_KEY], blob["state_dict"]
+    except WeightsError:
+        raise
+    except Exception as err:  # safetensors/pickle raise many types for a bad file
+        raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+    ckpt = _from_metadata(meta, state)
+    ckpt.path, ckpt.sha256 = path, sha
+    return ckpt
+
+
+def read_registry() -> tuple[Path, dict[str, Any]] | None:
+    """The first ``registry.json`` found in the weights folders, with its folder."""
+    for folder in WEIGHTS_DIRS:
+        reg = folder / "registry.json"
+        if reg.is_file():
+            return folder, json.loads(reg.read_text())
+    return None
+
+
+def resolve_weights(weights: str | os.PathLike[str] | None = None) -> tuple[Path, str | None]:
+    """Find the weights to use: ``weights``, then ``$MMCLI_WEIGHTS``, then the default.
+
+    Returns:
+        The file and the sha256 it must have (``None`` for a file named by path).
+
+    Raises:
+        WeightsError: with a one-line explanation of how to get or pass weights.
+    """
+    choice = weights if weights is not None else os.environ.get(ENV_VAR) or None
+    found = read_registry()
+    entries: dict[str, Any] = found[1].get("weights", {}) if found else {}
+    if choice is None:
+        default = found[1].get("default") if found else None
+        if not default:
+            raise WeightsError(f"No default weights are installed: {HOW_TO_GET_WEIGHTS}.")
+        choice = default
+    name = str(choice)
+    if name in entries and found is not None:
+        entry = entries[name]
+        return found[0] / entry["file"], entry.get("sha256")
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(entries)) or "none"
+        raise WeightsError(
+            f"Weights {name!r} are neither a file nor a registered name (registered: {known}): "
+            f"{HOW_TO_GET_WEIGHTS}."
+        )
+    return path, None
+
+
+def load_weights(weights: str | os.PathLike[str] | None = None) -> Checkpoint:
+    """Resolve (see :func:`resolve_weights`), verify and load a checkpoint."""
+    path, sha = resolve_weights(weights)
+    return load_checkpoint(path, expected_sha256=sha)

@@ -1,0 +1,267 @@
+"""MultiMix model, blocks and registry, on the tiny variant with 64x64 inputs."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import mmcli.models
+from mmcli.models import MultiMix, MultiMixOutput, create_model, list_models, model_kwargs
+from mmcli.models.registry import register_model
+
+SIZE = 64
+TINY = (4, 8, 16, 32, 64)
+# preset -> which of (cls_logits, seg_logits, saliency) it returns
+PRESETS = {
+    "multimix_tiny": (True, True, True),
+    "multimix": (True, True, True),
+    "umtls": (True, True, True),
+    "umtl": (True, True, False),
+    "unet": (False, True, False),
+    "enc": (True, False, False),
+}
+PARAMS_MULTIMIX = 1_966_627
+
+
+def tiny(name: str = "multimix_tiny", seed: int = 0, **overrides: object) -> MultiMix:
+    torch.manual_seed(seed)
+    model = create_model(name, widths=TINY, **overrides)
+    assert isinstance(model, MultiMix)
+    return model
+
+
+def batch(n: int = 2, seed: int = 1) -> Tensor:
+    return torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_saliency(model: MultiMix, x: Tensor) -> Tensor:
+    """|d logit of the predicted class / d x|, one image at a time, max-normalised."""
+    maps = []
+    for image in x:
+        leaf = image[None].clone().requires_grad_(True)
+        logits = model.classify(model.encode(leaf).bottleneck)[0]
+        (grad,) = torch.autograd.grad(logits[logits.argmax()], leaf)
+        maps.append(grad.abs() / grad.abs().max())
+    return torch.cat(maps)
+
+
+def assert_outputs_equal(a: MultiMixOutput, b: MultiMixOutput) -> None:
+    for left, right in zip(a, b, strict=True):
+        assert (left is None) == (right is None)
+        if left is not None:
+            assert torch.equal(left, right)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_output_shapes(name: str) -> None:
+    model = tiny(name).eval()
+    with torch.no_grad():
+        out = model(batch(3))
+    assert isinstance(out, MultiMixOutput)
+    shapes = ((3, 2), (3, 1, SIZE, SIZE), (3, 1, SIZE, SIZE))
+    for tensor, present, shape in zip(out, PRESETS[name], shapes, strict=True):
+        assert (tensor is not None) == present
+        if tensor is not None:
+            assert tuple(tensor.shape) == shape
+
+
+def test_parameter_count_and_bridge_width() -> None:
+    with torch.device("meta"):
+        model = create_model("multimix")
+        no_bridge = create_model("umtl")
+    assert sum(p.numel() for p in model.parameters()) == PARAMS_MULTIMIX
+    assert model.decoder[0].conv[0].in_channels == 256 + 128 + 2
+    assert no_bridge.decoder[0].conv[0].in_channels == 256 + 128
+
+
+def test_eval_is_deterministic() -> None:
+    model, x = tiny().eval(), batch()
+    first, second = model(x), model(x)
+    assert_outputs_equal(first, second)
+    with torch.no_grad():
+        third, fourth = model(x), model(x)
+    assert_outputs_equal(third, fourth)
+    for graph, no_graph in zip(first, third, strict=True):
+        torch.testing.assert_close(graph.detach(), no_graph)
+
+
+def test_dropout_active_in_train() -> None:
+    model, x = tiny().train(), batch()
+    first, second = model(x), model(x)
+    assert not torch.equal(first.cls_logits, second.cls_logits)
+    assert not torch.equal(first.seg_logits, second.seg_logits)
+
+
+def test_saliency_matches_independent_gradient() -> None:
+    model, x = tiny().eval(), batch(3)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out.saliency, reference_saliency(model, x))
+    assert out.saliency.amin() >= 0
+    torch.testing.assert_close(out.saliency.amax(dim=(1, 2, 3)), torch.ones(3))
+
+
+def test_saliency_without_normalisation_is_raw_gradient() -> None:
+    model, x = tiny(saliency_norm="none").eval(), batch()
+    leaf = x.clone().requires_grad_(True)
+    logits = model.classify(model.encode(leaf).bottleneck)
+    (grad,) = torch.autograd.grad(logits.max(dim=1).values.sum(), leaf)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).saliency, grad.abs())
+
+
+def test_samples_are_independent() -> None:
+    model, x = tiny().eval(), batch()
+    with torch.no_grad():
+        together = model(x)
+        alone = [model(x[i : i + 1]) for i in range(2)]
+    for field, tensor in zip(together._fields, together, strict=True):
+        torch.testing.assert_close(tensor, torch.cat([getattr(o, field) for o in alone]), msg=field)
+
+
+def test_no_grad_outputs_and_no_grad_leakage() -> None:
+    model = tiny().eval()
+    x = batch().requires_grad_(True)
+    with torch.no_grad():
+        out = model(x)
+    assert all(not t.requires_grad and t.grad_fn is None for t in out)
+    model.train()
+    train_out = model(x)
+    assert train_out.cls_logits.requires_grad and train_out.seg_logits.requires_grad
+    assert not train_out.saliency.requires_grad
+    model(x.detach())
+    assert x.grad is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_backward_reaches_every_parameter() -> None:
+    model = tiny().train()
+    out = model(batch())
+    (out.seg_logits.mean() + out.cls_logits.logsumexp(dim=1).mean()).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_bridge_passes_no_gradient_to_encoder() -> None:
+    model, x = tiny(dropout=0.0).eval(), batch()
+    out = model(x)
+    out.seg_logits.square().mean().backward()
+    through_model = [p.grad.clone() for p in model.encoder.parameters()]
+    model.zero_grad()
+    features = model.encode(x)
+    constant = out.saliency.clone()  # same values, no graph by construction
+    bridge = model.bridge_input(x, constant, size=features.skips[-1].shape[-2:])
+    model.decode(features, bridge).square().mean().backward()
+    for grad, param in zip(through_model, model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(grad, param.grad)
+
+
+def test_bridge_changes_segmentation() -> None:
+    model, x = tiny().eval(), batch()
+    with torch.no_grad():
+        out = model(x)
+        features = model.encode(x)
+        size = features.skips[-1].shape[-2:]
+        seg = model.decode(features, model.bridge_input(x, out.saliency, size))
+        zeroed = model.decode(features, model.bridge_input(x, torch.zeros_like(out.saliency), size))
+    torch.testing.assert_close(seg, out.seg_logits)
+    assert (seg - zeroed).abs().max() > 1e-4
+
+
+def test_bf16_autocast_close_to_fp32() -> None:
+    model, x = tiny().eval(), batch()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert all(torch.isfinite(t).all() for t in low)
+    torch.testing.assert_close(low.cls_logits.float(), ref.cls_logits, atol=0.1, rtol=0.1)
+    torch.testing.assert_close(low.seg_logits.float(), ref.seg_logits, atol=0.3, rtol=0.1)
+    assert (low.saliency - ref.saliency).abs().mean() < 0.1
+
+
+def test_channels_last_matches_contiguous() -> None:
+    model, x = tiny().eval(), batch()
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.to(memory_format=torch.channels_last))
+    for left, right in zip(out, ref, strict=True):
+        torch.testing.assert_close(left, right, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_mode() -> None:
+    model, plain = tiny().eval(), tiny("umtl").eval()
+    with torch.inference_mode():
+        x = batch()
+        with pytest.raises(RuntimeError, match="no_grad"):
+            model(x)
+        assert plain(x).saliency is None
+    with torch.no_grad():  # an inference tensor used outside inference mode still works
+        assert torch.isfinite(model(x).saliency).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"), [((1, 1, 60, 64), "divisible by 16"), ((1, 3, 64, 64), "shape")]
+)
+def test_bad_input_raises(shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny()(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"seg_head": False},
+        {"cls_head": False},
+        {"saliency_norm": "l2"},
+        {"widths": (4, 8, 16, 32)},
+        {"dropout": 1.0},
+    ],
+)
+def test_bad_config_raises(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        MultiMix(**kwargs)
+
+
+def test_registry_lists_and_rejects_unknown() -> None:
+    assert set(PRESETS) <= set(list_models())
+    with pytest.raises(ValueError, match=r"Unknown model 'nope'\. Available: .*multimix_tiny"):
+        create_model("nope")
+    with pytest.raises(ValueError, match="Unknown model"):
+        model_kwargs("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("multimix")(lambda **kw: nn.Identity())
+    with pytest.raises(ValueError, match="both heads"):
+        create_model("unet", bridge=True)
+
+
+def test_model_kwargs_rebuild_the_model() -> None:
+    kwargs = model_kwargs("enc", widths=TINY, num_classes=3)
+    assert kwargs["seg_head"] is False and kwargs["bridge"] is False
+    assert kwargs["num_classes"] == 3 and tuple(kwargs["widths"]) == TINY
+    model = tiny("enc", num_classes=3)
+    rebuilt = MultiMix(**json.loads(json.dumps(kwargs)))
+    assert rebuilt.init_kwargs == model.init_kwargs == kwargs
+    rebuilt.load_state_dict(model.state_dict())  # strict: same keys and shapes
+
+
+def test_models_import_only_torch() -> None:
+    allowed = {"__future__", "collections", "typing", "torch", "mmcli"}
+    for path in Path(mmcli.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                if name.startswith("mmcli"):
+                    assert name.startswith("mmcli.models"), f"{path.name} imports {name}"

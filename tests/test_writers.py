@@ -1,0 +1,74 @@
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from mmcli.io.writers import (
+    Journal,
+    atomic_path,
+    read_csv_rows,
+    read_mask_png,
+    write_csv,
+    write_hdf5,
+    write_json,
+    write_mask_png,
+)
+
+
+def test_mask_png_round_trip(tmp_path):
+    mask = np.zeros((37, 53), dtype=bool)
+    mask[5:20, 10:40] = True
+    write_mask_png(tmp_path / "sub" / "m.png", mask)
+    assert np.array_equal(read_mask_png(tmp_path / "sub" / "m.png"), mask)
+    assert os.listdir(tmp_path / "sub") == ["m.png"]  # no temporary file left
+
+
+def test_atomic_path_keeps_old_file_on_crash(tmp_path):
+    target = tmp_path / "report.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["report.csv"]
+
+
+def test_csv_and_json(tmp_path):
+    rows = [{"case_id": "a/x", "p": 0.25, "error": None}, {"case_id": "007", "p": None, "error": "bad"}]
+    write_csv(tmp_path / "r.csv", rows, ["case_id", "p", "error"])
+    back = read_csv_rows(tmp_path / "r.csv")
+    assert back == [{"case_id": "a/x", "p": 0.25, "error": None}, {"case_id": "007", "p": None, "error": "bad"}]
+    write_json(tmp_path / "m.json", {"a": 1, "path": tmp_path})
+    assert json.loads((tmp_path / "m.json").read_text())["path"] == str(tmp_path)
+
+
+def test_hdf5_table_masks_and_attrs(tmp_path):
+    rows = [{"case_id": "a", "p": 0.5, "status": "ok"}, {"case_id": "b", "p": None, "status": "error"}]
+    mask = np.eye(300, 280, dtype=bool)
+    write_hdf5(
+        tmp_path / "r.h5", rows, ["case_id", "p", "status"],
+        masks=lambda row: mask if row["case_id"] == "a" else None, attrs={"version": "1", "pre": {"s": 256}},
+    )
+    with h5py.File(tmp_path / "r.h5") as h5:
+        assert [s.decode() for s in h5["cases/case_id"][()]] == ["a", "b"]
+        p = h5["cases/p"][()]
+        assert p[0] == 0.5 and np.isnan(p[1])
+        ds = h5["masks/a"]
+        assert np.array_equal(ds[()].astype(bool), mask)
+        assert ds.compression == "gzip" and ds.chunks is not None
+        assert "b" not in h5["masks"]
+        assert h5.attrs["version"] == "1" and json.loads(h5.attrs["pre"]) == {"s": 256}
+
+
+def test_journal_resume_ignores_torn_line(tmp_path):
+    j = Journal(tmp_path / "j.jsonl")
+    j.start({"sha": "x"}, [{"case_id": "a", "status": "ok"}])
+    j.append({"case_id": "b", "status": "error"})
+    j.close()
+    with open(tmp_path / "j.jsonl", "a") as f:
+        f.write('{"case_id": "c", "sta')  # killed mid-write
+    header, rows = Journal(tmp_path / "j.jsonl").read()
+    assert header == {"sha": "x"}
+    assert set(rows) == {"a", "b"} and rows["b"]["status"] == "error"
