@@ -206,9 +206,7 @@ def test_inference_mode() -> None:
         assert torch.isfinite(model(x).saliency).all()
 
 
-@pytest.mark.parametrize(
-    ("shape", "match"), [((1, 1, 60, 64), "divisible by 16"), ((1, 3, 64, 64), "shape")]
-)
+@pytest.mark.parametrize(("shape", "match"), [((1, 1, 60, 64), "divisible by 16"), ((1, 3, 64, 64), "shape")])
 def test_bad_input_raises(shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tiny()(torch.zeros(shape))

@@ -80,9 +80,7 @@ class Up(nn.Module):
     ) -> None:
         super().__init__()
         self.extra_channels = extra_ch
-        self.conv = DoubleConv(
-            in_ch + skip_ch + extra_ch, out_ch, dropout=dropout, negative_slope=negative_slope
-        )
+        self.conv = DoubleConv(in_ch + skip_ch + extra_ch, out_ch, dropout=dropout, negative_slope=negative_slope)
 
     def forward(self, x: Tensor, skip: Tensor, extra: Tensor | None = None) -> Tensor:
         """(B, in_ch, h, w), (B, skip_ch, 2h, 2w), extra -> (B, out_ch, 2h, 2w)."""

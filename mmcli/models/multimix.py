@@ -94,9 +94,7 @@ class MultiMix(nn.Module):
         widths = tuple(int(w) for w in widths)
         _check_config(in_chans, num_classes, widths, dropout, seg_head, cls_head, bridge)
         if saliency_norm not in SALIENCY_NORMS:
-            raise ValueError(
-                f"saliency_norm must be one of {SALIENCY_NORMS}, got {saliency_norm!r}"
-            )
+            raise ValueError(f"saliency_norm must be one of {SALIENCY_NORMS}, got {saliency_norm!r}")
         self.init_kwargs: dict[str, Any] = {
             "in_chans": in_chans,
             "num_classes": num_classes,
@@ -197,9 +195,7 @@ class MultiMix(nn.Module):
         would read 4 of every 64 pixels of a spiky saliency map.
         """
         maps = torch.cat([x, saliency.to(x.dtype)], dim=1)
-        return F.interpolate(
-            maps, size=tuple(size), mode="bilinear", align_corners=False, antialias=True
-        )
+        return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
 
     def decode(self, features: EncoderFeatures, bridge: Tensor | None = None) -> Tensor:
         """Features (see EncoderFeatures), bridge (B, C + 1, H/8, W/8) -> (B, 1, H, W) logits."""
@@ -212,14 +208,10 @@ class MultiMix(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
         if height % _DIVISOR or width % _DIVISOR:
-            raise ValueError(
-                f"input height and width must be divisible by {_DIVISOR}, got {height}x{width}"
-            )
+            raise ValueError(f"input height and width must be divisible by {_DIVISOR}, got {height}x{width}")
 
 
 def _check_config(
@@ -246,8 +238,7 @@ def _check_config(
 def _require_autograd() -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "the saliency bridge needs autograd: run MultiMix under torch.no_grad(), "
-            "not torch.inference_mode()"
+            "the saliency bridge needs autograd: run MultiMix under torch.no_grad(), not torch.inference_mode()"
         )
 
 
