@@ -263,3 +263,16 @@ def test_models_import_only_torch() -> None:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
                 if name.startswith("mmcli"):
                     assert name.startswith("mmcli.models"), f"{path.name} imports {name}"
+
+
+def test_instance_norm_equals_torch_instance_norm():
+    from mmcli.models.blocks import InstanceNorm
+
+    torch.manual_seed(0)
+    ours, ref = InstanceNorm(6), torch.nn.InstanceNorm2d(6, affine=True)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 20, 12) * 4 + 2
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)

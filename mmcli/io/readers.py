@@ -139,20 +139,27 @@ def _read_pillow(path: Path) -> Radiograph:
         if n_frames > 1:
             raise ReadError(path, f"multi-frame images are not supported ({n_frames} frames)")
         grey, bits = _pil_to_grey(img, path)
-    pixels = np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
+    pixels = np.ascontiguousarray(grey, dtype=np.float32)
+    np.clip(pixels, 0.0, 1.0, out=pixels)
     log.debug("read %s image %dx%d (%d bits)", fmt, pixels.shape[1], pixels.shape[0], bits)
     return Radiograph(pixels, pixels.shape[0], pixels.shape[1], fmt, bits)
 
 
+# Lookup tables give the same float32 values as dividing in float64, several times faster
+# on the 4-megapixel images a batch job sees.
+_SCALE_8 = (np.arange(2**8) / 255.0).astype(np.float32)
+_SCALE_16 = (np.arange(2**16) / 65535.0).astype(np.float32)
+
+
 def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
-    """Fold a loaded Pillow image to float64 grey ``(H, W)`` in [0, 1] plus its bit depth."""
+    """Fold a loaded Pillow image to float grey ``(H, W)`` in [0, 1] plus its bit depth."""
     mode = img.mode
     if mode == "1":
-        return np.asarray(img, dtype=np.float64), 1
+        return np.asarray(img, dtype=np.float32), 1
     if mode == "L":
-        return np.asarray(img, dtype=np.float64) / 255.0, 8
+        return _SCALE_8[np.asarray(img)], 8
     if mode.startswith("I;16"):
-        return np.asarray(img).astype(np.float64) / 65535.0, 16
+        return _SCALE_16[np.asarray(img).astype(np.uint16, copy=False)], 16
     if mode == "I":
         bits = _declared_bits(img)
         arr = np.asarray(img).astype(np.float64)
@@ -165,12 +172,12 @@ def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         grey = Image.alpha_composite(black, rgba).convert("L")
-        return np.asarray(grey, dtype=np.float64) / 255.0, 8
+        return _SCALE_8[np.asarray(grey)], 8
     try:
         grey = img.convert("L") if mode == "RGB" else img.convert("RGB").convert("L")
     except ValueError as exc:
         raise ReadError(path, f"unsupported image mode {mode!r}: {exc}") from None
-    return np.asarray(grey, dtype=np.float64) / 255.0, 8
+    return _SCALE_8[np.asarray(grey)], 8
 
 
 def _declared_bits(img: Image.Image) -> int | None:

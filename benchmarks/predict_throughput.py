@@ -1,0 +1,178 @@
+"""End-to-end throughput of ``mmcli predict`` against a naive inference loop.
+
+Builds (once, cached in ``--workdir``) a folder of native-size radiographs by upscaling
+real images from the shared data set to ``--size`` x ``--size``, a third each as 8-bit
+PNG, 16-bit PNG and 16-bit DICOM (12 bits stored, uncompressed), plus a MultiMix
+checkpoint with seeded random weights (speed does not depend on the weights). Then, in
+the same run and alternating ``--repeats`` times:
+
+* naive: the habits of research code: one image at a time, float32, decoding on the main
+  thread, the saliency from a second encoder pass with a full ``backward()``, the mask
+  resized back and written, the CSV written at the end;
+* mmcli: :func:`mmcli.predict.run_predict` with its defaults (batched, decoding in
+  DataLoader workers, one encoder pass for the bridge, masks written in a thread).
+
+Both produce the same outputs (a mask PNG per image and a CSV). Reports images/second
+for each and the ratio of medians; ``--json`` writes the figures.
+
+    python benchmarks/predict_throughput.py --data ../shared/data --n 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from mmcli.config import PreprocessConfig
+from mmcli.data.transforms import mask_to_native, preprocess
+from mmcli.io.discover import discover_inputs
+from mmcli.io.readers import read_radiograph
+from mmcli.io.writers import write_mask_png
+from mmcli.models import create_model, model_kwargs
+from mmcli.predict import PredictConfig, run_predict
+from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
+
+
+def _save_dicom(path: Path, pixels: np.ndarray) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.175, 0.175]
+    ds.PixelData = np.round(pixels * 4095).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_inputs(data: Path, folder: Path, n: int, size: int) -> Path:
+    """Upscale ``n`` real radiographs to ``size`` x ``size`` as 8-bit PNG, 16-bit PNG and DICOM."""
+    marker = folder / f".done-{n}-{size}"
+    if marker.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = sorted((data / "cls-in").glob("*.png"))[:n]
+    if len(sources) < n:
+        raise SystemExit(f"need {n} images in {data / 'cls-in'}, found {len(sources)}")
+    for i, src in enumerate(sources):
+        with Image.open(src) as img:
+            big = img.convert("L").resize((size, size), Image.Resampling.BICUBIC)
+        grey = np.asarray(big, dtype=np.float64) / 255.0
+        kind = i % 3
+        if kind == 0:
+            big.save(folder / f"{src.stem}.png")
+        elif kind == 1:
+            Image.fromarray(np.round(grey * 65535).astype(np.uint16)).save(folder / f"{src.stem}_16.png")
+        else:
+            _save_dicom(folder / f"{src.stem}.dcm", grey)
+    marker.touch()
+    return folder
+
+
+def make_weights(path: Path) -> Path:
+    if not path.exists():
+        torch.manual_seed(0)
+        kwargs = model_kwargs("multimix")
+        model = create_model("multimix", **kwargs)
+        save_checkpoint(Checkpoint("multimix", kwargs, model.state_dict(), PreprocessConfig()), path)
+    return path
+
+
+def naive_loop(inputs: Path, weights: Path, out: Path) -> int:
+    """Batch 1, float32, decode on the main thread, saliency from a second encoder pass."""
+    ckpt = load_checkpoint(weights)
+    model = ckpt.build_model()
+    rows = []
+    for f in discover_inputs([inputs]):
+        rad = read_radiograph(f.path)
+        x = preprocess(rad.pixels, ckpt.preprocess)[None]
+        with torch.no_grad():
+            feats = model.encode(x)
+            logits = model.classify(feats.bottleneck)
+        x_grad = x.clone().requires_grad_(True)  # the second pass, for the saliency
+        model.zero_grad()
+        model.classify(model.encode(x_grad).bottleneck).max(dim=1).values.sum().backward()
+        saliency = x_grad.grad.abs()
+        saliency = saliency / saliency.amax().clamp_min(1e-12)
+        with torch.no_grad():
+            bridge = model.bridge_input(x, saliency, size=feats.skips[-1].shape[-2:])
+            seg = model.decode(feats, bridge)
+        mask = mask_to_native(seg[0], rad.height, rad.width).numpy()
+        mask_path = out.parent / "naive_masks" / f"{f.case_id}.png"
+        write_mask_png(mask_path, mask)
+        p = float(torch.softmax(logits, dim=1)[0, -1])
+        rows.append({"case_id": f.case_id, "p_pneumonia": p, "lung_fraction": float(mask.mean()), "mask": str(mask_path)})
+    pd.DataFrame(rows).to_csv(out, index=False)
+    return len(rows)
+
+
+def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int, workers: int) -> int:
+    cfg = PredictConfig(inputs=(str(inputs),), out=out, weights=str(weights), overwrite=True,
+                        batch_size=batch_size, workers=workers)
+    summary = run_predict(cfg)
+    if summary.failed:
+        raise SystemExit(f"{summary.failed} cases failed in the mmcli run")
+    return summary.ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
+    parser.add_argument("--n", type=int, default=24, help="number of images")
+    parser.add_argument("--size", type=int, default=2048, help="side of the upscaled images")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=PredictConfig.batch_size)
+    parser.add_argument("--workers", type=int, default=PredictConfig.workers)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args()
+
+    inputs = make_inputs(args.data, args.workdir / f"scans-{args.size}", args.n, args.size)
+    weights = make_weights(args.workdir / "bench-multimix.safetensors")
+    times: dict[str, list[float]] = {"naive": [], "mmcli": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name in ("naive", "mmcli"):
+                out = Path(tmp) / f"{name}-{r}.csv"
+                start = time.perf_counter()
+                n = (naive_loop(inputs, weights, out) if name == "naive"
+                     else mmcli_run(inputs, weights, out, args.batch_size, args.workers))
+                times[name].append(time.perf_counter() - start)
+                print(f"repeat {r} {name:6s} {n} images in {times[name][-1]:6.2f} s "
+                      f"= {n / times[name][-1]:.2f} images/s", flush=True)
+    naive, fast = statistics.median(times["naive"]), statistics.median(times["mmcli"])
+    result = {
+        "images": args.n, "size": args.size, "repeats": args.repeats,
+        "batch_size": args.batch_size, "workers": args.workers,
+        "naive_images_per_s": round(args.n / naive, 3), "mmcli_images_per_s": round(args.n / fast, 3),
+        "speedup": round(naive / fast, 2), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "times_s": times,
+    }
+    print(f"naive {result['naive_images_per_s']} images/s, mmcli {result['mmcli_images_per_s']} images/s, "
+          f"speedup x{result['speedup']} (medians of {args.repeats})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
