@@ -43,6 +43,7 @@ from mmcli.io.discover import discover_inputs
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
+from mmcli.models.blocks import InstanceNorm
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -98,10 +99,23 @@ def make_weights(path: Path) -> Path:
     return path
 
 
-def naive_loop(inputs: Path, weights: Path, out: Path) -> int:
+def research_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights with ``nn.InstanceNorm2d`` layers, as research code builds the network."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, InstanceNorm):
+                ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
+                ref.load_state_dict(child.state_dict())
+                setattr(module, child_name, ref)
+    return model
+
+
+def naive_loop(inputs: Path, weights: Path, out: Path, *, research_norm: bool = True) -> int:
     """Batch 1, float32, decode on the main thread, saliency from a second encoder pass."""
     ckpt = load_checkpoint(weights)
     model = ckpt.build_model()
+    if research_norm:
+        model = research_model(model)
     rows = []
     for f in discover_inputs([inputs]):
         rad = read_radiograph(f.path)
@@ -126,7 +140,7 @@ def naive_loop(inputs: Path, weights: Path, out: Path) -> int:
     return len(rows)
 
 
-def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int, workers: int) -> int:
+def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int | None, workers: int | None) -> int:
     cfg = PredictConfig(inputs=(str(inputs),), out=out, weights=str(weights), overwrite=True,
                         batch_size=batch_size, workers=workers)
     summary = run_predict(cfg)
@@ -142,26 +156,36 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="number of images")
     parser.add_argument("--size", type=int, default=2048, help="side of the upscaled images")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=PredictConfig.batch_size)
-    parser.add_argument("--workers", type=int, default=PredictConfig.workers)
+    parser.add_argument("--batch-size", type=int, default=None, help="mmcli's --batch-size (default: its own)")
+    parser.add_argument("--workers", type=int, default=None, help="mmcli's --workers (default: its own)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time the naive loop with mmcli's norm kernel and mmcli with --workers 0")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
 
     inputs = make_inputs(args.data, args.workdir / f"scans-{args.size}", args.n, args.size)
     weights = make_weights(args.workdir / "bench-multimix.safetensors")
-    times: dict[str, list[float]] = {"naive": [], "mmcli": []}
+    runs = {
+        "naive": lambda out: naive_loop(inputs, weights, out),
+        "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers),
+    }
+    if args.ablation:
+        runs["naive+gn"] = lambda out: naive_loop(inputs, weights, out, research_norm=False)
+        runs["mmcli-j0"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, 0)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for name in ("naive", "mmcli"):
+            for name, run in runs.items():
                 out = Path(tmp) / f"{name}-{r}.csv"
                 start = time.perf_counter()
-                n = (naive_loop(inputs, weights, out) if name == "naive"
-                     else mmcli_run(inputs, weights, out, args.batch_size, args.workers))
+                n = run(out)
                 times[name].append(time.perf_counter() - start)
-                print(f"repeat {r} {name:6s} {n} images in {times[name][-1]:6.2f} s "
+                print(f"repeat {r} {name:9s} {n} images in {times[name][-1]:6.2f} s "
                       f"= {n / times[name][-1]:.2f} images/s", flush=True)
-    naive, fast = statistics.median(times["naive"]), statistics.median(times["mmcli"])
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    naive, fast = medians["naive"], medians["mmcli"]
     result = {
+        "images_per_s": {name: round(args.n / t, 3) for name, t in medians.items()},
         "images": args.n, "size": args.size, "repeats": args.repeats,
         "batch_size": args.batch_size, "workers": args.workers,
         "naive_images_per_s": round(args.n / naive, 3), "mmcli_images_per_s": round(args.n / fast, 3),

@@ -3,7 +3,7 @@
 Outputs for ``--out results.csv`` (or ``results.h5``)::
 
     results.csv               one row per input (REPORT_COLUMNS)
-    results/masks/<case>.png  lung mask at the input's native resolution, {0, 255}
+    results/masks/<case>.png  lung mask at the input's native resolution, 1-bit PNG
     results/run.json          the command, resolved settings, versions, device, counts
     results/journal.jsonl     finished cases, read back to resume a killed run
 
@@ -18,9 +18,7 @@ import os
 import platform
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,23 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mmcli import __version__
-from mmcli.data.datasets import RadiographDataset, collate_cases, worker_init
-from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.inference import Precision, Predictor
-from mmcli.io.discover import InputFile, discover_inputs
-from mmcli.io.writers import Journal, read_mask_png, write_csv, write_hdf5, write_json, write_mask_png
+from mmcli.io.discover import discover_inputs
+from mmcli.io.writers import Journal, read_mask_png, write_csv, write_hdf5, write_json
+from mmcli.pipeline import REPORT_COLUMNS, RowSettings, iter_rows_loader, iter_rows_processes, new_row
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
-REPORT_COLUMNS: tuple[str, ...] = (
-    "case_id", "source", "status", "error", "p_pneumonia", "label",
-    "lung_fraction", "lung_area_mm2", "height", "width", "mask",
-)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
 
@@ -58,8 +50,8 @@ class PredictConfig:
     weights: str | None = None
     device: str = "auto"
     precision: Precision = "auto"
-    batch_size: int = 8
-    workers: int = 1
+    batch_size: int | None = None
+    workers: int | None = None
     threshold: float = 0.5
     voi_lut: bool = False
     overwrite: bool = False
@@ -69,9 +61,9 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.out.suffix.lower() not in REPORT_SUFFIXES:
             raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers must be 0 or more, got {self.workers}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
@@ -107,33 +99,10 @@ class PredictSummary:
     extra_reports: list[Path] = field(default_factory=list)
 
 
-def _case_row(file: InputFile) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(REPORT_COLUMNS)
-    row.update(case_id=file.case_id, source=str(file.path))
-    return row
-
-
-def _finish_case(
-    row: dict[str, Any], meta: dict[str, Any], prob: float | None, mask_logits: torch.Tensor | None,
-    class_names: Sequence[str], threshold: float, layout: OutputLayout,
-) -> dict[str, Any]:
-    """Post-process one case: label, native-resolution mask, areas, mask file."""
-    height, width = int(meta["height"]), int(meta["width"])
-    row.update(status="ok", height=height, width=width)
-    if prob is not None:
-        row["p_pneumonia"] = round(prob, 6)
-        row["label"] = class_names[-1] if prob >= threshold else class_names[0]
-    if mask_logits is not None:
-        mask = mask_to_native(mask_logits, height, width).numpy()
-        lung_pixels = int(mask.sum())
-        row["lung_fraction"] = round(lung_pixels / mask.size, 6)
-        spacing = meta.get("pixel_spacing")
-        if spacing:
-            row["lung_area_mm2"] = round(lung_pixels * float(spacing[0]) * float(spacing[1]), 2)
-        mask_path = layout.masks / f"{row['case_id']}.png"
-        write_mask_png(mask_path, mask)
-        row["mask"] = os.path.relpath(mask_path, layout.report.parent)
-    return row
+def default_workers(device: torch.device) -> int:
+    """One worker process per usable core on a CPU; up to 8 decoders beside a GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if device.type == "cpu" else min(8, cores)
 
 
 def _settings_header(cfg: PredictConfig, sha256: str | None) -> dict[str, Any]:
@@ -208,53 +177,30 @@ def run_predict(
     journal.start(header, done.values())
     rows: dict[str, dict[str, Any]] = dict(done)
     summary = PredictSummary(total=len(files), resumed=len(done))
-    pending: deque[Future[dict[str, Any]]] = deque()
-
-    def record(row: dict[str, Any]) -> None:
-        rows[row["case_id"]] = row
-        journal.append(row)
-        if on_case is not None:
-            on_case(row)
-
-    loader = DataLoader(
-        RadiographDataset(todo, ckpt.preprocess, voi_lut=cfg.voi_lut),
-        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate_cases,
-        worker_init_fn=worker_init if cfg.workers else None,
-        pin_memory=predictor.device.type == "cuda",
-    )
-    stop = False
+    rs = RowSettings(cfg.threshold, layout.masks, layout.report.parent, tuple(ckpt.class_names), cfg.voi_lut)
+    workers = default_workers(predictor.device) if cfg.workers is None else cfg.workers
+    in_processes = predictor.device.type == "cpu" and workers > 0
+    batch_size = cfg.batch_size or (4 if in_processes or predictor.device.type == "cpu" else 16)
+    engine = iter_rows_processes if in_processes else iter_rows_loader
+    logger.info("%s with %d worker(s), batch %d", engine.__name__, workers, batch_size)
+    results = engine(predictor, todo, rs, batch_size=batch_size, workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:
-            for batch in loader:
-                pred = predictor.predict(batch["images"]) if batch["images"] is not None else None
-                for pos, item in enumerate(batch["items"]):
-                    row = _case_row(todo[item["index"]])
-                    if item["error"] is not None:
-                        row.update(status="error", error=item["error"])
-                        record(row)
-                        stop = stop or cfg.fail_fast
-                        continue
-                    assert pred is not None  # an item without error always has an image
-                    k = batch["ok"].index(pos)
-                    prob = float(pred.probabilities[k, -1]) if pred.probabilities is not None else None
-                    logits = pred.mask_logits[k] if pred.mask_logits is not None else None
-                    pending.append(pool.submit(
-                        _finish_case, row, item["meta"], prob, logits, ckpt.class_names, cfg.threshold, layout
-                    ))
-                while pending and (pending[0].done() or len(pending) > 2 * cfg.batch_size):
-                    record(pending.popleft().result())
-                if stop:
-                    break
-            while pending:
-                record(pending.popleft().result())
+        for row in results:
+            rows[row["case_id"]] = row
+            journal.append(row)
+            if on_case is not None:
+                on_case(row)
+            if cfg.fail_fast and row["status"] == "error":
+                break
     finally:
+        results.close()
         journal.close()
 
     for f in files:
         if f.case_id not in rows:
-            row = _case_row(f)
-            row.update(status="skipped", error="not processed: the run stopped at the first failure (--fail-fast)")
-            rows[f.case_id] = row
+            rows[f.case_id] = new_row(
+                f, status="skipped", error="not processed: the run stopped at the first failure (--fail-fast)"
+            )
     ordered = [rows[f.case_id] for f in files]
     summary.ok = sum(r["status"] == "ok" for r in ordered)
     summary.failed = sum(r["status"] == "error" for r in ordered)
@@ -275,7 +221,10 @@ def run_predict(
     summary.report, summary.extra_reports = written[0], written[1:]
     write_json(layout.manifest, {
         "command": list(command) if command is not None else None,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "settings": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "batch_size": batch_size, "workers": workers, "engine": engine.__name__,
+        },
         "provenance": provenance,
         "device": str(predictor.device),
         "precision": predictor.precision,

@@ -30,9 +30,16 @@ PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="auto (bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16."),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", min=1, help="Images per model call [default: 4 on CPU, 16 on GPU]."),
+]
 WorkersOpt = Annotated[
-    int, typer.Option("--workers", "-j", min=0, envvar="MMCLI_WORKERS", help="Processes that read images (0: main).")
+    int | None,
+    typer.Option(
+        "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True,
+        help="Worker processes [default: one per CPU core; up to 8 decoders beside a GPU]; 0: main process only.",
+    ),
 ]
 InputsArg = Annotated[
     list[str], typer.Argument(help="Folders (searched recursively), files or glob patterns.", show_default=False)

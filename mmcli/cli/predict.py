@@ -32,8 +32,8 @@ def predict(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    batch_size: BatchSizeOpt = 8,
-    workers: WorkersOpt = 1,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     threshold: Annotated[
         float,
         typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is pneumonia."),

@@ -35,24 +35,33 @@ class RadiographDataset(Dataset[dict[str, Any]]):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": index, "image": None, "error": None, "meta": {}}
-        try:
-            rad = read_radiograph(self.files[index].path, voi_lut=self.voi_lut)
-            item["meta"] = {
-                "height": rad.height,
-                "width": rad.width,
-                "pixel_spacing": rad.pixel_spacing,
-                "format": rad.format,
-            }
-            item["image"] = preprocess(rad.pixels, self.cfg)
-        except CaseError as err:
-            item["error"] = err.reason
-        except MemoryError:
-            item["error"] = "out of memory while reading the image"
-        except Exception as err:  # one bad file must never stop the batch
-            logger.debug("unexpected error reading %s", self.files[index].path, exc_info=True)
-            item["error"] = f"unexpected error while reading: {type(err).__name__}: {err}"
-        return item
+        return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut)
+
+
+def load_case(file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False) -> dict[str, Any]:
+    """Read and preprocess one file; a failure is returned as the item's ``error``, never raised.
+
+    Returns:
+        ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``.
+    """
+    item: dict[str, Any] = {"index": index, "image": None, "error": None, "meta": {}}
+    try:
+        rad = read_radiograph(file.path, voi_lut=voi_lut)
+        item["meta"] = {
+            "height": rad.height,
+            "width": rad.width,
+            "pixel_spacing": rad.pixel_spacing,
+            "format": rad.format,
+        }
+        item["image"] = preprocess(rad.pixels, cfg)
+    except CaseError as err:
+        item["error"] = err.reason
+    except MemoryError:
+        item["error"] = "out of memory while reading the image"
+    except Exception as err:  # one bad file must never stop the batch
+        logger.debug("unexpected error reading %s", file.path, exc_info=True)
+        item["error"] = f"unexpected error while reading: {type(err).__name__}: {err}"
+    return item
 
 
 def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
