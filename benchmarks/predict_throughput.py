@@ -101,7 +101,7 @@ def make_weights(path: Path) -> Path:
 
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights with ``nn.InstanceNorm2d`` layers, as research code builds the network."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
                 ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
@@ -135,7 +135,8 @@ def naive_loop(inputs: Path, weights: Path, out: Path, *, research_norm: bool = 
         mask_path = out.parent / "naive_masks" / f"{f.case_id}.png"
         write_mask_png(mask_path, mask)
         p = float(torch.softmax(logits, dim=1)[0, -1])
-        rows.append({"case_id": f.case_id, "p_pneumonia": p, "lung_fraction": float(mask.mean()), "mask": str(mask_path)})
+        rows.append({"case_id": f.case_id, "p_pneumonia": p, "lung_fraction": float(mask.mean()),
+                     "mask": str(mask_path)})
     pd.DataFrame(rows).to_csv(out, index=False)
     return len(rows)
 
@@ -153,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
-    parser.add_argument("--n", type=int, default=24, help="number of images")
+    parser.add_argument("--n", type=int, default=48, help="number of images")
     parser.add_argument("--size", type=int, default=2048, help="side of the upscaled images")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="mmcli's --batch-size (default: its own)")

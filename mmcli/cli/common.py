@@ -32,7 +32,7 @@ PrecisionOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", "-b", min=1, help="Images per model call [default: 4 on CPU, 16 on GPU]."),
+    typer.Option("--batch-size", "-b", min=1, help="Images per model call [default: 2 per CPU worker, 16 on GPU]."),
 ]
 WorkersOpt = Annotated[
     int | None,

@@ -9,6 +9,7 @@ can resume where it stopped.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -65,21 +66,28 @@ def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
 
 
 def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """Write ``rows`` as CSV with exactly ``columns``, atomically."""
-    import pandas as pd
-
-    frame = pd.DataFrame(list(rows), columns=list(columns))
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+    """Write ``rows`` as CSV with exactly ``columns`` (``None`` as an empty field), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(col) is None else row.get(col) for col in columns])
 
 
 def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a report written by :func:`write_csv` back as a list of dicts (NaN -> None)."""
-    import pandas as pd
+    """Read a report written by :func:`write_csv` back: empty fields as ``None``, numbers as float."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _parse_field(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-    frame = pd.read_csv(path, keep_default_na=True, dtype={"case_id": str})
-    frame = frame.astype(object).where(frame.notna(), None)
-    return frame.to_dict("records")
+
+def _parse_field(value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if value[:1] == "0" and value[1:2].isdigit() else number  # keep ids like "007"
 
 
 def write_hdf5(
