@@ -160,6 +160,10 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
+def _retrying(inflight: dict[Any, tuple[list[InputFile], bool]]) -> bool:
+    return any(retried for _, retried in inflight.values())
+
+
 def iter_rows_processes(
     predictor: Predictor, files: Sequence[InputFile], rs: RowSettings, *, batch_size: int, workers: int
 ) -> Iterator[dict[str, Any]]:
@@ -175,7 +179,8 @@ def iter_rows_processes(
         pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=initargs)
         try:
             while (todo or inflight) and not crashed:
-                while todo and len(inflight) < 2 * workers:
+                # A retried file runs alone, so a crash can be blamed on that file.
+                while todo and len(inflight) < 2 * workers and not (inflight and (todo[0][1] or _retrying(inflight))):
                     task = todo.popleft()
                     inflight[pool.submit(_worker_task, task[0])] = task
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)

@@ -52,8 +52,13 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger("mmcli")
     root.handlers.clear()
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, tracebacks_show_locals=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, tracebacks_show_locals=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # a batch job's log file: one plain line per message
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
 

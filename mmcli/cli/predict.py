@@ -73,8 +73,7 @@ def predict(
         def on_start(todo: int, resumed: int) -> None:
             if resumed and not quiet:
                 console.print(f"Resuming: {resumed} case(s) already done, {todo} to go.")
-            task["id"] = progress.add_task("predict", total=todo, failed=0)
-            task["failed"] = 0
+            task.update(id=progress.add_task("predict", total=todo, failed=0), failed=0, done=0, total=todo)
 
         def on_case(row: dict[str, Any]) -> None:
             if row["status"] == "error":
@@ -82,7 +81,11 @@ def predict(
                 logger.warning("%s: %s", row["source"], row["error"])
             else:
                 logger.info("%s: ok", row["source"])
+            task["done"] += 1
             progress.update(task["id"], advance=1, failed=task["failed"])
+            if not show_bar and not quiet and (task["done"] % max(1, task["total"] // 20) == 0):
+                # no terminal (a batch job's log): a plain line every 5 %
+                console.print(f"predict: {task['done']}/{task['total']} done, {task['failed']} failed", highlight=False)
 
         with progress:
             summary = run_predict(cfg, on_start=on_start, on_case=on_case, command=sys.argv)
