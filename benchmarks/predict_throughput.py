@@ -7,15 +7,20 @@ checkpoint with seeded random weights (speed does not depend on the weights). Th
 the same run and alternating ``--repeats`` times:
 
 * naive: the habits of research code: one image at a time, float32, decoding on the main
-  thread, the saliency from a second encoder pass with a full ``backward()``, the mask
-  resized back and written, the CSV written at the end;
-* mmcli: :func:`mmcli.predict.run_predict` with its defaults (batched, decoding in
-  DataLoader workers, one encoder pass for the bridge, masks written in a thread).
+  thread, the network built as research code builds it (``nn.InstanceNorm2d``, decoder
+  blocks that convolve a ``torch.cat``; same weights, same outputs), the saliency from a
+  second encoder pass with a full ``backward()``, the mask resized back and written, the
+  CSV written at the end. It uses mmcli's reader and mask writer, so their speed-ups
+  are not counted in the ratio;
+* mmcli: :func:`mmcli.predict.run_predict` with its defaults (on a CPU: one worker
+  process per core running whole cases on one thread each, one encoder pass for the
+  bridge, mmcli's model kernels).
 
+``--ablation`` adds the naive loop on mmcli's model code and mmcli with ``--workers 0``.
 Both produce the same outputs (a mask PNG per image and a CSV). Reports images/second
 for each and the ratio of medians; ``--json`` writes the figures.
 
-    python benchmarks/predict_throughput.py --data ../shared/data --n 24
+    python benchmarks/predict_throughput.py --data ../shared/data
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import shutil
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pydicom
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -43,7 +50,7 @@ from mmcli.io.discover import discover_inputs
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
-from mmcli.models.blocks import InstanceNorm
+from mmcli.models.blocks import InstanceNorm, Up
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -99,22 +106,30 @@ def make_weights(path: Path) -> Path:
     return path
 
 
+def _concat_forward(self: Up, x: torch.Tensor, skip: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+    return self.conv(torch.cat([up, skip] + ([extra] if extra is not None else []), dim=1))
+
+
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The same weights with ``nn.InstanceNorm2d`` layers, as research code builds the network."""
+    """The same weights built as research code builds them: ``nn.InstanceNorm2d`` layers and
+    decoder blocks that convolve a ``torch.cat`` of their inputs."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
                 ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
                 ref.load_state_dict(child.state_dict())
                 setattr(module, child_name, ref)
+        if isinstance(module, Up):
+            module.forward = types.MethodType(_concat_forward, module)
     return model
 
 
-def naive_loop(inputs: Path, weights: Path, out: Path, *, research_norm: bool = True) -> int:
+def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool = True) -> int:
     """Batch 1, float32, decode on the main thread, saliency from a second encoder pass."""
     ckpt = load_checkpoint(weights)
     model = ckpt.build_model()
-    if research_norm:
+    if research_model_:
         model = research_model(model)
     rows = []
     for f in discover_inputs([inputs]):
@@ -160,7 +175,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="mmcli's --batch-size (default: its own)")
     parser.add_argument("--workers", type=int, default=None, help="mmcli's --workers (default: its own)")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time the naive loop with mmcli's norm kernel and mmcli with --workers 0")
+                        help="also time the naive loop on mmcli's model code and mmcli with --workers 0")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
 
@@ -171,7 +186,7 @@ def main() -> None:
         "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers),
     }
     if args.ablation:
-        runs["naive+gn"] = lambda out: naive_loop(inputs, weights, out, research_norm=False)
+        runs["naive+model"] = lambda out: naive_loop(inputs, weights, out, research_model_=False)
         runs["mmcli-j0"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, 0)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:

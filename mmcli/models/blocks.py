@@ -107,7 +107,30 @@ class Up(nn.Module):
         if extra is not None:
             # The bridge arrives in float32 while autocast may run the decoder in bf16.
             parts.append(extra.to(up.dtype))
-        return self.conv(torch.cat(parts, dim=1))
+        first, *rest = self.conv
+        y = _conv_of_concat(first, parts)
+        for layer in rest:
+            y = layer(y)
+        return y
+
+
+def _conv_of_concat(conv: nn.Conv2d, parts: list[Tensor]) -> Tensor:
+    """``conv(torch.cat(parts, dim=1))`` as a sum of convolutions over the parts.
+
+    A convolution is linear in its input channels, so slicing the weight by part gives
+    the same result without materialising the concatenation; on CPUs this is markedly
+    faster at full resolution (a 48-channel 256 x 256 concatenation costs more than the
+    extra additions). The module keeps one weight, so checkpoints are unchanged.
+    """
+    out: Tensor | None = None
+    start = 0
+    for part in parts:
+        stop = start + part.shape[1]
+        y = F.conv2d(part, conv.weight[:, start:stop], None, conv.stride, conv.padding, conv.dilation)
+        out = y if out is None else out.add_(y)
+        start = stop
+    assert out is not None and conv.bias is None  # DoubleConv's convolutions carry no bias
+    return out
 
 
 class ClassifierHead(nn.Sequential):
