@@ -207,3 +207,14 @@ def test_real_dicoms_masks_at_native_size(tmp_path, tiny_weights):
     assert (df.loc["cxr", ["height", "width"]] == [2140, 1760]).all()
     assert Image.open(tmp_path / df.loc["cxr", "mask"]).size == (1760, 2140)
     assert (df.loc["RG1_J2KI", ["height", "width"]] == [1955, 1841]).all()
+
+
+def test_errors_are_one_line_and_not_read_as_markup(tmp_path, monkeypatch):
+    monkeypatch.delenv("MMCLI_WEIGHTS", raising=False)
+    weird = tmp_path / "[bold]scans"
+    save_png8(weird / "x.png", 32, 32)
+    res = _run(["predict", weird, "--out", tmp_path / "r.csv"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: No default weights")
+    res = _run(["predict", weird / "missing.png", "--out", tmp_path / "r.csv"])
+    assert "[bold]scans" in res.output

@@ -11,10 +11,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from mmcli.errors import MMCLIError, UsageError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line: log files stay greppable
 
 WeightsOpt = Annotated[
     str | None,
@@ -69,8 +70,8 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except UsageError as err:
-        console.print(f"[bold red]Error:[/] {err}", highlight=False)
+        console.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
     except MMCLIError as err:
-        console.print(f"[bold red]Error:[/] {err}", highlight=False)
+        console.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
