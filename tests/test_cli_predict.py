@@ -112,6 +112,15 @@ def test_predict_end_to_end(tmp_path, scans, tiny_weights):
             assert b"DOE" not in blob and b"PID-98765" not in blob and b"19700101" not in blob
 
 
+def test_predict_gives_the_same_bytes_twice(tmp_path, scans, tiny_weights):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for out in (a, b):
+        _run(["predict", scans, "--out", out, "-w", tiny_weights, "-q"])
+    assert a.read_text().replace("a/masks", "X") == b.read_text().replace("b/masks", "X")
+    for mask in (tmp_path / "a" / "masks").rglob("*.png"):
+        assert mask.read_bytes() == (tmp_path / "b" / "masks" / mask.relative_to(tmp_path / "a" / "masks")).read_bytes()
+
+
 def test_predict_is_deterministic_and_batch_independent(tmp_path, scans, tiny_weights):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     _run(["predict", scans, "--out", a, "-w", tiny_weights, "-q", "-b", "1", "-j", "0"])
