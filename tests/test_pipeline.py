@@ -78,3 +78,19 @@ def test_imports_point_one_way():
         if "cli" not in path.relative_to(root).parts and path.name != "__main__.py":
             text = path.read_text()
             assert "from mmcli.cli" not in text and "import typer" not in text and "import rich" not in text, path
+
+
+def test_loader_engine_with_decoding_workers(tmp_path, folder, tiny_weights):
+    # the GPU path (DataLoader workers decode, the main process predicts), run on the CPU
+    from mmcli.io.discover import discover_inputs
+
+    files = [f for f in discover_inputs([folder]) if f.case_id != "crash"]
+    files.append(type(files[0])(path=tmp_path / "missing.png", case_id="missing"))
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    rs = pipeline.RowSettings(0.5, tmp_path / "masks", tmp_path, ("normal", "pneumonia"))
+    rows = list(pipeline.iter_rows_loader(predictor, files, rs, batch_size=2, workers=2))
+    assert [r["case_id"] for r in rows] == [f.case_id for f in files]  # input order kept
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["error"]
+    direct = pipeline.predict_files(predictor, files[:5], rs)
+    for a, b in zip(rows, direct, strict=False):
+        assert a["p_pneumonia"] == pytest.approx(b["p_pneumonia"], abs=1e-5)
