@@ -1,0 +1,124 @@
+"""Training settings: one frozen dataclass holding every option of ``mmcli train``,
+and the ablation variants of the paper as configurations of the same code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from mmcli.errors import UsageError
+from mmcli.training.losses import LossWeights
+
+__all__ = ["VARIANTS", "TrainConfig", "Variant"]
+
+TINY_WIDTHS = (4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the paper's ablation table: a registry model plus the loss terms that are on.
+
+    Streams used: ``seg_l`` (labelled segmentation) when ``seg``; ``seg_u`` (unlabelled
+    segmentation) when ``consistency``; ``cls_l`` when ``cls``; the weak and strong views of
+    unlabelled classification images (``cls_u``) when ``pseudo``.
+    """
+
+    model: str
+    seg: bool
+    cls: bool
+    pseudo: bool = False
+    consistency: bool = False
+
+    def pools(self) -> tuple[str, ...]:
+        """Index pools the variant samples from, in a fixed order."""
+        wanted = {"seg_l": self.seg, "seg_u": self.consistency, "cls_l": self.cls, "cls_u": self.pseudo}
+        return tuple(k for k, on in wanted.items() if on)
+
+
+VARIANTS: dict[str, Variant] = {
+    "unet": Variant("unet", seg=True, cls=False),
+    "enc": Variant("enc", seg=False, cls=True),
+    "enc-ssl": Variant("enc", seg=False, cls=True, pseudo=True),
+    "umtl": Variant("umtl", seg=True, cls=True),
+    "umtls": Variant("umtls", seg=True, cls=True),
+    "umtl-ssl": Variant("umtl", seg=True, cls=True, pseudo=True),
+    "multimix": Variant("multimix", seg=True, cls=True, pseudo=True, consistency=True),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``mmcli train`` was asked for; stored in run.json and in each checkpoint.
+
+    ``seg_labels``/``cls_labels`` None means all labels. ``patience`` None disables early
+    stopping. ``steps_per_epoch`` None means one pass over the largest labelled pool.
+    ``arch="tiny"`` uses widths (4, 8, 16, 32, 64) (tests, smoke runs).
+    """
+
+    out: str
+    seg_data: tuple[str, ...] = ()
+    cls_data: tuple[str, ...] = ()
+    variant: str = "multimix"
+    arch: Literal["base", "tiny"] = "base"
+    seg_labels: int | None = None
+    cls_labels: int | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 10
+    steps_per_epoch: int | None = None
+    image_size: int = 256
+    lr: float = 1e-4
+    lr_step: int = 8
+    lr_gamma: float = 0.1
+    threshold: float = 0.7
+    lambda_u: float = 0.25
+    alpha: float = 5.0
+    beta: float = 0.01
+    hflip: bool = False
+    patience: int | None = 10
+    calibrate: bool = True
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    resume: bool = False
+
+    # Settings that may change when a run is resumed (they do not change the result).
+    RESUMABLE = ("out", "epochs", "patience", "device", "workers", "resume", "calibrate")
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UsageError(f"Unknown variant {self.variant!r}: use {', '.join(VARIANTS)}")
+        if self.arch not in ("base", "tiny"):
+            raise UsageError(f"Unknown arch {self.arch!r}: use base or tiny")
+        v = VARIANTS[self.variant]
+        if v.seg and not self.seg_data:
+            raise UsageError(f"Variant {self.variant!r} trains segmentation: pass --seg-data DIR")
+        if v.cls and not self.cls_data:
+            raise UsageError(f"Variant {self.variant!r} trains classification: pass --cls-data DIR")
+        for name in ("epochs", "batch_size", "lr_step"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.image_size < 16 or self.image_size % 16:
+            raise UsageError(f"--image-size must be a multiple of 16, got {self.image_size}")
+
+    @property
+    def variant_spec(self) -> Variant:
+        return VARIANTS[self.variant]
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(lambda_u=self.lambda_u, threshold=self.threshold, alpha=self.alpha, beta=self.beta)
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {"widths": TINY_WIDTHS} if self.arch == "tiny" else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """Names of settings (other than RESUMABLE) whose values differ from ``other``."""
+        mine = self.to_dict()
+        return [f.name for f in fields(self) if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name)]

@@ -1,0 +1,306 @@
+"""The training loop: data, model, optimiser, validation, checkpoints, resume, calibration.
+
+:func:`run_train` drives a :class:`Trainer`; the CLI passes callbacks for its progress bar.
+Determinism: the model is initialised from ``seed``, and every epoch reseeds the global
+torch RNG (dropout) and its own generators (sampling, augmentation) from ``(seed, epoch)``,
+so a resumed run repeats exactly what an uninterrupted run does, on the same device.
+
+The best checkpoint is chosen by the *score*: the mean of the validation Dice (when the
+model segments) and the validation ROC AUC (when it classifies; the accuracy instead
+when the validation labels hold only one class). Without validation images the score is
+minus the epoch's training loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmcli import __version__
+from mmcli.config import CLASS_NAMES, PreprocessConfig
+from mmcli.errors import UsageError
+from mmcli.inference import resolve_device, resolve_precision
+from mmcli.io.writers import write_csv, write_json
+from mmcli.models import create_model, model_kwargs
+from mmcli.training.calibration import calibrate_checkpoint
+from mmcli.training.config import TrainConfig
+from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders
+from mmcli.training.distributed import (
+    all_reduce_gradients,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    shutdown,
+)
+from mmcli.training.step import autocast, evaluate, make_batch, train_step
+from mmcli.weights import Checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainSummary", "Trainer", "run_train"]
+
+HISTORY_COLUMNS = ("epoch", "lr", "loss", "ce", "pseudo", "mask_rate", "dice", "consistency",
+                   "val_dice", "val_acc", "val_auc", "val_nll", "score", "seconds")
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports."""
+
+    out: Path
+    epochs_run: int
+    best_epoch: int
+    best_score: float
+    stopped_early: bool
+    temperature: float = 1.0
+    ece_before: float | None = None
+    ece_after: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True  # False in the other processes of a torchrun job
+
+
+class Trainer:
+    """Prepare everything a run needs; :meth:`epochs` trains and yields one history row per epoch."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.state_path = self.out / "state.pt"
+        if self.state_path.exists() and not cfg.resume:
+            raise UsageError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+        if cfg.resume and not self.state_path.exists():
+            raise UsageError(f"--resume: no run to continue in {self.out} (state.pt not found)")
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)  # type: ignore[arg-type]
+        self.dist, self.device = init_distributed(self.device)
+        self.variant = cfg.variant_spec
+        self.pre = PreprocessConfig(image_size=cfg.image_size)
+        self.class_names = CLASS_NAMES
+        self._prepare_data()
+        self.model_kwargs = model_kwargs(self.variant.model, **cfg.model_overrides())
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(self.variant.model, **self.model_kwargs).to(self.device)
+        broadcast_parameters(self.model, self.dist)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        self.epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
+        self.history: list[dict[str, Any]] = []
+        if cfg.resume:
+            self._load_state()
+
+    # ---- data ----
+
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        samples = scan_folders([Path(d) for d in cfg.seg_data], [Path(d) for d in cfg.cls_data], self.class_names)
+        table, failures = load_table(samples, cfg.image_size, cfg.workers)
+        for i, reason in failures:
+            logger.warning("skipped %s: %s", samples[i].path, reason)
+        bad = {i for i, _ in failures}
+        keep = [i for i in range(len(samples)) if i not in bad]
+        self.samples, self.table = [samples[i] for i in keep], table.subset(keep)
+        self.failures = [f"{samples[i].path}: {r}" for i, r in failures]
+        self.splits = make_splits(self.samples, seg_labels=cfg.seg_labels, cls_labels=cfg.cls_labels,
+                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+        pools = {"seg_l": self.splits.seg_labelled, "seg_u": self.splits.seg_unlabelled,
+                 "cls_l": self.splits.cls_labelled, "cls_u": self.splits.cls_unlabelled}
+        self.pools = {k: pools[k] for k in self.variant.pools()}
+        for name, pool in self.pools.items():
+            if not pool:
+                raise UsageError(f"variant {cfg.variant!r} needs {name} images, but none are left after the splits")
+        labelled = [len(self.pools[k]) for k in ("seg_l", "cls_l") if k in self.pools]
+        self.steps = cfg.steps_per_epoch or max(1, math.ceil(max(labelled) / cfg.batch_size))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_csv(self.out / "splits.csv", self.splits.rows(self.samples, self.class_names), SPLIT_COLUMNS)
+
+    def counts(self) -> dict[str, int]:
+        s = self.splits
+        return {"images": len(self.samples), "unreadable": len(self.failures), "val_seg": len(s.val_seg),
+                "val_cls": len(s.val_cls), "seg_labelled": len(s.seg_labelled),
+                "seg_unlabelled": len(s.seg_unlabelled), "cls_labelled": len(s.cls_labelled),
+                "cls_unlabelled": len(s.cls_unlabelled), "steps_per_epoch": self.steps}
+
+    # ---- state ----
+
+    def _checkpoint(self, temperature: float = 1.0) -> Checkpoint:
+        return Checkpoint(
+            model_name=self.variant.model, model_kwargs=self.model_kwargs,
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            preprocess=self.pre, class_names=self.class_names, temperature=temperature,
+            train_config=self.cfg.to_dict(),
+            extra={"variant": self.cfg.variant, "epoch": self.epoch, "split_seed": self.cfg.seed},
+        )
+
+    def _save_state(self) -> None:
+        state = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "history": self.history, "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+        tmp = self.state_path.with_name("state.pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    def _load_state(self) -> None:
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        changed = self.cfg.differences(state["config"])
+        if changed:
+            raise UsageError(f"--resume: these settings differ from the run in {self.out}: {', '.join(changed)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.best_score = int(state["epoch"]), float(state["best_score"])
+        self.best_epoch, self.bad_epochs = int(state["best_epoch"]), int(state["bad_epochs"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resuming %s after epoch %d", self.out, self.epoch)
+
+    # ---- loop ----
+
+    def _score(self, row: dict[str, Any]) -> float:
+        parts = []
+        if "val_dice" in row:
+            parts.append(row["val_dice"])
+        if "val_auc" in row:
+            parts.append(row["val_acc"] if math.isnan(row["val_auc"]) else row["val_auc"])
+        return float(np.mean(parts)) if parts else -row["loss"]
+
+    def _train_epoch(self, on_step: StepCallback | None) -> dict[str, float]:
+        cfg = self.cfg
+        rank, world = self.dist.rank, self.dist.world
+        torch.manual_seed(_seed(cfg.seed, self.epoch, 0, rank))
+        sampler = torch.Generator().manual_seed(_seed(cfg.seed, self.epoch, 1))
+        # All processes draw the same global batches; each takes its own slice of them.
+        index = {k: epoch_batches(pool, self.steps, cfg.batch_size * world, sampler)[:, rank::world]
+                 for k, pool in self.pools.items()}
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, self.epoch, 2, rank))
+        self.model.train()
+        totals: dict[str, float] = {}
+        for step in range(self.steps):
+            batch = make_batch(self.table, {k: v[step] for k, v in index.items()}, gen, self.pre, hflip=cfg.hflip)
+            loss, stats = train_step(self.model, batch.to(self.device), self.variant, cfg.loss_weights,
+                                     autocast(self.device, self.precision))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_gradients(self.model, self.dist)
+            self.optimizer.step()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / self.steps
+            if on_step is not None:
+                on_step(step + 1, self.steps, stats)
+        return totals
+
+    def epochs(self, on_step: StepCallback | None = None) -> Iterator[dict[str, Any]]:
+        """Train until ``cfg.epochs`` or early stopping; yield each epoch's history row."""
+        cfg = self.cfg
+        while self.epoch < cfg.epochs and not self.stopped_early:
+            start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": lr, **self._train_epoch(on_step)}
+            self.scheduler.step()
+            metrics, _, _ = evaluate(self.model, self.table, self.splits.val_seg, self.splits.val_cls, self.pre,
+                                     batch_size=cfg.batch_size, device=self.device, precision=self.precision)
+            row.update(metrics)
+            row["score"] = self._score(row)
+            self.epoch += 1
+            improved = row["score"] > self.best_score
+            if improved:
+                self.best_score, self.best_epoch, self.bad_epochs = row["score"], self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            self.history.append(row)
+            if self.dist.is_main:
+                if improved:
+                    save_checkpoint(self._checkpoint(), self.out / "best.safetensors")
+                save_checkpoint(self._checkpoint(), self.out / "last.safetensors")
+                self._save_state()
+                write_csv(self.out / "history.csv", self.history, HISTORY_COLUMNS)
+            barrier(self.dist)
+            yield row
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
+
+    def calibrate(self) -> tuple[float, float | None, float | None]:
+        """Fit and store temperatures in last and best (see :func:`calibrate_checkpoint`).
+
+        Returns the best checkpoint's temperature and ECE before and after (None without a
+        classifier or validation labels, or with ``calibrate`` off).
+        """
+        if not (self.model.cls_head and self.splits.val_cls and self.cfg.calibrate and self.dist.is_main):
+            return 1.0, None, None
+        opts = {"batch_size": self.cfg.batch_size, "device": self.device, "precision": self.precision}
+        calibrate_checkpoint(self.out / "last.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
+        return calibrate_checkpoint(self.out / "best.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
+
+
+def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = None,
+              on_step: StepCallback | None = None,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              command: list[str] | None = None) -> TrainSummary:
+    """Train as ``cfg`` says; write best/last checkpoints, state.pt, history.csv, splits.csv and run.json."""
+    started = time.time()
+    trainer = Trainer(cfg)
+    try:
+        return _run(trainer, started, on_start, on_step, on_epoch, command)
+    finally:
+        shutdown(trainer.dist)
+
+
+def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] | None,
+         on_step: StepCallback | None, on_epoch: Callable[[dict[str, Any]], None] | None,
+         command: list[str] | None) -> TrainSummary:
+    cfg, main = trainer.cfg, trainer.dist.is_main
+    if not main:  # only rank 0 reports progress
+        on_start = on_step = on_epoch = None
+    manifest: dict[str, Any] = {
+        "mmcli_version": __version__, "torch_version": torch.__version__, "python": sys.version.split()[0],
+        "command": command, "config": cfg.to_dict(), "device": str(trainer.device), "precision": trainer.precision,
+        "model_name": trainer.variant.model, "model_kwargs": trainer.model_kwargs,
+        "preprocess": trainer.pre.to_dict(), "class_names": list(trainer.class_names),
+        "counts": trainer.counts(), "unreadable": trainer.failures, "world_size": trainer.dist.world,
+        "status": "running",
+    }
+    if main:
+        write_json(trainer.out / "run.json", manifest)
+    if on_start is not None:
+        on_start(trainer)
+    for row in trainer.epochs(on_step):
+        logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        if on_epoch is not None:
+            on_epoch(row)
+    temperature, ece_before, ece_after = trainer.calibrate()
+    barrier(trainer.dist)
+    summary = TrainSummary(
+        out=trainer.out, epochs_run=trainer.epoch, best_epoch=trainer.best_epoch, best_score=trainer.best_score,
+        stopped_early=trainer.stopped_early, temperature=temperature, ece_before=ece_before, ece_after=ece_after,
+        history=trainer.history, is_main=main,
+    )
+    manifest.update({
+        "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
+        "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
+        "ece_before": ece_before, "ece_after": ece_after, "seconds": round(time.time() - started, 1),
+        "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
+    })
+    if main:
+        write_json(trainer.out / "run.json", manifest)
+    return summary

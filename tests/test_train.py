@@ -1,0 +1,178 @@
+"""The training loop: variants, determinism, resume, calibration, the CLI, predict on the result."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from test_train_data import make_folders
+from typer.testing import CliRunner
+
+from mmcli.cli import app
+from mmcli.errors import UsageError
+from mmcli.training import VARIANTS, TrainConfig, run_train
+from mmcli.training.calibration import expected_calibration_error, fit_temperature
+from mmcli.weights import load_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("data"))
+
+
+def _cfg(folders, out, **kw):
+    seg, cls = folders
+    base = dict(out=str(out), seg_data=(str(seg),), cls_data=(str(cls),), arch="tiny", image_size=64,
+                batch_size=2, steps_per_epoch=2, val_fraction=0.25, device="cpu", epochs=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(path):
+    return load_checkpoint(path).state_dict
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_trains_one_step(folders, tmp_path, variant):
+    summary = run_train(_cfg(folders, tmp_path / variant, variant=variant, steps_per_epoch=1, calibrate=False))
+    row = summary.history[0]
+    spec = VARIANTS[variant]
+    assert ("dice" in row) == spec.seg and ("ce" in row) == spec.cls
+    assert ("pseudo" in row) == spec.pseudo and ("consistency" in row) == spec.consistency
+    assert ("val_dice" in row) == spec.seg and ("val_auc" in row) == spec.cls
+    ckpt = load_checkpoint(tmp_path / variant / "best.safetensors")
+    assert ckpt.model_name == spec.model and ckpt.extra["variant"] == variant
+    assert ckpt.build_model().bridge == (spec.model in ("multimix", "umtls"))
+
+
+def test_resume_equals_uninterrupted_run(folders, tmp_path):
+    straight = run_train(_cfg(folders, tmp_path / "a", epochs=2, lr_step=1))
+    run_train(_cfg(folders, tmp_path / "b", epochs=1, lr_step=1))
+    resumed = run_train(_cfg(folders, tmp_path / "b", epochs=2, lr_step=1, resume=True))
+    wa, wb = _weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha, hb = pd.read_csv(tmp_path / "a" / "history.csv"), pd.read_csv(tmp_path / "b" / "history.csv")
+    pd.testing.assert_frame_equal(ha.drop(columns="seconds"), hb.drop(columns="seconds"))
+    assert straight.best_score == resumed.best_score and list(ha["lr"]) == pytest.approx([1e-4, 1e-5])
+    # same seed, same result; another seed, another result
+    with pytest.raises(UsageError, match="--resume"):
+        run_train(_cfg(folders, tmp_path / "a", epochs=2))
+    with pytest.raises(UsageError, match="seed"):
+        run_train(_cfg(folders, tmp_path / "a", epochs=3, seed=1, resume=True))
+
+
+def test_other_seed_other_weights(folders, tmp_path):
+    run_train(_cfg(folders, tmp_path / "s0", variant="enc", calibrate=False))
+    run_train(_cfg(folders, tmp_path / "s1", variant="enc", seed=1, calibrate=False))
+    w0, w1 = _weights(tmp_path / "s0" / "last.safetensors"), _weights(tmp_path / "s1" / "last.safetensors")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_early_stopping(folders, tmp_path):
+    summary = run_train(_cfg(folders, tmp_path / "es", variant="enc", epochs=6, lr=0.0, patience=1, calibrate=False))
+    assert summary.stopped_early and summary.epochs_run == 2 and summary.best_epoch == 1
+    assert json.loads((tmp_path / "es" / "run.json").read_text())["status"] == "stopped early"
+
+
+def test_temperature_recovers_a_known_scale():
+    torch.manual_seed(0)
+    true_logits = torch.randn(2000, 2) * 2
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1)[:, 0]
+    t = fit_temperature(true_logits * 3, labels)  # over-confident by a factor 3
+    assert t == pytest.approx(3.0, rel=0.15)
+    ece_raw = expected_calibration_error(torch.softmax(true_logits * 3, 1), labels)
+    assert expected_calibration_error(torch.softmax(true_logits * 3 / t, 1), labels) < ece_raw
+
+
+def test_ece_hand_value():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 1, 1])
+    # bins (0.8, 0.87]: {0.8 wrong}; (0.87, 0.93]: {0.9 right}; (0.67, 0.73]: {0.7 right}; (0.53, 0.6]: {0.6 right}
+    want = (abs(0 - 0.8) + abs(1 - 0.9) + abs(1 - 0.7) + abs(1 - 0.6)) / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-6)
+    assert math.isnan(expected_calibration_error(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
+
+
+def test_cli_train_then_predict(folders, tmp_path):
+    seg, cls = folders
+    out = tmp_path / "run"
+    args = ["train", "--seg-data", seg, "--cls-data", cls, "--out", out, "--arch", "tiny", "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.25", "--cls-labels", "4", "--seg-labels", "2",
+            "--device", "cpu", "-j", "0"]
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "best epoch 1" in res.output and "ECE" in res.output
+    for name in ("best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv", "run.json"):
+        assert (out / name).is_file(), name
+    splits = pd.read_csv(out / "splits.csv")
+    assert (splits["cls_role"] == "labelled").sum() == 4 and (splits["seg_role"] == "labelled").sum() == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["config"]["cls_labels"] == 4 and run["ece_after"] is not None
+    ckpt = load_checkpoint(out / "best.safetensors")
+    assert ckpt.temperature == run["temperature"] and ckpt.train_config["variant"] == "multimix"
+    assert ckpt.preprocess.image_size == 64
+    report = tmp_path / "pred.csv"
+    res = runner.invoke(app, ["predict", str(seg / "s0.png"), "--out", str(report), "--weights",
+                              str(out / "best.safetensors"), "-q", "-j", "0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = pd.read_csv(report)
+    assert list(rows["status"]) == ["ok"]
+
+
+def test_cli_usage_errors(folders, tmp_path):
+    seg, _ = folders
+    res = runner.invoke(app, ["train", "--seg-data", str(seg), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--cls-data" in res.output
+    res = runner.invoke(app, ["train", "--seg-data", str(seg), "--out", str(tmp_path / "r"), "--variant", "unet",
+                              "--seg-labels", "many"])
+    assert res.exit_code == 2 and "'all'" in res.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    seg, cls = folders
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmcli", "train",
+           "--seg-data", str(seg), "--cls-data", str(cls), "--out", str(out), "--arch", "tiny", "--image-size", "64",
+           "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.25", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["status"] == "finished"
+    assert load_checkpoint(out / "best.safetensors").build_model() is not None
+    assert len(pd.read_csv(out / "history.csv")) == 1
+
+
+def test_bf16_autocast_step_gives_float32_losses():
+    from mmcli.models import create_model
+    from mmcli.training.losses import LossWeights
+    from mmcli.training.step import StepBatch, autocast, train_step
+
+    torch.manual_seed(0)
+    model = create_model("multimix_tiny")
+    g = torch.Generator().manual_seed(0)
+    b = StepBatch(seg_l=torch.randn(2, 1, 32, 32, generator=g), seg_l_masks=torch.ones(2, 1, 32, 32),
+                  seg_u=torch.randn(2, 1, 32, 32, generator=g), cls_l=torch.randn(2, 1, 32, 32, generator=g),
+                  cls_l_labels=torch.tensor([0, 1]), cls_weak=torch.randn(2, 1, 32, 32, generator=g),
+                  cls_strong=torch.randn(2, 1, 32, 32, generator=g))
+    loss, stats = train_step(model, b, VARIANTS["multimix"], LossWeights(threshold=0.0),
+                             autocast(torch.device("cpu"), "bf16"))
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(stats["loss"]) and stats["mask_rate"] == 1.0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

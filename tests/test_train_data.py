@@ -1,0 +1,159 @@
+"""Training data: folder scanning, budgets, stratification, splits, augmentations."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import radiograph_like
+from PIL import Image
+
+from mmcli.config import CLASS_NAMES, PreprocessConfig
+from mmcli.data.transforms import normalize, preprocess
+from mmcli.errors import InputError
+from mmcli.io.readers import read_radiograph
+from mmcli.training.augment import STRONG_OPS, strong_augment, weak_augment
+from mmcli.training.datasets import Sample, epoch_batches, load_table, make_splits, scan_folders, stratified_pick
+
+
+def make_folders(root, n_seg=6, n_cls=8, size=(80, 72)):
+    """seg/ with masks for all images, cls/ with alternating normal/pneumonia labels."""
+    (root / "seg" / "masks").mkdir(parents=True)
+    (root / "cls").mkdir(parents=True)
+    for i in range(n_seg):
+        img = radiograph_like(*size, seed=i)
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "seg" / f"s{i}.png")
+        Image.fromarray(((img < 0.5) * 255).astype(np.uint8)).save(root / "seg" / "masks" / f"s{i}.png")
+    rows = ["file,label"]
+    for i in range(n_cls):
+        img = radiograph_like(*size, seed=100 + i)
+        if i % 2:
+            img = np.clip(img + 0.3 * np.random.default_rng(i).random(img.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "cls" / f"c{i}.png")
+        rows.append(f"c{i}.png,{'pneumonia' if i % 2 else 'normal'}")
+    (root / "cls" / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "seg", root / "cls"
+
+
+def test_scan_roles(tmp_path):
+    seg, cls = make_folders(tmp_path, n_seg=3, n_cls=4)
+    (seg / "masks" / "s2.png").unlink()
+    samples = scan_folders([seg], [cls], CLASS_NAMES)
+    assert len(samples) == 7
+    by_name = {s.path.name: s for s in samples}
+    assert by_name["s0.png"].mask is not None and by_name["s2.png"].mask is None
+    assert by_name["s0.png"].label is None and by_name["c1.png"].label == 1 and by_name["c0.png"].label == 0
+    # masks come from --seg-data folders only
+    assert all(s.mask is None for s in scan_folders([], [seg], CLASS_NAMES))
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        scan_folders([tmp_path / "nope"], [], CLASS_NAMES)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="Found 0 images"):
+        scan_folders([tmp_path / "empty"], [], CLASS_NAMES)
+    _, cls = make_folders(tmp_path / "x", n_seg=1, n_cls=2)
+    (cls / "labels.csv").write_text("file,label\nc0.png,covid\n")
+    with pytest.raises(InputError, match="covid"):
+        scan_folders([], [cls], CLASS_NAMES)
+
+
+def test_stratified_pick_keeps_proportions():
+    labels = [0] * 30 + [1] * 90
+    picks = stratified_pick(labels, 20, np.random.default_rng(0))
+    assert len(picks) == 20 and len(set(picks)) == 20
+    assert sum(labels[i] == 0 for i in picks) == 5
+    assert stratified_pick(labels, 20, np.random.default_rng(0)) == picks
+    # largest remainder: 7 of 1:3 -> 1.75 / 5.25 -> 2 / 5
+    assert sum(labels[i] == 0 for i in stratified_pick(labels, 7, np.random.default_rng(1))) == 2
+    with pytest.raises(InputError):
+        stratified_pick(labels, 121, np.random.default_rng(0))
+
+
+def _samples(n_mask=20, n_norm=25, n_pneu=75):
+    out = [Sample(path=f"m{i}", source="seg", mask=f"m{i}.png") for i in range(n_mask)]
+    out += [Sample(path=f"n{i}", source="cls", label=0) for i in range(n_norm)]
+    out += [Sample(path=f"p{i}", source="cls", label=1) for i in range(n_pneu)]
+    return out
+
+
+def test_splits_budgets_and_roles():
+    samples = _samples()
+    s = make_splits(samples, seg_labels=10, cls_labels=20, val_fraction=0.2, seed=3)
+    assert len(s.val_seg) == 4 and len(s.val_cls) == 20
+    assert sum(samples[i].label == 0 for i in s.val_cls) == 5  # stratified validation
+    assert len(s.seg_labelled) == 10 and len(s.cls_labelled) == 20
+    assert sum(samples[i].label == 0 for i in s.cls_labelled) == 5  # stratified budget
+    val = set(s.val_seg) | set(s.val_cls)
+    train = set(range(len(samples))) - val
+    for pool in (s.seg_labelled, s.seg_unlabelled, s.cls_labelled, s.cls_unlabelled):
+        assert not set(pool) & val
+    assert set(s.seg_labelled) | set(s.seg_unlabelled) == train
+    assert set(s.cls_labelled) | set(s.cls_unlabelled) == train and not set(s.cls_labelled) & set(s.cls_unlabelled)
+    # classification images serve as unlabelled segmentation images and vice versa
+    assert any(samples[i].label is not None for i in s.seg_unlabelled)
+    assert any(samples[i].mask is not None for i in s.cls_unlabelled)
+    assert make_splits(samples, seg_labels=10, cls_labels=20, val_fraction=0.2, seed=3) == s
+    assert make_splits(samples, seg_labels=10, cls_labels=20, val_fraction=0.2, seed=4) != s
+    full = make_splits(samples, seg_labels=None, cls_labels=None, val_fraction=0.2, seed=3)
+    assert len(full.seg_labelled) == 16 and len(full.cls_labelled) == 80
+    with pytest.raises(InputError, match="only 16"):
+        make_splits(samples, seg_labels=17, cls_labels=None, val_fraction=0.2, seed=3)
+
+
+def test_table_matches_preprocess(tmp_path):
+    seg, cls = make_folders(tmp_path, n_seg=2, n_cls=2)
+    (cls / "bad.png").write_bytes(b"not a png")
+    samples = scan_folders([seg], [cls], CLASS_NAMES)
+    table, failures = load_table(samples, 64)
+    assert [samples[i].path.name for i, _ in failures] == ["bad.png"]
+    pre = PreprocessConfig(image_size=64)
+    i = next(k for k, s in enumerate(samples) if s.path.name == "s0.png")
+    want = preprocess(read_radiograph(samples[i].path).pixels, pre)
+    assert torch.equal(normalize(table.images[i], pre), want)
+    assert table.has_mask[i] and set(table.masks[i].unique().tolist()) <= {0, 1} and table.masks[i].sum() > 0
+
+
+def test_epoch_batches_cycle_and_seed():
+    got = epoch_batches([5, 6, 7], 3, 2, torch.Generator().manual_seed(0))
+    assert got.shape == (3, 2) and sorted(got.flatten()[:3].tolist()) == [5, 6, 7]
+    assert torch.equal(got, epoch_batches([5, 6, 7], 3, 2, torch.Generator().manual_seed(0)))
+
+
+def test_weak_augment_moves_masks_with_images():
+    x = torch.rand(4, 1, 32, 32)
+    out, masks = weak_augment(x, torch.Generator().manual_seed(1), masks=x.clone(), hflip=True)
+    assert out.shape == x.shape and torch.equal(out, masks)
+    again, _ = weak_augment(x, torch.Generator().manual_seed(1), hflip=True)
+    assert torch.equal(out, again)
+    assert not torch.equal(out, x)
+
+
+def test_weak_augment_without_flip_is_a_shift():
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 12:20, 5:9] = 1.0
+    out, _ = weak_augment(x, torch.Generator().manual_seed(0))
+    assert out.sum() == x.sum()  # the block moves by at most 4 pixels, none is mirrored away
+
+
+@pytest.mark.parametrize("name", sorted(STRONG_OPS))
+def test_each_strong_op(name):
+    x = torch.rand(1, 1, 16, 16)
+    op = STRONG_OPS[name]
+    if name in {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}:
+        theta = torch.tensor(op(0.0, 1.0))
+        assert torch.equal(theta, torch.eye(3)[:2])  # magnitude 0: identity transform
+        assert not torch.equal(torch.tensor(op(0.7, -1.0)), theta)
+    else:
+        y = op(x, 0.7, 1.0)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        if name == "identity":
+            assert torch.equal(y, x)
+
+
+def test_strong_augment_seeded_in_range_and_masks_follow():
+    x = torch.rand(6, 1, 32, 32)
+    a, ma = strong_augment(x, torch.Generator().manual_seed(2), masks=(x > 0.5).float())
+    b, _ = strong_augment(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert set(ma.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(a, x)
