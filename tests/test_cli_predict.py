@@ -65,12 +65,6 @@ def test_version_and_help():
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd", ["train", "evaluate", "explain"])
-def test_unimplemented_commands_say_so(cmd):
-    res = _run([cmd])
-    assert res.exit_code == 2 and "not implemented yet" in res.output
-
-
 def test_predict_without_weights_explains_how_to_get_them(tmp_path, scans, monkeypatch):
     monkeypatch.delenv("MMCLI_WEIGHTS", raising=False)
     res = _run(["predict", scans, "--out", tmp_path / "r.csv", "-q"])

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mmcli import __version__
-from mmcli.cli import predict, stubs
+from mmcli.cli import evaluate, explain, predict, train
 from mmcli.cli.common import setup_logging
 
 app = typer.Typer(
@@ -38,10 +38,10 @@ def _root(
     setup_logging(verbose)
 
 
-app.command("train", help="Train MultiMix semi-supervised from few labels.")(stubs.train)
+app.command("train")(train.train)
 app.command("predict")(predict.predict)
-app.command("evaluate", help="Compute the paper's metrics against reference masks and labels.")(stubs.evaluate)
-app.command("explain", help="Write saliency maps that show where the model looked.")(stubs.explain)
+app.command("evaluate")(evaluate.evaluate)
+app.command("explain")(explain.explain)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ divisible by 16 so that the four poolings and four upsamplings line up.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -1,0 +1,388 @@
+"""``mmcli evaluate`` as a library call: predictions against reference masks and labels.
+
+A dataset folder holds radiographs plus ``masks/<stem>.png`` (binary lung masks at the
+image's resolution) and/or ``labels.csv`` (``file,label`` with labels normal/pneumonia).
+Predictions come from :func:`mmcli.predict.run_predict` (the same code as ``mmcli
+predict``, into ``<out>/predictions.csv``) or from an earlier predict report.
+
+Outputs in ``<out>/``::
+
+    per_case.csv        one row per referenced image (CASE_COLUMNS)
+    summary.json        per dataset: metrics, 95% bootstrap intervals, majority baseline
+    summary.md          the same as tables, datasets side by side: read this first
+    evaluation.h5       per-case table and summary (with ``hdf5=True``)
+    *.png               Dice box plot, ROC curves, reliability diagram, worst cases
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli import __version__
+from mmcli import metrics as M
+from mmcli.config import CLASS_NAMES
+from mmcli.errors import UsageError
+from mmcli.io.discover import discover_inputs
+from mmcli.io.readers import is_dicom, read_radiograph
+from mmcli.io.writers import atomic_path, read_csv_rows, read_mask_png, write_csv, write_hdf5, write_json
+
+logger = logging.getLogger(__name__)
+
+SEG_COLUMNS = ("dice", "jaccard", "precision", "recall", "ssim", "ahd", "hd95", "ahd_mm", "hd95_mm")
+CASE_COLUMNS: tuple[str, ...] = (
+    "dataset", "case_id", "source", "status", "error", "true_label", "label", "p_pneumonia",
+    *SEG_COLUMNS, "height", "width", "pred_mask", "true_mask",
+)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Resolved settings of one ``evaluate`` run (recorded in ``summary.json``)."""
+
+    datasets: tuple[str, ...]
+    out: Path
+    predictions: Path | None = None
+    weights: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    threshold: float = 0.5
+    voi_lut: bool = False
+    overwrite: bool = False
+    hdf5: bool = False
+    plots: bool = True
+    n_bootstrap: int = 1000
+    seed: int = 0
+    worst: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise UsageError("No dataset folders given.")
+        if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".json", ".md"):
+            raise UsageError(f"--out is a folder for the evaluation reports, got a file name {self.out.name!r}")
+        if self.predictions is not None and not self.predictions.is_file():
+            raise UsageError(f"--predictions {self.predictions} is not a file (a report written by `mmcli predict`)")
+        if self.n_bootstrap < 0 or self.worst < 0:
+            raise UsageError("--bootstrap and --worst must be 0 or more")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One referenced image of a dataset: its label and/or mask file."""
+
+    dataset: str
+    path: Path
+    key: str  # path relative to the dataset folder, posix, without suffix
+    label: str | None
+    mask: Path | None
+
+
+@dataclass
+class EvaluateSummary:
+    """Counts of a finished run; ``failed > 0`` means exit code 1."""
+
+    cases: int = 0
+    ok: int = 0
+    failed: int = 0
+    missing: int = 0
+    seconds: float = 0.0
+    out: Path | None = None
+
+
+def _dataset_names(folders: Sequence[Path]) -> list[str]:
+    names = [f.name or str(f) for f in folders]
+    return [f"{n}-{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _read_labels(path: Path) -> dict[str, str]:
+    """``labels.csv`` as {file relative to the folder, without suffix: label}."""
+    rows = read_csv_rows(path)
+    if rows and not {"file", "label"} <= set(rows[0]):
+        raise UsageError(f"{path} must have the columns file,label; found {', '.join(rows[0])}")
+    labels = {}
+    for row in rows:
+        label = str(row["label"]).strip().lower() if row["label"] is not None else None
+        if label not in CLASS_NAMES:
+            raise UsageError(f"{path}: label {row['label']!r} of {row['file']!r} is not one of "
+                             f"{', '.join(CLASS_NAMES)}")
+        labels[str(Path(str(row["file"])).with_suffix("").as_posix())] = label
+    return labels
+
+
+def find_references(folder: Path, name: str) -> list[Reference]:
+    """The images of ``folder`` (recursive, ``masks/`` left out) that have a label or a mask.
+
+    Raises:
+        UsageError: the folder has neither ``masks/`` nor ``labels.csv``, or nothing matches.
+    """
+    if not folder.is_dir():
+        raise UsageError(f"Dataset {folder} is not a folder")
+    masks_dir, labels_csv = folder / "masks", folder / "labels.csv"
+    if not masks_dir.is_dir() and not labels_csv.is_file():
+        raise UsageError(f"{folder} has neither masks/ nor labels.csv: nothing to compare predictions with")
+    labels = _read_labels(labels_csv) if labels_csv.is_file() else {}
+    refs = []
+    for file in discover_inputs([folder], exclude=[masks_dir]):
+        key = file.path.relative_to(folder.resolve()).with_suffix("").as_posix()
+        mask = masks_dir / f"{key}.png"
+        ref = Reference(name, file.path, key, labels.get(key), mask if mask.is_file() else None)
+        if ref.label is not None or ref.mask is not None:
+            refs.append(ref)
+    if not refs:
+        raise UsageError(f"No image of {folder} has a mask in masks/<stem>.png or a row in labels.csv")
+    logger.info("%s: %d referenced images", name, len(refs))
+    return refs
+
+
+def _predictions_by_source(report: Path) -> dict[str, dict[str, Any]]:
+    rows = read_csv_rows(report)
+    if rows and not {"source", "status", "p_pneumonia", "mask"} <= set(rows[0]):
+        raise UsageError(f"{report} is not a report written by `mmcli predict` (columns: {', '.join(rows[0])})")
+    by_source = {}
+    for row in rows:
+        if row.get("mask"):
+            row["mask_path"] = report.parent / str(row["mask"])
+        by_source[str(Path(str(row["source"])).resolve())] = row
+    return by_source
+
+
+def _run_model(cfg: EvaluateConfig, refs: list[Reference], command: Sequence[str] | None) -> Path:
+    from mmcli.predict import PredictConfig, run_predict  # torch only when the model runs
+
+    report = cfg.out / "predictions.csv"
+    pcfg = PredictConfig(
+        inputs=tuple(str(r.path) for r in refs), out=report, weights=cfg.weights, device=cfg.device,
+        precision=cfg.precision, batch_size=cfg.batch_size, workers=cfg.workers,  # type: ignore[arg-type]
+        threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
+    )
+    run_predict(pcfg, command=command)
+    return report
+
+
+def _spacing(path: Path, voi_lut: bool) -> tuple[float, float] | None:
+    """Pixel spacing in mm of a DICOM image (None for other formats)."""
+    return read_radiograph(path, voi_lut=voi_lut).pixel_spacing if is_dicom(path) else None
+
+
+def evaluate_case(ref: Reference, pred: dict[str, Any] | None, voi_lut: bool = False) -> dict[str, Any]:
+    """Compare one prediction row (of a predict report) with its references; never raises."""
+    row: dict[str, Any] = dict.fromkeys(CASE_COLUMNS)
+    row.update(dataset=ref.dataset, case_id=ref.key, source=str(ref.path), true_label=ref.label,
+               true_mask=str(ref.mask) if ref.mask else None)
+    if pred is None:
+        return {**row, "status": "missing", "error": "no prediction for this image in the predictions report"}
+    row.update(label=pred.get("label"), p_pneumonia=pred.get("p_pneumonia"),
+               height=pred.get("height"), width=pred.get("width"))
+    if pred.get("status") != "ok":
+        return {**row, "status": "error", "error": pred.get("error") or "prediction failed"}
+    if ref.label is not None and row["p_pneumonia"] is None:
+        return {**row, "status": "error", "error": "the model gave no pneumonia probability (no classifier)"}
+    if ref.mask is not None:
+        mask_path = pred.get("mask_path")
+        if mask_path is None or not Path(mask_path).is_file():
+            return {**row, "status": "error", "error": "no predicted mask file (model without decoder?)"}
+        row["pred_mask"] = str(mask_path)
+        try:
+            predicted, true = read_mask_png(mask_path), read_mask_png(ref.mask)
+            if predicted.shape != true.shape:
+                raise ValueError(f"reference mask is {true.shape[1]}x{true.shape[0]} but the image is "
+                                 f"{predicted.shape[1]}x{predicted.shape[0]}")
+            row.update(M.segmentation_metrics(predicted, true, _spacing(ref.path, voi_lut)))
+        except Exception as err:  # one bad reference must not stop the evaluation
+            return {**row, "status": "error", "error": f"{type(err).__name__}: {err}"}
+    return {**row, "status": "ok"}
+
+
+def run_evaluate(
+    cfg: EvaluateConfig,
+    *,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+    command: Sequence[str] | None = None,
+) -> EvaluateSummary:
+    """Evaluate every dataset of ``cfg`` and write the reports (see the module docstring)."""
+    started = time.perf_counter()
+    out = cfg.out.expanduser().resolve()
+    cfg = EvaluateConfig(**{**asdict(cfg), "out": out})
+    folders = [Path(d).expanduser().resolve() for d in cfg.datasets]
+    names = _dataset_names(folders)
+    refs = [r for folder, name in zip(folders, names, strict=True) for r in find_references(folder, name)]
+    report = cfg.predictions.resolve() if cfg.predictions is not None else _run_model(cfg, refs, command)
+    preds = _predictions_by_source(report)
+    if not any(str(r.path) in preds for r in refs):
+        raise UsageError(f"None of the {len(refs)} referenced images appears in {report}: "
+                         "was it made from these dataset folders?")
+    rows = []
+    for ref in refs:
+        row = evaluate_case(ref, preds.get(str(ref.path)), cfg.voi_lut)
+        rows.append(row)
+        if on_case is not None:
+            on_case(row)
+
+    summary = _plain({
+        "mmcli_version": __version__,
+        "predictions": str(report),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "command": list(command) if command is not None else None,
+        "datasets": {
+            name: summarise_dataset([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed)
+            for folder, name in zip(folders, names, strict=True)
+        },
+    })
+    write_csv(out / "per_case.csv", rows, CASE_COLUMNS)
+    write_json(out / "summary.json", summary)
+    if cfg.hdf5:
+        flat = {k: v for k, v in summary.items() if k != "datasets"}
+        write_hdf5(out / "evaluation.h5", rows, CASE_COLUMNS, attrs={**flat, "datasets": summary["datasets"]})
+    plots = _write_plots(out, rows, names, cfg) if cfg.plots else []
+    write_markdown(out / "summary.md", summary, [os.path.relpath(p, out) for p in plots])
+
+    result = EvaluateSummary(cases=len(rows), out=out, seconds=time.perf_counter() - started)
+    result.ok = sum(r["status"] == "ok" for r in rows)
+    result.failed = sum(r["status"] == "error" for r in rows)
+    result.missing = sum(r["status"] == "missing" for r in rows)
+    return result
+
+
+def _plain(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars as Python numbers, NaN and infinities as None."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_plots(out: Path, rows: list[dict[str, Any]], names: list[str], cfg: EvaluateConfig) -> list[Path]:
+    """The PNG figures that have data: Dice box plot, ROC, reliability diagram, worst cases."""
+    from mmcli import plots
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    dice = {n: np.array([r["dice"] for r in ok if r["dataset"] == n and r["dice"] is not None]) for n in names}
+    dice = {n: d for n, d in dice.items() if d.size}
+    cls = {}
+    for n in names:
+        labelled = [r for r in ok if r["dataset"] == n and r["true_label"] is not None]
+        if labelled:
+            y = np.array([r["true_label"] == CLASS_NAMES[-1] for r in labelled], dtype=int)
+            cls[n] = (y, np.array([float(r["p_pneumonia"]) for r in labelled]))
+    written = []
+    if dice:
+        written.append(plots.dice_boxplot(out / "dice_boxplot.png", dice))
+        worst = []
+        for n in dice:
+            seg = sorted((r for r in ok if r["dataset"] == n and r["dice"] is not None), key=lambda r: r["dice"])
+            worst.extend(seg[: cfg.worst])
+        if worst:
+            cases = [(f"{r['dataset']}: {r['case_id']}\nDice {r['dice']:.3f}",
+                      read_radiograph(r["source"], voi_lut=cfg.voi_lut).pixels,
+                      read_mask_png(r["pred_mask"]), read_mask_png(r["true_mask"])) for r in worst]
+            written.append(plots.worst_cases_grid(out / "worst_cases.png", cases, ncols=max(1, cfg.worst)))
+    if cls:
+        written.append(plots.roc_plot(out / "roc.png", cls))
+        written.append(plots.reliability_plot(out / "reliability.png", cls))
+    return written
+
+
+def summarise_dataset(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Counts, classification metrics (with the majority baseline) and segmentation means of one dataset.
+
+    The predicted label is the report's ``label`` column (the threshold of the predict run).
+    """
+    ok = [r for r in rows if r["status"] == "ok"]
+    out: dict[str, Any] = {
+        "folder": str(folder),
+        "cases": len(rows), "ok": len(ok),
+        "failed": sum(r["status"] == "error" for r in rows),
+        "missing": sum(r["status"] == "missing" for r in rows),
+    }
+    labelled = [r for r in ok if r["true_label"] is not None]
+    if labelled:
+        positive = CLASS_NAMES[-1]
+        y = np.array([r["true_label"] == positive for r in labelled], dtype=int)
+        yhat = np.array([r["label"] == positive for r in labelled], dtype=int)
+        p = np.array([float(r["p_pneumonia"]) for r in labelled])
+        out["classification"] = {
+            "n": len(labelled), "n_pneumonia": int(y.sum()),
+            "majority_class": CLASS_NAMES[int(y.mean() > 0.5)],
+            "metrics": M.classification_summary(y, yhat, p, n_bootstrap=n_bootstrap, seed=seed),
+        }
+    segmented = [r for r in ok if r["dice"] is not None]
+    if segmented:
+        out["segmentation"] = {
+            "n": len(segmented),
+            "empty_predictions": sum(r["precision"] is None or np.isnan(r["precision"]) for r in segmented),
+            "jaccard_le_dice": all(r["jaccard"] <= r["dice"] for r in segmented),
+            "metrics": {
+                col: M.mean_summary(np.array([np.nan if r[col] is None else r[col] for r in segmented], float),
+                                    n_bootstrap=n_bootstrap, seed=seed)
+                for col in SEG_COLUMNS
+            },
+        }
+    return out
+
+
+def _fmt(m: dict[str, Any], key: str = "value") -> str:
+    value = m.get(key)
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    if key == "value" and m.get("ci_low") is not None:
+        text += f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+    return text
+
+
+def write_markdown(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> None:
+    """``summary.md``: one classification and one segmentation table, datasets side by side."""
+    sets = summary["datasets"]
+    s = summary["settings"]
+    lines = [
+        "# mmcli evaluate", "",
+        f"Predictions: `{summary['predictions']}`. Values are means with 95% percentile bootstrap intervals "
+        f"({s['n_bootstrap']} resamples of cases, seed {s['seed']}).", "",
+        "| dataset | cases | ok | failed | missing |", "|---|---|---|---|---|",
+        *(f"| {n} | {d['cases']} | {d['ok']} | {d['failed']} | {d['missing']} |" for n, d in sets.items()), "",
+    ]
+    cls = {n: d["classification"] for n, d in sets.items() if "classification" in d}
+    if cls:
+        head = " | ".join(f"{n} (n={c['n']}) | always {c['majority_class']}" for n, c in cls.items())
+        lines += ["## Classification", "",
+                  "Each metric beside the majority-class baseline on the same images "
+                  "(constant probability = prevalence, so its ECE is 0 by construction).", "",
+                  f"| metric | {head} |", "|---|" + "---|---|" * len(cls)]
+        for metric in M.CLASSIFICATION_METRICS:
+            cells = " | ".join(f"{_fmt(c['metrics'][metric])} | {_fmt(c['metrics'][metric], 'baseline')}"
+                               for c in cls.values())
+            lines.append(f"| {metric} | {cells} |")
+        for n, c in cls.items():
+            acc = c["metrics"]["accuracy"]
+            if not acc["value"] > acc["baseline"]:
+                lines += ["", f"**{n}: accuracy is not above always predicting {c['majority_class']}.**"]
+        lines.append("")
+    seg = {n: d["segmentation"] for n, d in sets.items() if "segmentation" in d}
+    if seg:
+        lines += ["## Segmentation", "",
+                  "All overlap metrics from the same binarised masks at native resolution; Hausdorff distances "
+                  "on boundary pixels (ahd: modified/average Hausdorff, hd95: 95th percentile), in pixels and, "
+                  "where the image gives a pixel spacing, in mm.", "",
+                  "| metric | " + " | ".join(f"{n} (n={g['n']})" for n, g in seg.items()) + " |",
+                  "|---|" + "---|" * len(seg)]
+        for col in SEG_COLUMNS:
+            lines.append(f"| {col} | " + " | ".join(_fmt(g["metrics"][col]) for g in seg.values()) + " |")
+        lines += ["| empty predictions | " + " | ".join(str(g["empty_predictions"]) for g in seg.values()) + " |", ""]
+    if plots:
+        lines += ["## Figures", "", *(f"![{Path(p).stem}]({p})" for p in plots), ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,137 @@
+"""``mmcli evaluate`` end to end through the CLI, with the tiny checkpoint and hand-made predictions."""
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import save_png8
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmcli import metrics as M
+from mmcli.cli import app
+from mmcli.io.writers import read_mask_png, write_mask_png
+
+runner = CliRunner()
+
+
+def _run(args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _lung_mask(size=64, shift=0):
+    mask = np.zeros((size, size), bool)
+    mask[16:48, 8 + shift : 28 + shift] = True
+    mask[16:48, 36 + shift : 56 + shift] = True
+    return mask
+
+
+@pytest.fixture()
+def datasets(tmp_path):
+    seg, cls = tmp_path / "seg", tmp_path / "cls"
+    for i in range(3):
+        save_png8(seg / f"s{i}.png", 64, 64, seed=i)
+        write_mask_png(seg / "masks" / f"s{i}.png", _lung_mask(shift=i))
+    labels = ["normal", "pneumonia", "pneumonia", "normal"]
+    for i in range(4):
+        save_png8(cls / f"c{i}.png", 64, 64, seed=10 + i)
+    save_png8(cls / "unlabelled.png", 64, 64, seed=20)
+    (cls / "labels.csv").write_text("file,label\n" + "".join(f"c{i}.png,{lab}\n" for i, lab in enumerate(labels)))
+    return seg, cls
+
+
+def test_evaluate_end_to_end(tmp_path, datasets, tiny_weights):
+    out = tmp_path / "report"
+    res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50", "--hdf5"])
+    assert res.exit_code == 0, res.output
+    rows = _rows(out / "per_case.csv")
+    assert [r["dataset"] for r in rows] == ["seg"] * 3 + ["cls"] * 4  # the unlabelled image is left out
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows[:3]:  # per-case metrics are those of the predicted and reference mask files
+        expected = M.overlap_metrics(read_mask_png(r["pred_mask"]), read_mask_png(r["true_mask"]))
+        assert float(r["dice"]) == pytest.approx(expected["dice"])
+        assert float(r["jaccard"]) <= float(r["dice"])
+    summary = json.loads((out / "summary.json").read_text())
+    seg, cls = summary["datasets"]["seg"], summary["datasets"]["cls"]
+    assert "classification" not in seg and seg["segmentation"]["n"] == 3 and seg["segmentation"]["jaccard_le_dice"]
+    acc = cls["classification"]["metrics"]["accuracy"]
+    assert acc["baseline"] == 0.5 and acc["ci_low"] <= acc["value"] <= acc["ci_high"]
+    assert cls["classification"]["metrics"]["roc_auc"]["baseline"] == 0.5
+    md = (out / "summary.md").read_text()
+    assert "| metric | cls (n=4) | always normal |" in md and "seg (n=3)" in md and "dice_boxplot.png" in md
+    for name in ("dice_boxplot", "roc", "reliability", "worst_cases"):
+        png = out / f"{name}.png"
+        assert png.stat().st_size > 1000
+        with Image.open(png) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+    with h5py.File(out / "evaluation.h5") as h5:
+        assert h5["cases/dice"].shape == (7,) and "datasets" in h5.attrs
+    assert (out / "predictions.csv").is_file() and (out / "predictions" / "run.json").is_file()
+
+    # an earlier predict report gives the same numbers without running the model again
+    again = tmp_path / "again"
+    res = _run(["evaluate", *datasets, "--predictions", out / "predictions.csv", "--out", again,
+                "--bootstrap", "50", "--no-plots", "-q"])
+    assert res.exit_code == 0, res.output
+    assert [r["dice"] for r in _rows(again / "per_case.csv")] == [r["dice"] for r in rows]
+    assert json.loads((again / "summary.json").read_text())["datasets"] == summary["datasets"]
+    assert not (again / "predictions.csv").exists() and not (again / "roc.png").exists()
+
+
+def test_evaluate_hand_made_predictions(tmp_path, datasets):
+    seg, cls = datasets
+    pred_dir = tmp_path / "preds"
+    write_mask_png(pred_dir / "masks" / "s0.png", _lung_mask(shift=0))  # perfect
+    half = _lung_mask(shift=1)  # the reference of s1
+    half[:32] = False
+    write_mask_png(pred_dir / "masks" / "s1.png", half)
+    rows = [
+        {"source": seg / "s0.png", "status": "ok", "mask": "masks/s0.png"},
+        {"source": seg / "s1.png", "status": "ok", "mask": "masks/s1.png"},
+        {"source": seg / "s2.png", "status": "error", "error": "cannot read"},
+        {"source": cls / "c0.png", "status": "ok", "p_pneumonia": 0.2, "label": "normal"},
+        {"source": cls / "c1.png", "status": "ok", "p_pneumonia": 0.9, "label": "pneumonia"},
+        {"source": cls / "c2.png", "status": "ok", "p_pneumonia": 0.4, "label": "normal"},
+    ]  # c3 has no prediction at all
+    columns = ["case_id", "source", "status", "error", "p_pneumonia", "label", "mask"]
+    with open(pred_dir / "r.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({"case_id": str(r["source"].stem), **r} for r in rows)
+    out = tmp_path / "report"
+    res = _run(["evaluate", seg, cls, "--predictions", pred_dir / "r.csv", "--out", out, "--bootstrap", "0", "-q"])
+    assert res.exit_code == 1  # one failed prediction, one missing
+    by_id = {r["case_id"]: r for r in _rows(out / "per_case.csv")}
+    assert float(by_id["s0"]["dice"]) == 1.0 and float(by_id["s0"]["ahd"]) == 0.0
+    # 2 x 32 x 20 reference pixels, the top half of them predicted: Dice 2/3, Jaccard 1/2
+    assert float(by_id["s1"]["dice"]) == pytest.approx(2 / 3) and float(by_id["s1"]["jaccard"]) == pytest.approx(0.5)
+    assert float(by_id["s1"]["precision"]) == 1.0 and float(by_id["s1"]["recall"]) == 0.5
+    assert by_id["s2"]["status"] == "error" and by_id["c3"]["status"] == "missing"
+    metrics = json.loads((out / "summary.json").read_text())["datasets"]["cls"]["classification"]["metrics"]
+    assert metrics["accuracy"]["value"] == pytest.approx(2 / 3)  # c2 missed
+    assert metrics["sensitivity"]["value"] == 0.5 and metrics["specificity"]["value"] == 1.0
+    assert metrics["roc_auc"]["value"] == 1.0 and metrics["accuracy"]["ci_low"] is None
+    assert metrics["accuracy"]["baseline"] == pytest.approx(2 / 3)  # always pneumonia: 2 of 3
+    dice = json.loads((out / "summary.json").read_text())["datasets"]["seg"]["segmentation"]["metrics"]["dice"]
+    assert dice["value"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_evaluate_usage_errors(tmp_path, datasets):
+    bare = tmp_path / "bare"
+    save_png8(bare / "x.png", 64, 64)
+    res = _run(["evaluate", bare, "--predictions", tmp_path / "none.csv", "--out", tmp_path / "r"])
+    assert res.exit_code == 2 and "none.csv" in res.output
+    (tmp_path / "p.csv").write_text("a,b\n1,2\n")
+    res = _run(["evaluate", bare, "--predictions", tmp_path / "p.csv", "--out", tmp_path / "r"])
+    assert res.exit_code == 2 and "neither masks/ nor labels.csv" in res.output
+    res = _run(["evaluate", datasets[0], "--predictions", tmp_path / "p.csv", "--out", tmp_path / "r"])
+    assert res.exit_code == 2 and "not a report written by `mmcli predict`" in res.output
+    res = _run(["evaluate", datasets[0], "--out", tmp_path / "r.csv"])
+    assert res.exit_code == 2 and "folder" in res.output
