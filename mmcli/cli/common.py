@@ -33,13 +33,13 @@ PrecisionOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", "-b", min=1, help="Images per model call [default: 2 per CPU worker, 16 on GPU]."),
+    typer.Option("--batch-size", "-b", min=1, help="Images per model call (default: 2 per CPU worker, 16 on a GPU)."),
 ]
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
         "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True,
-        help="Worker processes [default: one per CPU core; up to 8 decoders beside a GPU]; 0: main process only.",
+        help="Worker processes (default: one per CPU core; up to 8 decoders beside a GPU); 0: main process only.",
     ),
 ]
 InputsArg = Annotated[
