@@ -387,3 +387,18 @@ def test_refuse_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     path = png(tmp_path / "big.png", np.zeros((16, 16), np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     assert_refused(path, "too large")
+
+
+def test_shipped_examples_read_and_match_their_labels():
+    import csv
+
+    scans = Path(__file__).parents[1] / "examples" / "scans"
+    with open(scans / "labels.csv", newline="") as f:
+        labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    assert set(labels.values()) == {"normal", "pneumonia"}
+    for path in sorted(scans.iterdir()):
+        if path.suffix == ".csv":
+            continue
+        rad = read_radiograph(path)
+        assert min(rad.height, rad.width) >= 512 and 0.0 <= rad.pixels.min() < rad.pixels.max() <= 1.0
+    assert all((scans / name).is_file() for name in labels)
