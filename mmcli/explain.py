@@ -47,6 +47,7 @@ from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import Journal, atomic_path, write_csv, write_json
+from mmcli.pipeline import record_rows
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -267,18 +268,7 @@ def run_explain(
     logger.info("%d inputs: %d to explain, %d already done", len(files), len(todo), len(done))
     rows: dict[str, dict[str, Any]] = dict(done)
     journal.start(header, done.values())
-    results = _iter_rows(predictor, todo, cfg, layout)
-    try:
-        for row in results:
-            rows[row["case_id"]] = row
-            journal.append(row)
-            if on_case is not None:
-                on_case(row)
-            if cfg.fail_fast and row["status"] == "error":
-                break
-    finally:
-        results.close()
-        journal.close()
+    record_rows(_iter_rows(predictor, todo, cfg, layout), journal, rows, on_case=on_case, fail_fast=cfg.fail_fast)
     ordered = [rows.get(f.case_id) or _new_row(f, status="skipped", error="not processed: --fail-fast") for f in files]
     provenance = {"mmcli_version": __version__, "weights": str(ckpt.path), "weights_sha256": ckpt.sha256,
                   "model": ckpt.model_name, "image_size": ckpt.preprocess.image_size}

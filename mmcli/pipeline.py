@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, wor
 from mmcli.data.transforms import mask_to_native
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
-from mmcli.io.writers import write_mask_png
+from mmcli.io.writers import Journal, write_mask_png
 from mmcli.weights import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,31 @@ class RowSettings:
     report_dir: Path
     class_names: tuple[str, ...]
     voi_lut: bool = False
+
+
+def record_rows(
+    results: Generator[dict[str, Any], None, None],
+    journal: Journal,
+    rows: dict[str, dict[str, Any]],
+    *,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+    fail_fast: bool = False,
+) -> None:
+    """Drain an engine's rows into ``rows`` and the journal; stop at the first error if asked.
+
+    The engine and the journal are closed however this ends (a kill, ``--fail-fast``).
+    """
+    try:
+        for row in results:
+            rows[row["case_id"]] = row
+            journal.append(row)
+            if on_case is not None:
+                on_case(row)
+            if fail_fast and row["status"] == "error":
+                break
+    finally:
+        results.close()
+        journal.close()
 
 
 def new_row(file: InputFile, **values: Any) -> dict[str, Any]:

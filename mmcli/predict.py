@@ -32,7 +32,14 @@ from mmcli.errors import UsageError
 from mmcli.inference import Precision, Predictor
 from mmcli.io.discover import discover_inputs
 from mmcli.io.writers import Journal, read_mask_png, write_csv, write_hdf5, write_json
-from mmcli.pipeline import REPORT_COLUMNS, RowSettings, iter_rows_loader, iter_rows_processes, new_row
+from mmcli.pipeline import (
+    REPORT_COLUMNS,
+    RowSettings,
+    iter_rows_loader,
+    iter_rows_processes,
+    new_row,
+    record_rows,
+)
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -185,17 +192,7 @@ def run_predict(
     engine = iter_rows_processes if in_processes else iter_rows_loader
     logger.info("%s with %d worker(s), batch %d", engine.__name__, workers, batch_size)
     results = engine(predictor, todo, rs, batch_size=batch_size, workers=workers)
-    try:
-        for row in results:
-            rows[row["case_id"]] = row
-            journal.append(row)
-            if on_case is not None:
-                on_case(row)
-            if cfg.fail_fast and row["status"] == "error":
-                break
-    finally:
-        results.close()
-        journal.close()
+    record_rows(results, journal, rows, on_case=on_case, fail_fast=cfg.fail_fast)
 
     for f in files:
         if f.case_id not in rows:

@@ -42,6 +42,14 @@ WorkersOpt = Annotated[
         help="Worker processes (default: one per CPU core; up to 8 decoders beside a GPU); 0: main process only.",
     ),
 ]
+ThresholdOpt = Annotated[
+    float,
+    typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is pneumonia."),
+]
+VoiLutOpt = Annotated[
+    bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
+]
+FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that fails.")]
 InputsArg = Annotated[
     list[str], typer.Argument(help="Folders (searched recursively), files or glob patterns.", show_default=False)
 ]

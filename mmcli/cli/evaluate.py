@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from mmcli.cli.common import BatchSizeOpt, DeviceOpt, PrecisionOpt, WeightsOpt, WorkersOpt, console, exit_on_error
+from mmcli.cli.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    PrecisionOpt,
+    VoiLutOpt,
+    WeightsOpt,
+    WorkersOpt,
+    console,
+    exit_on_error,
+)
 from mmcli.evaluation import EvaluateConfig, run_evaluate
 
 logger = logging.getLogger("mmcli.cli")
@@ -36,9 +45,7 @@ def evaluate(
         float, typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is "
                             "pneumonia (when the model runs).")
     ] = 0.5,
-    voi_lut: Annotated[
-        bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
-    ] = False,
+    voi_lut: VoiLutOpt = False,
     hdf5: Annotated[bool, typer.Option("--hdf5", help="Also write evaluation.h5 (per-case table, summary).")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG figures.")] = True,
     bootstrap: Annotated[

@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from mmcli.cli.common import DeviceOpt, InputsArg, WeightsOpt, console, exit_on_error
+from mmcli.cli.common import (
+    DeviceOpt,
+    FailFastOpt,
+    InputsArg,
+    ThresholdOpt,
+    VoiLutOpt,
+    WeightsOpt,
+    console,
+    exit_on_error,
+)
 from mmcli.explain import ExplainConfig, run_explain
 
 logger = logging.getLogger("mmcli.cli")
@@ -25,19 +34,14 @@ def explain(
         int, typer.Option("--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True,
                           help="Decoding worker processes; 0: main process only.")
     ] = 0,
-    threshold: Annotated[
-        float,
-        typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is pneumonia."),
-    ] = 0.5,
-    voi_lut: Annotated[
-        bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
-    ] = False,
+    threshold: ThresholdOpt = 0.5,
+    voi_lut: VoiLutOpt = False,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the hottest overlay pixels.")]
     = 0.6,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start again instead of resuming (finished cases are skipped).")
     ] = False,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that fails.")] = False,
+    fail_fast: FailFastOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
 ) -> None:
     """Write saliency maps that show where the model looked.

@@ -13,9 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mmcli.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
+    FailFastOpt,
     InputsArg,
     OutOpt,
     PrecisionOpt,
+    ThresholdOpt,
+    VoiLutOpt,
     WeightsOpt,
     WorkersOpt,
     console,
@@ -34,13 +37,8 @@ def predict(
     precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
-    threshold: Annotated[
-        float,
-        typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is pneumonia."),
-    ] = 0.5,
-    voi_lut: Annotated[
-        bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
-    ] = False,
+    threshold: ThresholdOpt = 0.5,
+    voi_lut: VoiLutOpt = False,
     hdf5: Annotated[
         Path | None, typer.Option("--hdf5", help="Also write the table, masks and probabilities to this HDF5 file.")
     ] = None,
@@ -48,7 +46,7 @@ def predict(
         bool,
         typer.Option("--overwrite", help="Start again instead of resuming (finished cases are skipped by default)."),
     ] = False,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that fails.")] = False,
+    fail_fast: FailFastOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Predict lung masks and pneumonia probabilities.
