@@ -45,7 +45,6 @@ from mmcli.data.datasets import RadiographDataset, collate_cases, worker_init
 from mmcli.errors import UsageError
 from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile, discover_inputs
-from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import Journal, atomic_path, write_csv, write_json
 from mmcli.pipeline import record_rows
 from mmcli.weights import load_weights
@@ -152,25 +151,26 @@ def _new_row(file: InputFile, **values: Any) -> dict[str, Any]:
 
 
 def _finish_case(
-    file: InputFile, ex: Explanation, k: int, cfg: ExplainConfig, layout: _Layout, class_names: Sequence[str]
+    file: InputFile, pixels: np.ndarray, ex: Explanation, k: int, cfg: ExplainConfig, layout: _Layout,
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
-    """Row, overlays at native resolution and the raw maps of case ``k`` of a batch."""
+    """Row, overlays on the native ``(H, W)`` pixels and the raw maps of case ``k`` of a batch."""
     maps = {"saliency": ex.saliency[k, 0].numpy(), "gradcam": ex.gradcam[k, 0].numpy()}
     lungs = ex.lungs[k, 0].numpy()
     p = float(ex.probabilities[k, -1])
-    rad = read_radiograph(file.path, voi_lut=cfg.voi_lut)
-    row = _new_row(file, status="ok", p_pneumonia=round(p, 6), height=rad.height, width=rad.width,
+    height, width = pixels.shape
+    row = _new_row(file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
                    label=class_names[-1] if p >= cfg.threshold else class_names[0],
                    lung_fraction=round(float(lungs.mean()), 6))
     from mmcli.plots import heatmap_overlay
 
     for view, heat in maps.items():
         row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
-        native = F.interpolate(torch.from_numpy(heat)[None, None], size=(rad.height, rad.width),
+        native = F.interpolate(torch.from_numpy(heat)[None, None], size=(height, width),
                                mode="bilinear", align_corners=False)[0, 0].clamp_min(0).numpy()
         path = layout.png(view, file.case_id)
         with atomic_path(path) as tmp:
-            Image.fromarray(heatmap_overlay(rad.pixels, native, alpha=cfg.alpha)).save(tmp, format="PNG")
+            Image.fromarray(heatmap_overlay(pixels, native, alpha=cfg.alpha)).save(tmp, format="PNG")
         row[f"{view}_png"] = os.path.relpath(path, layout.folder)
     with atomic_path(layout.partial(file.case_id)) as tmp, open(tmp, "wb") as f:
         np.savez(f, **maps)
@@ -179,7 +179,8 @@ def _finish_case(
 
 def _iter_rows(predictor: Predictor, files: list[InputFile], cfg: ExplainConfig, layout: _Layout):  # noqa: ANN202
     loader = DataLoader(
-        RadiographDataset(files, predictor.preprocess, voi_lut=cfg.voi_lut), batch_size=cfg.batch_size,
+        RadiographDataset(files, predictor.preprocess, voi_lut=cfg.voi_lut, keep_pixels=True),
+        batch_size=cfg.batch_size,
         num_workers=cfg.workers, collate_fn=collate_cases, worker_init_fn=worker_init if cfg.workers else None,
     )
     names = predictor.checkpoint.class_names
@@ -193,7 +194,9 @@ def _iter_rows(predictor: Predictor, files: list[InputFile], cfg: ExplainConfig,
                 yield _new_row(file, status="error", error=item["error"])
                 continue
             try:
-                yield _finish_case(file, ex, batch["ok"].index(pos), cfg, layout, names)  # type: ignore[arg-type]
+                yield _finish_case(  # type: ignore[arg-type]
+                    file, item["pixels"], ex, batch["ok"].index(pos), cfg, layout, names
+                )
             except Exception as err:  # one case fails alone
                 logger.debug("explaining %s failed", file.path, exc_info=True)
                 yield _new_row(file, status="error", error=f"{type(err).__name__}: {err}")

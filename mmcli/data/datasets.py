@@ -26,23 +26,29 @@ class RadiographDataset(Dataset[dict[str, Any]]):
     (native ``height``/``width``, ``pixel_spacing`` in mm or ``None``, ``format``).
     """
 
-    def __init__(self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False) -> None:
+    def __init__(
+        self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False, keep_pixels: bool = False
+    ) -> None:
         self.files = list(files)
         self.cfg = cfg
         self.voi_lut = voi_lut
+        self.keep_pixels = keep_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut)
+        return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut, keep_pixels=self.keep_pixels)
 
 
-def load_case(file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False) -> dict[str, Any]:
+def load_case(
+    file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False, keep_pixels: bool = False
+) -> dict[str, Any]:
     """Read and preprocess one file; a failure is returned as the item's ``error``, never raised.
 
     Returns:
-        ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``.
+        ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``,
+        plus ``"pixels"``, the native ``(H, W)`` reader output, with ``keep_pixels``.
     """
     item: dict[str, Any] = {"index": index, "image": None, "error": None, "meta": {}}
     try:
@@ -54,6 +60,8 @@ def load_case(file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut
             "format": rad.format,
         }
         item["image"] = preprocess(rad.pixels, cfg)
+        if keep_pixels:
+            item["pixels"] = rad.pixels
     except CaseError as err:
         item["error"] = err.reason
     except MemoryError:
