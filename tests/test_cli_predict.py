@@ -12,6 +12,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
+import mmcli.weights
 from mmcli import __version__
 from mmcli.cli import app
 from mmcli.predict import PredictConfig, run_predict
@@ -67,6 +68,7 @@ def test_version_and_help():
 
 def test_predict_without_weights_explains_how_to_get_them(tmp_path, scans, monkeypatch):
     monkeypatch.delenv("MMCLI_WEIGHTS", raising=False)
+    monkeypatch.setattr(mmcli.weights, "WEIGHTS_DIRS", (tmp_path / "no-weights",))
     res = _run(["predict", scans, "--out", tmp_path / "r.csv", "-q"])
     assert res.exit_code == 2
     assert "--weights PATH" in res.output and "MMCLI_WEIGHTS" in res.output
@@ -214,6 +216,7 @@ def test_real_dicoms_masks_at_native_size(tmp_path, tiny_weights):
 
 def test_errors_are_one_line_and_not_read_as_markup(tmp_path, monkeypatch):
     monkeypatch.delenv("MMCLI_WEIGHTS", raising=False)
+    monkeypatch.setattr(mmcli.weights, "WEIGHTS_DIRS", (tmp_path / "no-weights",))
     weird = tmp_path / "[bold]scans"
     save_png8(weird / "x.png", 32, 32)
     res = _run(["predict", weird, "--out", tmp_path / "r.csv"])
