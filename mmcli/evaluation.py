@@ -132,7 +132,7 @@ def find_references(folder: Path, name: str) -> list[Reference]:
     labels = _read_labels(labels_csv) if labels_csv.is_file() else {}
     refs = []
     for file in discover_inputs([folder], exclude=[masks_dir]):
-        key = file.path.relative_to(folder.resolve()).with_suffix("").as_posix()
+        key = file.case_id  # relative to the folder, suffix dropped; also right for symlinked files
         mask = masks_dir / f"{key}.png"
         ref = Reference(name, file.path, key, labels.get(key), mask if mask.is_file() else None)
         if ref.label is not None or ref.mask is not None:

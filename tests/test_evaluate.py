@@ -135,3 +135,21 @@ def test_evaluate_usage_errors(tmp_path, datasets):
     assert res.exit_code == 2 and "not a report written by `mmcli predict`" in res.output
     res = _run(["evaluate", datasets[0], "--out", tmp_path / "r.csv"])
     assert res.exit_code == 2 and "folder" in res.output
+
+
+def test_dataset_of_symlinks(tmp_path, tiny_weights):
+    import os
+
+    from conftest import save_png8
+
+    from mmcli.evaluation import find_references
+
+    real = tmp_path / "real"
+    save_png8(real / "a.png", 64, 64)
+    save_png8(real / "masks" / "a.png", 64, 64)
+    linked = tmp_path / "linked"
+    (linked / "masks").mkdir(parents=True)
+    os.symlink(real / "a.png", linked / "a.png")
+    os.symlink(real / "masks" / "a.png", linked / "masks" / "a.png")
+    refs = find_references(linked, "linked")
+    assert [r.key for r in refs] == ["a"] and refs[0].mask is not None
