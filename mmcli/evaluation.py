@@ -230,7 +230,7 @@ def run_evaluate(
     summary = _plain({
         "mmcli_version": __version__,
         "predictions": str(report),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "settings": asdict(cfg),  # write_json turns paths into strings
         "command": list(command) if command is not None else None,
         "datasets": {
             name: summarise_dataset([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed)

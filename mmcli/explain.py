@@ -282,7 +282,7 @@ def run_explain(
               "resumed": len(done)}
     write_json(layout.folder / "run.json", {
         "command": list(command) if command is not None else None,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "settings": asdict(cfg),  # write_json turns paths into strings
         "provenance": provenance, "device": str(predictor.device), "counts": counts,
         "seconds": round(time.perf_counter() - started, 3),
     })

@@ -220,7 +220,7 @@ def run_predict(
     write_json(layout.manifest, {
         "command": list(command) if command is not None else None,
         "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            **asdict(cfg),  # write_json turns paths into strings
             "batch_size": batch_size, "workers": workers, "engine": engine.__name__,
         },
         "provenance": provenance,

@@ -109,7 +109,7 @@ def write_hdf5(
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for key, value in (attrs or {}).items():
-            h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+            h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
         table = h5.create_group("cases")
         for col in columns:
             values = [row.get(col) for row in rows]
