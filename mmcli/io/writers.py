@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -80,14 +81,15 @@ def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [{k: _parse_field(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+_NUMBER = re.compile(r"[-+]?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?0?\.\d+(?:[eE][-+]?\d+)?")
+
+
 def _parse_field(value: str) -> Any:
+    # Only plain decimal numbers become floats: ids such as "007", "1_000" or "nan" stay text
+    # (float() would accept the last two).
     if value == "":
         return None
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return value if value[:1] == "0" and value[1:2].isdigit() else number  # keep ids like "007"
+    return float(value) if _NUMBER.fullmatch(value) else value
 
 
 def write_hdf5(
