@@ -157,3 +157,57 @@ def test_strong_augment_seeded_in_range_and_masks_follow():
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     assert set(ma.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(a, x)
+
+
+def test_patient_ids_from_meta_or_labels(tmp_path):
+    seg, cls = make_folders(tmp_path, n_seg=2, n_cls=4)
+    (seg / "meta.csv").write_text("file,jsrt_case\ns0.png,nodule\n")  # no patient column: ignored
+    (cls / "meta.csv").write_text("file,label,Patient\nc0.png,normal,P1\nc1.png,pneumonia,P1\nc2.png,normal,\n")
+    by_name = {s.path.name: s for s in scan_folders([seg], [cls], CLASS_NAMES)}
+    assert by_name["s0.png"].patient is None and by_name["c2.png"].patient is None
+    assert by_name["c0.png"].patient == by_name["c1.png"].patient == f"{cls}::P1"
+    # labels.csv is read first when it names patients
+    (cls / "labels.csv").write_text("file,label,patient_id\nc0.png,normal,A\nc1.png,pneumonia,B\n")
+    by_name = {s.path.name: s for s in scan_folders([seg], [cls], CLASS_NAMES)}
+    assert by_name["c0.png"].patient == f"{cls}::A" and by_name["c1.png"].patient == f"{cls}::B"
+
+
+def _patient_samples():
+    """40 masked images of 40 patients; 30 normal patients with one image, 30 pneumonia with three."""
+    out = [Sample(path=f"m{i}", source="seg", mask=f"m{i}.png", patient=f"seg::{i}") for i in range(40)]
+    out += [Sample(path=f"n{i}", source="cls", label=0, patient=f"cls::n{i}") for i in range(30)]
+    out += [Sample(path=f"p{i}-{k}", source="cls", label=1, patient=f"cls::p{i}") for i in range(30) for k in range(3)]
+    return out
+
+
+def test_split_is_patient_disjoint_and_stratified():
+    samples = _patient_samples()
+    for seed in range(5):
+        s = make_splits(samples, seg_labels=None, cls_labels=None, val_fraction=0.2, seed=seed)
+        val_patients = {samples[i].patient for i in s.val_seg + s.val_cls}
+        train = set(s.cls_labelled) | set(s.cls_unlabelled)
+        assert not {samples[i].patient for i in train} & val_patients
+        assert len(s.val_seg) == 8
+        # 6 of the 30 normal and 6 of the 30 pneumonia patients: 6 + 18 images
+        assert sum(samples[i].label == 0 for i in s.val_cls) == 6
+        assert sum(samples[i].label == 1 for i in s.val_cls) == 18
+        # every film of a validation patient is in validation
+        for p in {samples[i].patient for i in s.val_cls}:
+            assert {i for i, x in enumerate(samples) if x.patient == p} <= set(s.val_cls)
+    # one patient per image: the same split as before patients were known
+    alone = [Sample(x.path, x.source, x.mask, x.label) for x in samples]
+    s_alone = make_splits(alone, seg_labels=None, cls_labels=None, val_fraction=0.2, seed=0)
+    assert len(s_alone.val_cls) == round(0.2 * 120)
+
+
+def test_split_patient_in_both_tasks_leaves_training():
+    # a patient with a masked film and a labelled film: when the masked film is drawn for
+    # validation, the labelled film must not be trained on either
+    samples = [Sample(path=f"m{i}", source="seg", mask=f"m{i}.png", patient=f"x::{i}") for i in range(10)]
+    samples += [Sample(path=f"c{i}", source="cls", label=i % 2, patient=f"x::{i}") for i in range(10)]
+    s = make_splits(samples, seg_labels=None, cls_labels=None, val_fraction=0.2, seed=1)
+    val_patients = {samples[i].patient for i in s.val_seg + s.val_cls}
+    train = set(s.seg_labelled) | set(s.seg_unlabelled)
+    assert len(val_patients) == 4
+    assert not {samples[i].patient for i in train} & val_patients
+    assert len(train) == 20 - 2 * 4

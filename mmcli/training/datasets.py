@@ -10,6 +10,12 @@ segmentation stream and segmentation images the unlabelled classification stream
 Splits are drawn from one seed: first a validation part of the masked images and,
 stratified by class, of the labelled images; then the label budgets among the rest.
 Validation images never enter training.
+
+Validation is drawn by *patient* where the folder says who the patient is: a column
+``patient``, ``patient_id`` or ``patientid`` (any case) in the folder's ``labels.csv`` or
+``meta.csv`` (``file,...,patient``). All images of a patient then fall on the same side,
+so several films of one child cannot sit in both training and validation. Images without
+a patient id are patients of their own.
 """
 
 from __future__ import annotations
@@ -37,12 +43,17 @@ __all__ = ["ImageTable", "Sample", "Splits", "epoch_batches", "load_table", "mak
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its mask file (None: no mask) and class index (None: no label)."""
+    """One image: its mask file (None: no mask), class index (None: no label) and patient.
+
+    ``patient`` is the folder-qualified patient id (``"<folder>::<id>"``), or None when
+    the folder does not say: the image is then a patient of its own.
+    """
 
     path: Path
     source: str
     mask: Path | None = None
     label: int | None = None
+    patient: str | None = None
 
 
 def _labels_csv(root: Path, class_names: Sequence[str]) -> dict[str, int]:
@@ -62,6 +73,27 @@ def _labels_csv(root: Path, class_names: Sequence[str]) -> dict[str, int]:
     return out
 
 
+PATIENT_COLUMNS = ("patient", "patient_id", "patientid")
+"""Column names (compared in lower case) that give an image's patient id."""
+
+
+def _patients_csv(root: Path) -> dict[str, str]:
+    """``file -> patient id`` from ``labels.csv`` or ``meta.csv`` of ``root`` (first with a patient column)."""
+    for name in ("labels.csv", "meta.csv"):
+        path = root / name
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = {c.strip().lower(): c for c in reader.fieldnames or ()}
+            column = next((fields[c] for c in PATIENT_COLUMNS if c in fields), None)
+            if column is None or "file" not in fields:
+                continue
+            return {row[fields["file"]].strip(): (row[column] or "").strip() for row in reader
+                    if (row[column] or "").strip()}
+    return {}
+
+
 def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names: Sequence[str]) -> list[Sample]:
     """All images of the folders (not recursive), with masks from seg folders and labels from cls folders.
 
@@ -78,15 +110,18 @@ def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names
         if not images:
             raise InputError(f"Found 0 images in {root}. Supported: {' '.join(SUPPORTED_SUFFIXES)}")
         labels = _labels_csv(root, class_names) if root in map(Path, cls_dirs) else {}
+        patients = _patients_csv(root)
         use_masks = root in map(Path, seg_dirs)
         for p in images:
             key = p.resolve()
             old = found.get(key, Sample(key, str(root)))
             mask = root / "masks" / f"{p.stem}.png"
+            patient = patients.get(p.name)
             found[key] = Sample(
                 key, old.source,
                 mask=mask if use_masks and mask.is_file() else old.mask,
                 label=labels.get(p.name, old.label),
+                patient=old.patient if patient is None else f"{root}::{patient}",
             )
     return [found[k] for k in sorted(found)]
 
@@ -125,13 +160,14 @@ class Splits:
     cls_unlabelled: list[int]
 
     def rows(self, samples: Sequence[Sample], class_names: Sequence[str]) -> list[dict[str, Any]]:
-        """One CSV row per sample: file, source, split, has_mask, label, seg_role, cls_role."""
+        """One CSV row per sample: file, source, patient, split, has_mask, label, seg_role, cls_role."""
         val = set(self.val_seg) | set(self.val_cls)
         seg_l, cls_l = set(self.seg_labelled), set(self.cls_labelled)
         rows = []
         for i, s in enumerate(samples):
             rows.append({
-                "file": str(s.path), "source": s.source, "split": "val" if i in val else "train",
+                "file": str(s.path), "source": s.source, "patient": s.patient or "",
+                "split": "val" if i in val else "train",
                 "has_mask": int(s.mask is not None), "label": None if s.label is None else class_names[s.label],
                 "seg_role": "val" if i in self.val_seg else "-" if i in val else
                             "labelled" if i in seg_l else "unlabelled",
@@ -141,7 +177,7 @@ class Splits:
         return rows
 
 
-SPLIT_COLUMNS = ("file", "source", "split", "has_mask", "label", "seg_role", "cls_role")
+SPLIT_COLUMNS = ("file", "source", "patient", "split", "has_mask", "label", "seg_role", "cls_role")
 
 
 def _budget(n: int | None, available: int, what: str) -> int:
@@ -152,21 +188,40 @@ def _budget(n: int | None, available: int, what: str) -> int:
     return n
 
 
+def _groups(samples: Sequence[Sample]) -> list[str]:
+    """Patient key of each sample: its patient id, or its own position when it has none."""
+    return [s.patient if s.patient is not None else f"#{i}" for i, s in enumerate(samples)]
+
+
 def make_splits(
     samples: Sequence[Sample], *, seg_labels: int | None, cls_labels: int | None, val_fraction: float, seed: int
 ) -> Splits:
-    """Validation split, then label budgets (None: all), all drawn from ``seed``."""
+    """Validation split by patient, then label budgets (None: all), all drawn from ``seed``.
+
+    A share ``val_fraction`` of the patients with masks goes to segmentation validation;
+    then, stratified by class (a patient's class is that of their first labelled image),
+    that share of the remaining patients with labels goes to classification validation.
+    Every image of a validation patient is left out of training. When each image is its
+    own patient this is a plain split by image.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    masked = [i for i, s in enumerate(samples) if s.mask is not None]
+    groups = _groups(samples)
     rng = np.random.default_rng([seed, 1])
-    n_val = round(val_fraction * len(masked))
-    val_seg = sorted(rng.permutation(masked)[:n_val].tolist())
-    labelled = [i for i, s in enumerate(samples) if s.label is not None and i not in set(val_seg)]
-    lab = [samples[i].label for i in labelled]
-    val_cls = [labelled[j] for j in stratified_pick(lab, round(val_fraction * len(labelled)), rng)]
-    val = set(val_seg) | set(val_cls)
-    train = [i for i in range(len(samples)) if i not in val]
+    masked_groups = list(dict.fromkeys(groups[i] for i, s in enumerate(samples) if s.mask is not None))
+    n_val = round(val_fraction * len(masked_groups))
+    val_seg_groups = {masked_groups[j] for j in rng.permutation(len(masked_groups))[:n_val]}
+    group_label: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        if s.label is not None and groups[i] not in val_seg_groups:
+            group_label.setdefault(groups[i], s.label)
+    label_groups = list(group_label)
+    picks = stratified_pick([group_label[g] for g in label_groups], round(val_fraction * len(label_groups)), rng)
+    val_cls_groups = {label_groups[j] for j in picks}
+    val_seg = [i for i, s in enumerate(samples) if s.mask is not None and groups[i] in val_seg_groups]
+    val_cls = [i for i, s in enumerate(samples) if s.label is not None and groups[i] in val_cls_groups]
+    held = val_seg_groups | val_cls_groups
+    train = [i for i in range(len(samples)) if groups[i] not in held]
     masked_train = [i for i in train if samples[i].mask is not None]
     n_seg = _budget(seg_labels, len(masked_train), "seg")
     seg_l = sorted(np.random.default_rng([seed, 2]).permutation(masked_train)[:n_seg].tolist())
@@ -175,7 +230,7 @@ def make_splits(
     picks = stratified_pick([samples[i].label for i in labelled_train], n_cls, np.random.default_rng([seed, 3]))
     cls_l = [labelled_train[j] for j in picks]
     return Splits(
-        val_seg=val_seg, val_cls=sorted(val_cls), seg_labelled=seg_l,
+        val_seg=val_seg, val_cls=val_cls, seg_labelled=seg_l,
         seg_unlabelled=[i for i in train if i not in set(seg_l)], cls_labelled=cls_l,
         cls_unlabelled=[i for i in train if i not in set(cls_l)],
     )
