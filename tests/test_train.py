@@ -176,3 +176,23 @@ def test_bf16_autocast_step_gives_float32_losses():
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(stats["loss"]) and stats["mask_rate"] == 1.0
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_set_schedule_after_first_epoch_equals_that_schedule_from_the_start(folders, tmp_path):
+    want = run_train(_cfg(folders, tmp_path / "a", epochs=3, lr_step=2, calibrate=False))
+    trainers = []
+
+    def on_epoch(row):
+        if row["epoch"] == 1:
+            trainers[0].set_schedule(3, 2)
+
+    got = run_train(_cfg(folders, tmp_path / "b", epochs=50, lr_step=50, calibrate=False),
+                    on_start=trainers.append, on_epoch=on_epoch)
+    assert got.epochs_run == 3
+    assert [r["lr"] for r in got.history] == [r["lr"] for r in want.history]
+    for k, v in _weights(tmp_path / "a" / "last.safetensors").items():
+        assert torch.equal(v, _weights(tmp_path / "b" / "last.safetensors")[k]), k
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["config"]["epochs"] == 3 and run["config"]["lr_step"] == 2
+    with pytest.raises(UsageError, match="stepped"):
+        trainers[0].set_schedule(5, 1)

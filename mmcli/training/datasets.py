@@ -275,6 +275,10 @@ class ImageTable:
         idx = torch.as_tensor(list(keep), dtype=torch.long)
         return ImageTable(self.images[idx], self.masks[idx], self.has_mask[idx], self.labels[idx])
 
+    def to(self, device: torch.device | str) -> ImageTable:
+        """The table on ``device`` (on a GPU, batches are then cut and augmented there)."""
+        return ImageTable(*(t.to(device) for t in (self.images, self.masks, self.has_mask, self.labels)))
+
 
 def load_table(samples: Sequence[Sample], size: int, workers: int = 0) -> tuple[ImageTable, list[tuple[int, str]]]:
     """Read and resize every sample (in ``workers`` processes).

@@ -167,7 +167,7 @@ def evaluate(
                 x = normalize(table.images[idx], pre).to(device)
                 with autocast(device, precision):
                     pred = seg_logits(model, x).float().cpu() >= 0
-                dice.append(_dice_binary(pred, table.masks[idx].bool()))
+                dice.append(_dice_binary(pred, table.masks[idx].bool().cpu()))
             metrics["val_dice"] = float(torch.cat(dice).mean())
         if model.cls_head and val_cls:
             chunks = []
@@ -175,7 +175,7 @@ def evaluate(
                 idx = torch.as_tensor(val_cls[start : start + batch_size])
                 with autocast(device, precision):
                     chunks.append(cls_logits(model, normalize(table.images[idx], pre).to(device)).float().cpu())
-            logits_all, labels_all = torch.cat(chunks), table.labels[torch.as_tensor(val_cls)]
+            logits_all, labels_all = torch.cat(chunks), table.labels[torch.as_tensor(val_cls)].cpu()
             metrics["val_acc"] = float((logits_all.argmax(1) == labels_all).float().mean())
             metrics["val_auc"] = roc_auc(torch.softmax(logits_all, 1)[:, 1], (labels_all == 1).long())
             metrics["val_nll"] = float(torch.nn.functional.cross_entropy(logits_all, labels_all))

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,10 @@ class Trainer:
         self.pre = PreprocessConfig(image_size=cfg.image_size)
         self.class_names = CLASS_NAMES
         self._prepare_data()
+        if self.device.type == "cuda":
+            # Keep every image on the GPU: batches are cut and augmented there, no copies per step.
+            self.table = self.table.to(self.device)
+            torch.backends.cudnn.benchmark = True
         self.model_kwargs = model_kwargs(self.variant.model, **cfg.model_overrides())
         torch.manual_seed(cfg.seed)
         self.model = create_model(self.variant.model, **self.model_kwargs).to(self.device)
@@ -114,7 +118,9 @@ class Trainer:
         keep = [i for i in range(len(samples)) if i not in bad]
         self.samples, self.table = [samples[i] for i in keep], table.subset(keep)
         self.failures = [f"{samples[i].path}: {r}" for i, r in failures]
-        self.splits = make_splits(self.samples, seg_labels=cfg.seg_labels, cls_labels=cfg.cls_labels,
+        # A budget for a task the variant does not train is ignored (unet with --cls-labels 100).
+        self.splits = make_splits(self.samples, seg_labels=cfg.seg_labels if self.variant.seg else None,
+                                  cls_labels=cfg.cls_labels if self.variant.cls else None,
                                   val_fraction=cfg.val_fraction, seed=cfg.seed)
         pools = {"seg_l": self.splits.seg_labelled, "seg_u": self.splits.seg_unlabelled,
                  "cls_l": self.splits.cls_labelled, "cls_u": self.splits.cls_unlabelled}
@@ -207,10 +213,25 @@ class Trainer:
                 on_step(step + 1, self.steps, stats)
         return totals
 
+    def set_schedule(self, epochs: int, lr_step: int) -> None:
+        """Change the number of epochs and the learning-rate step of a run in progress.
+
+        Allowed while the learning rate has not been stepped down yet (``self.epoch <
+        min(lr_step, cfg.lr_step)``): the run is then the one ``--epochs epochs --lr-step
+        lr_step`` would have given from the start. Used to fit a run to a time budget after
+        timing its first epoch.
+        """
+        if epochs < 1 or lr_step < 1:
+            raise UsageError("epochs and lr_step must be >= 1")
+        if self.epoch >= min(lr_step, self.cfg.lr_step):
+            raise UsageError(f"cannot change the schedule after epoch {self.epoch}: the learning rate has stepped")
+        self.cfg = replace(self.cfg, epochs=epochs, lr_step=lr_step)
+        self.scheduler.step_size = lr_step
+
     def epochs(self, on_step: StepCallback | None = None) -> Iterator[dict[str, Any]]:
         """Train until ``cfg.epochs`` or early stopping; yield each epoch's history row."""
-        cfg = self.cfg
-        while self.epoch < cfg.epochs and not self.stopped_early:
+        while self.epoch < self.cfg.epochs and not self.stopped_early:
+            cfg = self.cfg
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": lr, **self._train_epoch(on_step)}
@@ -296,6 +317,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         history=trainer.history, is_main=main,
     )
     manifest.update({
+        "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
         "ece_before": ece_before, "ece_after": ece_after, "seconds": round(time.time() - started, 1),
