@@ -182,7 +182,10 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     # Forked workers start in milliseconds with torch already imported. That is safe
     # here because each worker runs torch on a single thread (no OpenMP pool to inherit
     # in a broken state), as DataLoader workers do; elsewhere spawn is the only choice.
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Once this process has used CUDA (training on a GPU, then predicting on the CPU in
+    # the same process), a forked child cannot run autograd (the bridge saliency): spawn.
+    fork = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+    return multiprocessing.get_context("fork" if fork else "spawn")
 
 
 def _retrying(inflight: dict[Any, tuple[list[InputFile], bool]]) -> bool:

@@ -94,3 +94,22 @@ def test_loader_engine_with_decoding_workers(tmp_path, folder, tiny_weights):
     direct = pipeline.predict_files(predictor, files[:5], rs)
     for a, b in zip(rows, direct, strict=False):
         assert a["p_pneumonia"] == pytest.approx(b["p_pneumonia"], abs=1e-5)
+
+
+def test_spawned_workers_after_cuda_use(tmp_path, folder, tiny_weights, monkeypatch):
+    # A process that has used CUDA must not fork model workers (autograd refuses to run in
+    # the child): the engine spawns them instead, with the same results.
+    files = sorted(p for p in folder.iterdir() if p.name != "crash.png")[:2]
+    rows = {}
+    for name in ("fork", "spawn"):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda name=name: name == "spawn")
+        assert pipeline._mp_context().get_start_method() == (name if sys.platform.startswith("linux") else "spawn")
+        cfg = PredictConfig(inputs=tuple(map(str, files)), out=tmp_path / f"{name}.csv", weights=str(tiny_weights),
+                            device="cpu", workers=2, batch_size=1)
+        got = []
+        run_predict(cfg, on_case=got.append)
+        rows[name] = {r["case_id"]: r for r in got}
+    assert rows["spawn"].keys() == rows["fork"].keys() and len(rows["spawn"]) == 2
+    for case_id, row in rows["spawn"].items():
+        assert row["status"] == "ok"
+        assert row["p_pneumonia"] == rows["fork"][case_id]["p_pneumonia"]
