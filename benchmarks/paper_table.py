@@ -235,20 +235,25 @@ def _cell(m: dict[str, Any] | None, key: str = "value") -> str:
 def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """table.json (results and settings) and table.md (one table per domain, the paper's rows below)."""
     write_json(out / "table.json", {**meta, "rows": results, "paper": PAPER})
-    lines = [f"# MultiMix ablation on real data ({meta['device']}, {meta['budget_s']} s per run)", ""]
+    budget_all = f", {meta['budget_all_s']:g} s for multimix-all-all" if meta.get("budget_all_s") else ""
+    at_once = f", {meta['parallel']} runs at once" if meta.get("parallel", 1) > 1 else ""
+    lines = [f"# MultiMix ablation on real data ({meta['device']}, {meta['budget_s']:g} s per run{budget_all}"
+             f"{at_once})", "",
+             "Means with bootstrap 95 % intervals. `epochs`: epochs trained; `train s`: training wall-clock "
+             "seconds (the budget is fitted after the first epoch, so a run can end below it).", ""]
 
     def block(title: str, cls_set: str, seg_set: str, cls_cols: tuple, seg_cols: tuple) -> None:
-        head = ["row", "epochs"] + [c for _, c in cls_cols] + [c for _, c in seg_cols]
+        head = ["row", "epochs", "train s"] + [c for _, c in cls_cols] + [c for _, c in seg_cols]
         lines.extend([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
         for r in results:
-            cells = [r["name"], str(r.get("epochs_run", "-"))]
+            cells = [r["name"], str(r.get("epochs_run", "-")), f"{r['train_seconds']:.0f}"]
             cells += [_cell(_metric(r, cls_set, "classification", k)) for k, _ in cls_cols]
             cells += [_cell(_metric(r, seg_set, "segmentation", k)) for k, _ in seg_cols]
             lines.append("| " + " | ".join(cells) + " |")
         base = next((r for r in results if _metric(r, cls_set, "classification", "accuracy")), None)
         if base is not None:
             majority = base["datasets"][cls_set]["classification"]["majority_class"]
-            cells = [f"always {majority}", "-"] + [_cell(_metric(base, cls_set, "classification", k), "baseline")
+            cells = [f"always {majority}", "-", "-"] + [_cell(_metric(base, cls_set, "classification", k), "baseline")
                                                    for k, _ in cls_cols] + ["-"] * len(seg_cols)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -352,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("row %s failed:\n%s", row["name"], traceback.format_exc())
     results = [json.loads(f.read_text()) for r in table_rows()
                if (f := args.out / "runs" / r["name"] / "result.json").is_file()]
+    if args.report_only and (args.out / "table.json").is_file():  # keep the settings the rows ran with
+        old = json.loads((args.out / "table.json").read_text())
+        meta = {k: old.get(k, v) for k, v in meta.items()}
     if not args.no_table:
         write_table(args.out, results, meta)
         print((args.out / "table.md").read_text())

@@ -125,16 +125,17 @@ def research_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool = True) -> int:
+def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool = True, device: str = "cpu") -> int:
     """Batch 1, float32, decode on the main thread, saliency from a second encoder pass."""
     ckpt = load_checkpoint(weights)
     model = ckpt.build_model()
     if research_model_:
         model = research_model(model)
+    model = model.to(device)
     rows = []
     for f in discover_inputs([inputs]):
         rad = read_radiograph(f.path)
-        x = preprocess(rad.pixels, ckpt.preprocess)[None]
+        x = preprocess(rad.pixels, ckpt.preprocess)[None].to(device)
         with torch.no_grad():
             feats = model.encode(x)
             logits = model.classify(feats.bottleneck)
@@ -146,7 +147,7 @@ def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool 
         with torch.no_grad():
             bridge = model.bridge_input(x, saliency, size=feats.skips[-1].shape[-2:])
             seg = model.decode(feats, bridge)
-        mask = mask_to_native(seg[0], rad.height, rad.width).numpy()
+        mask = mask_to_native(seg[0].cpu(), rad.height, rad.width).numpy()
         mask_path = out.parent / "naive_masks" / f"{f.case_id}.png"
         write_mask_png(mask_path, mask)
         p = float(torch.softmax(logits, dim=1)[0, -1])
@@ -156,9 +157,10 @@ def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool 
     return len(rows)
 
 
-def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int | None, workers: int | None) -> int:
+def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int | None, workers: int | None,
+              device: str = "auto") -> int:
     cfg = PredictConfig(inputs=(str(inputs),), out=out, weights=str(weights), overwrite=True,
-                        batch_size=batch_size, workers=workers)
+                        batch_size=batch_size, workers=workers, device=device)
     summary = run_predict(cfg)
     if summary.failed:
         raise SystemExit(f"{summary.failed} cases failed in the mmcli run")
@@ -177,17 +179,18 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="also time the naive loop on mmcli's model code and mmcli with --workers 0")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both sides run the model")
     args = parser.parse_args()
 
     inputs = make_inputs(args.data, args.workdir / f"scans-{args.size}", args.n, args.size)
     weights = make_weights(args.workdir / "bench-multimix.safetensors")
     runs = {
-        "naive": lambda out: naive_loop(inputs, weights, out),
-        "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers),
+        "naive": lambda out: naive_loop(inputs, weights, out, device=args.device),
+        "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers, args.device),
     }
     if args.ablation:
-        runs["naive+model"] = lambda out: naive_loop(inputs, weights, out, research_model_=False)
-        runs["mmcli-j0"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, 0)
+        runs["naive+model"] = lambda out: naive_loop(inputs, weights, out, research_model_=False, device=args.device)
+        runs["mmcli-j0"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, 0, args.device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -206,7 +209,8 @@ def main() -> None:
         "batch_size": args.batch_size, "workers": args.workers,
         "naive_images_per_s": round(args.n / naive, 3), "mmcli_images_per_s": round(args.n / fast, 3),
         "speedup": round(naive / fast, 2), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "times_s": times,
+        "cpu": platform.processor() or platform.machine(), "device": args.device, "times_s": times,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
     print(f"naive {result['naive_images_per_s']} images/s, mmcli {result['mmcli_images_per_s']} images/s, "
           f"speedup x{result['speedup']} (medians of {args.repeats})")
