@@ -100,6 +100,11 @@ class Predictor:
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cuda" and self.precision == "fp32":
+            # fp32 means fp32: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by
+            # default, which moves probabilities in the third decimal against the CPU.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = checkpoint.build_model().to(self.device).eval()
         self.temperature = float(checkpoint.temperature)
         logger.info("model %s on %s (%s)", checkpoint.model_name, self.device, self.precision)

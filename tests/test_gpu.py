@@ -44,7 +44,8 @@ def test_predict_cli_on_gpu(tmp_path, tiny_weights):
     for i in range(3):
         save_png8(tmp_path / "scans" / f"s{i}.png", 120, 100, seed=i)
     cpu = CliRunner().invoke(app, ["predict", str(tmp_path / "scans"), "--out", str(tmp_path / "cpu.csv"),
-                                   "--weights", str(tiny_weights), "--device", "cpu", "-q"])
+                                   "--weights", str(tiny_weights), "--device", "cpu", "--precision", "fp32",
+                                   "-q"])  # auto would pick bf16 on a CPU with AMX
     gpu = CliRunner().invoke(app, ["predict", str(tmp_path / "scans"), "--out", str(tmp_path / "gpu.csv"),
                                    "--weights", str(tiny_weights), "--device", "cuda", "--precision", "fp32", "-q"])
     assert cpu.exit_code == 0 and gpu.exit_code == 0, (cpu.output, gpu.output)
@@ -52,5 +53,5 @@ def test_predict_cli_on_gpu(tmp_path, tiny_weights):
 
     a, b = pd.read_csv(tmp_path / "cpu.csv"), pd.read_csv(tmp_path / "gpu.csv")
     assert list(a["case_id"]) == list(b["case_id"])
-    np.testing.assert_allclose(a["p_pneumonia"], b["p_pneumonia"], atol=1e-3)
+    np.testing.assert_allclose(a["p_pneumonia"], b["p_pneumonia"], atol=1e-4)  # fp32: no TF32
     np.testing.assert_allclose(a["lung_fraction"], b["lung_fraction"], atol=0.01)
