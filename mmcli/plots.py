@@ -86,6 +86,14 @@ def reliability_plot(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray
     return _save(fig, path)
 
 
+def _shorten(text: str, width: int = 38) -> str:
+    """``text`` cut in the middle with an ellipsis to at most ``width`` characters (titles of long case ids)."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return f"{text[: keep - keep // 2]}\u2026{text[-(keep // 2):]}"
+
+
 def worst_cases_grid(
     path: Path, cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], ncols: int = 4
 ) -> Path:
@@ -105,7 +113,7 @@ def worst_cases_grid(
         for mask, colour in ((true, TRUE_COLOUR), (pred, PRED_COLOUR)):
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.2)
-        ax.set_title(title, fontsize=8)
+        ax.set_title("\n".join(_shorten(line) for line in title.splitlines()), fontsize=8)
         ax.axis("off")
     handles = [Line2D([], [], color=PRED_COLOUR, label="predicted"),
                Line2D([], [], color=TRUE_COLOUR, label="reference")]

@@ -153,3 +153,12 @@ def test_dataset_of_symlinks(tmp_path, tiny_weights):
     os.symlink(real / "masks" / "a.png", linked / "masks" / "a.png")
     refs = find_references(linked, "linked")
     assert [r.key for r in refs] == ["a"] and refs[0].mask is not None
+
+
+def test_long_case_ids_are_shortened_in_figure_titles():
+    from mmcli.plots import _shorten
+
+    long = "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-day-3"
+    short = _shorten(long)
+    assert len(short) == 38 and short.startswith("covid-19-rapidly-p") and short.endswith("ards-day-3")
+    assert "\u2026" in short and _shorten("seg-in: JPCLN016") == "seg-in: JPCLN016"
