@@ -124,6 +124,9 @@ def split_holdout(data: Path, out: Path, *, seed: int, fraction: float) -> dict[
     the folders by name: seg-in-train, seg-in-test, cls-in-train, cls-in-test, seg-cross,
     cls-cross.
     """
+    missing = [n for n in ("seg-in", "cls-in", "seg-cross", "cls-cross") if not (data / n).is_dir()]
+    if missing:  # fail before hours of training, not after
+        raise SystemExit(f"{data} lacks the dataset folder(s) {', '.join(missing)}")
     done = out / "holdout.csv"
     names = {k: out / k for k in ("seg-in-train", "seg-in-test", "cls-in-train", "cls-in-test")}
     names |= {"seg-cross": data / "seg-cross", "cls-cross": data / "cls-cross"}

@@ -100,3 +100,10 @@ def test_tiny_table_end_to_end(paper_table, data, tmp_path):
     table = (out / "table.md").read_text()
     assert table.count("| multimix-all-all | 1 |") == 2 and table.count("always pneumonia") == 2
     assert json.loads((out / "table.json").read_text())["rows"][0]["name"] == "multimix-all-all"
+
+
+def test_missing_dataset_folder_fails_first(paper_table, tmp_path):
+    (tmp_path / "seg-in").mkdir()
+    with pytest.raises(SystemExit, match="cls-in, seg-cross, cls-cross"):
+        paper_table.split_holdout(tmp_path, tmp_path / "split", seed=0, fraction=0.2)
+    assert not (tmp_path / "split").exists()
