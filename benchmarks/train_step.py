@@ -9,8 +9,9 @@ images in [0, 1] with blob masks; speed does not depend on the data), alternatin
   bridge from a separate encoder pass with a full ``backward()`` (parameter gradients
   included, then ``zero_grad``), the weak view with a graph, ``gc.collect()`` (and
   ``torch.cuda.empty_cache()``) after every step; the network built as research code
-  builds it (``nn.InstanceNorm2d``, decoder blocks that convolve a ``torch.cat``;
-  ``--ablation`` adds the naive step on mmcli's model code);
+  builds it (``nn.InstanceNorm2d``, ``nn.Dropout``, decoder blocks that convolve a ``torch.cat``;
+  ``--ablation`` adds the naive step on mmcli's model code, and the mmcli step with
+  ``nn.Dropout`` instead of mmcli's cheaper CPU dropout mask);
 * mmcli: :func:`mmcli.training.step.train_step`: segmentation streams batched through the
   full model, classification streams through encoder and classifier only, the saliency
   from the same encoder pass, the weak view under ``no_grad``, precision from
@@ -36,6 +37,7 @@ import torch
 
 from mmcli.inference import resolve_device, resolve_precision
 from mmcli.models import create_model
+from mmcli.models.blocks import Dropout
 from mmcli.training.config import VARIANTS
 from mmcli.training.losses import (
     LossWeights,
@@ -121,7 +123,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--ablation", action="store_true", help="also time the naive step on mmcli's model code")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time the naive step on mmcli's model code and mmcli with nn.Dropout")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.threads:
@@ -148,6 +151,13 @@ def main() -> None:
     if args.ablation:
         setups["naive-mmcli-net"] = build(False)
         runs["naive-mmcli-net"] = lambda: naive_step(*setups["naive-mmcli-net"], batch, w)
+        setups["mmcli-nn-dropout"] = build(False)
+        for module in list(setups["mmcli-nn-dropout"][0].modules()):  # PyTorch's own dropout mask
+            for name, child in list(module.named_children()):
+                if isinstance(child, Dropout):
+                    setattr(module, name, torch.nn.Dropout(child.p))
+        runs["mmcli-nn-dropout"] = lambda: mmcli_step(*setups["mmcli-nn-dropout"], batch, w,
+                                                      autocast(device, precision))
     for run in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernel selection
         run()
     per_image: dict[str, list[float]] = {k: [] for k in runs}

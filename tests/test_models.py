@@ -276,3 +276,32 @@ def test_instance_norm_equals_torch_instance_norm():
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(3, 6, 20, 12) * 4 + 2
     assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_fast_cpu_dropout_is_dropout() -> None:
+    from mmcli.models.blocks import Dropout
+
+    drop = Dropout(0.25).train()
+    x = torch.rand(200_003) + 0.5  # odd size: the byte mask is cut to length
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # each element dropped with probability 1/4 (binomial sd about 0.001), survivors scaled by 4/3
+    assert abs(1 - kept.float().mean().item() - 0.25) < 0.005
+    torch.testing.assert_close(y[kept], x[kept] * (4 / 3))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global generator fixes it
+    assert not torch.equal(drop(x), y)
+    # neighbouring bytes of one 64-bit draw are independent: pairs follow 1/4 x 1/4
+    pairs = (~kept[: 200_000]).view(-1, 2).all(dim=1).float().mean().item()
+    assert abs(pairs - 1 / 16) < 0.004
+    # gradient: the same mask and scale
+    xg = x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    out = drop(xg)
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad, (out != 0).float() * (4 / 3))
+    assert torch.equal(drop.eval()(x), x)
+    # p with 256 p fractional falls back to nn.Dropout
+    odd = Dropout(0.3).train()
+    assert abs((odd(x) == 0).float().mean().item() - 0.3) < 0.005

@@ -6,10 +6,11 @@ divisible by 16 so that the four poolings and four upsamplings line up.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClassifierHead", "DoubleConv", "Down", "InstanceNorm", "Up"]
+__all__ = ["ClassifierHead", "DoubleConv", "Down", "Dropout", "InstanceNorm", "Up"]
 
 
 class InstanceNorm(nn.GroupNorm):
@@ -23,6 +24,27 @@ class InstanceNorm(nn.GroupNorm):
 
     def __init__(self, num_channels: int) -> None:
         super().__init__(num_channels, num_channels, eps=1e-5, affine=True)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is cheaper to draw on the CPU.
+
+    The same distribution (each element zeroed with probability ``p``, the others scaled by
+    ``1 / (1 - p)``), the same eval-mode identity, and the same global torch generator, so
+    ``torch.manual_seed`` fixes it. On the CPU, when ``256 * p`` is a whole number (the
+    paper's 0.25 is), the mask comes from random bytes, eight per 64-bit draw, instead of
+    one draw per element: forward plus backward costs about half of ``nn.Dropout``'s.
+    Elsewhere it is ``nn.Dropout``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        level = self.p * 256
+        if not self.training or self.inplace or x.device.type != "cpu" or not 0 < self.p < 1 or level % 1:
+            return super().forward(x)
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= int(level)
+        return x.mul(keep.to(x.dtype).mul_(1.0 / (1.0 - self.p)))
 
 
 class DoubleConv(nn.Sequential):
@@ -47,7 +69,7 @@ class DoubleConv(nn.Sequential):
             nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1, bias=False),
             InstanceNorm(out_ch),
             nn.LeakyReLU(negative_slope),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.in_channels = in_ch
         self.out_channels = out_ch
