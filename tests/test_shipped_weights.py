@@ -21,6 +21,11 @@ def test_default_weights_load_and_match_sha256():
     assert ckpt.sha256 == entry["sha256"] and ckpt.model_name == "multimix"
     assert ckpt.class_names == ("normal", "pneumonia") and ckpt.preprocess.image_size == 256
     assert folder in WEIGHTS_DIRS
+    # the registry's description of the weights is the checkpoint's own
+    assert entry["model"] == ckpt.model_name and tuple(entry["class_names"]) == ckpt.class_names
+    assert entry["preprocess"] == ckpt.preprocess.to_dict()
+    assert entry["temperature"] == pytest.approx(ckpt.temperature, abs=1e-6) and ckpt.temperature != 1.0
+    assert (folder / entry["card"]).is_file()
 
 
 def test_default_weights_on_the_examples(tmp_path, monkeypatch):
