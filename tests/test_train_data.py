@@ -170,6 +170,9 @@ def test_patient_ids_from_meta_or_labels(tmp_path):
     (cls / "labels.csv").write_text("file,label,patient_id\nc0.png,normal,A\nc1.png,pneumonia,B\n")
     by_name = {s.path.name: s for s in scan_folders([seg], [cls], CLASS_NAMES)}
     assert by_name["c0.png"].patient == f"{cls}::A" and by_name["c1.png"].patient == f"{cls}::B"
+    (cls / "labels.csv").write_text("file,label,SUBJECT_ID\nc0.png,normal,10001\nc1.png,pneumonia,10001\n")
+    by_name = {s.path.name: s for s in scan_folders([seg], [cls], CLASS_NAMES)}
+    assert by_name["c0.png"].patient == by_name["c1.png"].patient == f"{cls}::10001"
 
 
 def _patient_samples():

@@ -12,10 +12,10 @@ stratified by class, of the labelled images; then the label budgets among the re
 Validation images never enter training.
 
 Validation is drawn by *patient* where the folder says who the patient is: a column
-``patient``, ``patient_id`` or ``patientid`` (any case) in the folder's ``labels.csv`` or
-``meta.csv`` (``file,...,patient``). All images of a patient then fall on the same side,
-so several films of one child cannot sit in both training and validation. Images without
-a patient id are patients of their own.
+``patient``, ``patient_id``, ``patientid`` or ``subject_id`` (MIMIC-CXR's name; any
+case) in the folder's ``labels.csv`` or ``meta.csv`` (``file,...,patient``). All images
+of a patient then fall on the same side, so several films of one child cannot sit in
+both training and validation. Images without a patient id are patients of their own.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _labels_csv(root: Path, class_names: Sequence[str]) -> dict[str, int]:
     return out
 
 
-PATIENT_COLUMNS = ("patient", "patient_id", "patientid")
+PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject_id")
 """Column names (compared in lower case) that give an image's patient id."""
 
 
