@@ -209,7 +209,7 @@ def run_row(row: dict[str, Any], folders: dict[str, Path], out: Path, args: argp
         "device": str(trainer.device), "precision": trainer.precision,
         "datasets": {s: evaluation["datasets"][s] for s in sets},
     }
-    write_json(run / "result.json", result)
+    write_json(_result_path(out, row["name"]), result)
     return result
 
 
@@ -272,6 +272,23 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _result_path(out: Path, name: str) -> Path:
+    """Where a finished row's results are: its presence marks the row as done."""
+    return out / "runs" / name / "result.json"
+
+
+def _run_serial(rows: list[dict[str, Any]], folders: dict[str, Path], args: argparse.Namespace) -> int:
+    """Run ``rows`` one after the other in this process; the number that failed."""
+    failed = 0
+    for row in rows:
+        try:
+            run_row(row, folders, args.out, args)
+        except Exception:  # one failed row must not cost the others
+            failed += 1
+            logger.error("row %s failed:\n%s", row["name"], traceback.format_exc())
+    return failed
+
+
 def _groups(pending: list[dict[str, Any]], n: int, long_row: str | None) -> list[list[str]]:
     """Rows per process: a long row alone, the others dealt out in turn."""
     names = [r["name"] for r in pending]
@@ -288,13 +305,11 @@ def _run_parallel(args: argparse.Namespace, groups: list[list[str]]) -> int:
     """Run each group of rows in its own process (this script with --rows); 1 if any failed."""
     threads = max(1, (os.cpu_count() or 1) // len(groups))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    opts = ["--data", str(args.data), "--out", str(args.out), "--budget", str(args.budget), "--seed", str(args.seed),
-            "--test-fraction", str(args.test_fraction), "--steps-per-epoch", str(args.steps_per_epoch),
-            "--max-epochs", str(args.max_epochs), "--lr", str(args.lr), "--arch", args.arch,
-            "--image-size", str(args.image_size), "--device", args.device, "--precision", args.precision,
-            "--workers", str(min(args.workers, threads)), "--bootstrap", str(args.bootstrap)]
-    if args.budget_all:
-        opts += ["--budget-all", str(args.budget_all)]
+    # Every valued option passes through as given; the process gets its rows and a share of the cores.
+    own = {"rows", "parallel", "report_only", "no_table", "workers"}
+    opts = [text for key, value in vars(args).items() if key not in own and value is not None
+            for text in (f"--{key.replace('_', '-')}", str(value))]
+    opts += ["--workers", str(min(args.workers, threads))]
     procs = []
     for i, group in enumerate(groups):
         log = open(args.out / f"worker-{i}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -345,21 +360,13 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_epoch": args.steps_per_epoch, "arch": args.arch, "image_size": args.image_size,
             "torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"}
-    pending = [r for r in rows if not (args.out / "runs" / r["name"] / "result.json").is_file()]
-    failed = 0
-    if args.report_only:
-        pending = []
-    elif args.parallel > 1 and len(pending) > 1:
+    pending = [] if args.report_only else [r for r in rows if not _result_path(args.out, r["name"]).is_file()]
+    if args.parallel > 1 and len(pending) > 1:
         long_row = "multimix-all-all" if (args.budget_all or 0) > args.budget else None
         failed = _run_parallel(args, _groups(pending, args.parallel, long_row))
-    for row in pending if args.parallel <= 1 or len(pending) <= 1 else []:
-        try:
-            run_row(row, folders, args.out, args)
-        except Exception:  # one failed row must not cost the others
-            failed += 1
-            logger.error("row %s failed:\n%s", row["name"], traceback.format_exc())
-    results = [json.loads(f.read_text()) for r in table_rows()
-               if (f := args.out / "runs" / r["name"] / "result.json").is_file()]
+    else:
+        failed = _run_serial(pending, folders, args)
+    results = [json.loads(f.read_text()) for r in table_rows() if (f := _result_path(args.out, r["name"])).is_file()]
     if args.report_only and (args.out / "table.json").is_file():  # keep the settings the rows ran with
         old = json.loads((args.out / "table.json").read_text())
         meta = {k: old.get(k, v) for k, v in meta.items()}

@@ -111,17 +111,24 @@ def _concat_forward(self: Up, x: torch.Tensor, skip: torch.Tensor, extra: torch.
     return self.conv(torch.cat([up, skip] + ([extra] if extra is not None else []), dim=1))
 
 
+def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with mmcli's ``Dropout`` layers replaced by ``nn.Dropout`` (PyTorch's own mask)."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Dropout):
+                setattr(module, child_name, torch.nn.Dropout(child.p))
+    return model
+
+
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights built as research code builds them: ``nn.InstanceNorm2d`` layers,
     ``nn.Dropout`` and decoder blocks that convolve a ``torch.cat`` of their inputs."""
-    for module in list(model.modules()):
+    for module in list(torch_dropout(model).modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
                 ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
                 ref.load_state_dict(child.state_dict())
                 setattr(module, child_name, ref)
-            elif isinstance(child, Dropout):
-                setattr(module, child_name, torch.nn.Dropout(child.p))
         if isinstance(module, Up):
             module.forward = types.MethodType(_concat_forward, module)
     return model

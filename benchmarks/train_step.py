@@ -37,7 +37,6 @@ import torch
 
 from mmcli.inference import resolve_device, resolve_precision
 from mmcli.models import create_model
-from mmcli.models.blocks import Dropout
 from mmcli.training.config import VARIANTS
 from mmcli.training.losses import (
     LossWeights,
@@ -50,7 +49,7 @@ from mmcli.training.losses import (
 from mmcli.training.step import StepBatch, autocast, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predict_throughput import research_model  # noqa: E402
+from predict_throughput import research_model, torch_dropout  # noqa: E402
 
 
 def make_batch(batch: int, size: int, seed: int) -> StepBatch:
@@ -151,11 +150,8 @@ def main() -> None:
     if args.ablation:
         setups["naive-mmcli-net"] = build(False)
         runs["naive-mmcli-net"] = lambda: naive_step(*setups["naive-mmcli-net"], batch, w)
-        setups["mmcli-nn-dropout"] = build(False)
-        for module in list(setups["mmcli-nn-dropout"][0].modules()):  # PyTorch's own dropout mask
-            for name, child in list(module.named_children()):
-                if isinstance(child, Dropout):
-                    setattr(module, name, torch.nn.Dropout(child.p))
+        model, optimizer = build(False)
+        setups["mmcli-nn-dropout"] = (torch_dropout(model), optimizer)
         runs["mmcli-nn-dropout"] = lambda: mmcli_step(*setups["mmcli-nn-dropout"], batch, w,
                                                       autocast(device, precision))
     for run in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernel selection

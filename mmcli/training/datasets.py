@@ -229,10 +229,11 @@ def make_splits(
     n_cls = _budget(cls_labels, len(labelled_train), "cls")
     picks = stratified_pick([samples[i].label for i in labelled_train], n_cls, np.random.default_rng([seed, 3]))
     cls_l = [labelled_train[j] for j in picks]
+    seg_set, cls_set = set(seg_l), set(cls_l)
     return Splits(
         val_seg=val_seg, val_cls=val_cls, seg_labelled=seg_l,
-        seg_unlabelled=[i for i in train if i not in set(seg_l)], cls_labelled=cls_l,
-        cls_unlabelled=[i for i in train if i not in set(cls_l)],
+        seg_unlabelled=[i for i in train if i not in seg_set], cls_labelled=cls_l,
+        cls_unlabelled=[i for i in train if i not in cls_set],
     )
 
 
