@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mmcli.inference import resolve_device, resolve_precision
+from mmcli.runtime import autocast, resolve_device, resolve_precision
 from mmcli.models import create_model
 from mmcli.training.config import VARIANTS
 from mmcli.training.losses import (
@@ -46,7 +46,7 @@ from mmcli.training.losses import (
     soft_dice_loss,
     total_loss,
 )
-from mmcli.training.step import StepBatch, autocast, train_step
+from mmcli.training.step import StepBatch, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_throughput import research_model, torch_dropout  # noqa: E402

@@ -161,8 +161,9 @@ def test_torchrun_two_cpu_processes(folders, tmp_path):
 
 def test_bf16_autocast_step_gives_float32_losses():
     from mmcli.models import create_model
+    from mmcli.runtime import autocast
     from mmcli.training.losses import LossWeights
-    from mmcli.training.step import StepBatch, autocast, train_step
+    from mmcli.training.step import StepBatch, train_step
 
     torch.manual_seed(0)
     model = create_model("multimix_tiny")

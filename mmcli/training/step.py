@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
+from mmcli.runtime import autocast
 from mmcli.training.augment import strong_augment, weak_augment
 from mmcli.training.config import Variant
 from mmcli.training.datasets import ImageTable
@@ -30,14 +31,7 @@ from mmcli.training.losses import (
     total_loss,
 )
 
-__all__ = ["StepBatch", "autocast", "cls_logits", "evaluate", "make_batch", "seg_logits", "train_step"]
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast when ``precision == "bf16"``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["StepBatch", "cls_logits", "evaluate", "make_batch", "seg_logits", "train_step"]
 
 
 def seg_logits(model: nn.Module, x: Tensor) -> Tensor:

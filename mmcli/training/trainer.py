@@ -28,9 +28,9 @@ import torch
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import UsageError
-from mmcli.inference import resolve_device, resolve_precision
 from mmcli.io.writers import write_csv, write_json
 from mmcli.models import create_model, model_kwargs
+from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
 from mmcli.training.calibration import calibrate_checkpoint
 from mmcli.training.config import TrainConfig
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders
@@ -41,7 +41,7 @@ from mmcli.training.distributed import (
     init_distributed,
     shutdown,
 )
-from mmcli.training.step import autocast, evaluate, make_batch, train_step
+from mmcli.training.step import evaluate, make_batch, train_step
 from mmcli.weights import Checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,9 @@ class Trainer:
         if cfg.resume and not self.state_path.exists():
             raise UsageError(f"--resume: no run to continue in {self.out} (state.pt not found)")
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)  # type: ignore[arg-type]
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.dist, self.device = init_distributed(self.device)
+        apply_precision_policy(self.device, self.precision)
         self.variant = cfg.variant_spec
         self.pre = PreprocessConfig(image_size=cfg.image_size)
         self.class_names = CLASS_NAMES

@@ -1,0 +1,122 @@
+"""Where and how torch runs: one policy for device, precision, autocast, cores and batches.
+
+Every command that runs the model (predict, explain, evaluate, train) resolves its
+``--device`` and ``--precision`` here, so one host gives one answer whatever the command.
+
+Precision policy:
+
+* ``fp32`` means float32 everywhere, TF32 included: on CUDA, cuDNN convolutions and
+  matmuls are kept off TF32 (its 10-bit mantissa moves probabilities in the third
+  decimal against the CPU).
+* ``bf16`` runs the model under bf16 autocast; outputs stay float32.
+* ``auto`` is bf16 on CUDA GPUs that support it and float32 everywhere else, CPUs
+  included: on a CPU, bf16 changes the saliency bridge's map by up to a quarter of its
+  range and would make results depend on which CPU the job landed on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Literal
+
+import torch
+
+from mmcli.errors import UsageError
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+__all__ = [
+    "PRECISIONS", "Precision", "apply_precision_policy", "autocast", "cpu_has_fast_bf16", "default_batch_size",
+    "default_workers", "resolve_device", "resolve_precision", "usable_cores",
+]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda[:N]|mps`` into an available :class:`torch.device`.
+
+    ``auto`` takes CUDA, then Apple MPS, then the CPU.
+
+    Raises:
+        UsageError: the device is unknown or not available here.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"Device {device!r} asked for, but CUDA is not available here: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"Device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(f"Device {device!r} asked for, but MPS is not available here: use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"Unsupported device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 matrix units (AMX) or AVX-512 bf16 instructions."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``auto`` is bf16 on CUDA GPUs that support it, float32 elsewhere (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision  # type: ignore[return-value]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def apply_precision_policy(device: torch.device, precision: str) -> None:
+    """Make ``fp32`` mean float32 on CUDA (no TF32 convolutions or matmuls)."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast when ``precision == "bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device) -> int:
+    """One worker process per usable core on a CPU; up to 8 decoders beside a GPU."""
+    cores = usable_cores()
+    return cores if device.type == "cpu" else min(8, cores)
+
+
+def default_batch_size(device: torch.device, *, in_processes: bool) -> int:
+    """Images per model call.
+
+    A CPU worker process runs small batches on one thread (2 measured best); the model in
+    the main process on a CPU takes 4; a GPU wants big batches (16).
+    """
+    if in_processes:
+        return 2
+    return 4 if device.type == "cpu" else 16
