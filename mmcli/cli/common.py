@@ -1,59 +1,90 @@
-"""Options shared by several commands, logging setup, and error-to-exit-code mapping."""
+"""What every command shares: option declarations, logging, progress, errors to exit codes.
+
+One name means one thing on every command. ``--out`` is where a run's outputs go: the
+report file for ``predict`` (its run folder is beside it, with the same stem), a folder
+for ``explain``, ``evaluate`` and ``train``, which write several reports.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mmcli.errors import MMCLIError, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line: log files stay greppable
+logger = logging.getLogger("mmcli.cli")
 
 WeightsOpt = Annotated[
     str | None,
     typer.Option(
-        "--weights", "-w", envvar="MMCLI_WEIGHTS", show_envvar=True,
+        "--weights", "-w", envvar="MMCLI_WEIGHTS", show_envvar=True, metavar="FILE|NAME",
         help="Checkpoint file or registered weights name (default: the shipped default weights).",
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", envvar="MMCLI_DEVICE", show_envvar=True, help="auto, cpu, cuda, cuda:N or mps.")
+    str,
+    typer.Option("--device", envvar="MMCLI_DEVICE", show_envvar=True, metavar="DEVICE",
+                 help="auto, cpu, cuda, cuda:N or mps."),
 ]
 PrecisionOpt = Annotated[
     str,
-    typer.Option("--precision", help="auto (bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), fp32 or bf16."),
+    typer.Option("--precision", metavar="auto|fp32|bf16",
+                 help="auto: bf16 autocast on CUDA GPUs, float32 elsewhere (CPUs included)."),
 ]
 BatchSizeOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", "-b", min=1, help="Images per model call (default: 2 per CPU worker, 16 on a GPU)."),
+    typer.Option("--batch-size", "-b", min=1, metavar="N",
+                 help="Images per model call (default: 2 per CPU worker, 16 on a GPU)."),
 ]
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
-        "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True,
+        "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True, metavar="N",
         help="Worker processes (default: one per CPU core; up to 8 decoders beside a GPU); 0: main process only.",
     ),
 ]
 ThresholdOpt = Annotated[
     float,
-    typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is pneumonia."),
+    typer.Option("--threshold", min=0.0, max=1.0, metavar="P",
+                 help="Pneumonia probability from which the label is pneumonia."),
 ]
 VoiLutOpt = Annotated[
     bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
 ]
-FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first file that fails.")]
-InputsArg = Annotated[
-    list[str], typer.Argument(help="Folders (searched recursively), files or glob patterns.", show_default=False)
+FailFastOpt = Annotated[
+    bool, typer.Option("--fail-fast", help="Stop at the first file that fails (the rest get status skipped).")
 ]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report file: .csv, .h5 or .hdf5.", show_default=False)]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Start again instead of resuming (by default finished cases are skipped).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary line.")]
+HDF5Opt = Annotated[
+    Path | None,
+    typer.Option("--hdf5", metavar="FILE", help="Also write the report, with the masks or maps, to this HDF5 file."),
+]
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(metavar="INPUT...", help="Folders (searched recursively), files or glob patterns.",
+                   show_default=False),
+]
+ReportOutOpt = Annotated[
+    Path, typer.Option("--out", "-o", metavar="FILE", help="Report file: .csv, .h5 or .hdf5.", show_default=False)
+]
+
+
+def folder_out(what: str) -> Any:
+    """``--out`` for a command that writes a folder of ``what``."""
+    return Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help=f"Folder for {what}.", show_default=False)]
 
 
 def setup_logging(verbose: int) -> None:
@@ -70,6 +101,56 @@ def setup_logging(verbose: int) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def say(text: str) -> None:
+    """One plain line on stderr (never read as markup)."""
+    console.print(escape(text), highlight=False)
+
+
+class Ticker:
+    """Progress of ``total`` steps: a Rich bar on a terminal, else a plain line every 5 %.
+
+    ``advance(failed=...)`` counts one finished step. Nothing is shown with ``quiet``.
+    """
+
+    def __init__(self, name: str, total: int, *, quiet: bool = False, unit: str = "done") -> None:
+        self.name, self.total, self.quiet, self.unit = name, total, quiet, unit
+        self.done = self.failed = 0
+        self.bar = not quiet and console.is_terminal
+        self._progress = Progress(
+            TextColumn(f"[bold]{escape(name)}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, disable=not self.bar,
+        )
+        self._task = self._progress.add_task(name, total=total, failed=0)
+        self._every = max(1, total // 20)
+
+    def __enter__(self) -> Ticker:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def advance(self, failed: bool = False) -> None:
+        self.done += 1
+        self.failed += int(failed)
+        self._progress.update(self._task, advance=1, failed=self.failed)
+        if not self.bar and not self.quiet and (self.done % self._every == 0 or self.done == self.total):
+            say(f"{self.name}: {self.done}/{self.total} {self.unit}, {self.failed} failed")
+
+
+def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet: bool) -> None:
+    """Loop over a run's rows with progress; each failed case gets one warning line naming its file."""
+    with Ticker(name, total, quiet=quiet) as ticker:
+        for row in rows:
+            failed = row.get("status") == "error"
+            if failed:
+                logger.warning("%s: %s", row.get("source"), row.get("error"))
+            else:
+                logger.info("%s: %s", row.get("source"), row.get("status"))
+            ticker.advance(failed=failed)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from mmcli.cli.common import (
     DeviceOpt,
     FailFastOpt,
     InputsArg,
-    OutOpt,
+    ReportOutOpt,
     PrecisionOpt,
     ThresholdOpt,
     VoiLutOpt,
@@ -31,7 +31,7 @@ logger = logging.getLogger("mmcli.cli")
 
 def predict(
     inputs: InputsArg,
-    out: OutOpt,
+    out: ReportOutOpt,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
