@@ -73,6 +73,12 @@ class Predictor:
         """Whether the model has the saliency bridge (and so can be explained)."""
         return bool(getattr(self.model, "bridge", False))
 
+    def require_bridge(self) -> None:
+        """Raises: UsageError: the model has no saliency bridge (nothing to explain)."""
+        if not self.has_bridge:
+            raise UsageError(f"explain needs a model with the saliency bridge; {self.checkpoint.model_name} "
+                             f"({self.checkpoint.path}) has none: use weights of a multimix or umtls model")
+
     def _probabilities(self, cls_logits: torch.Tensor | None) -> torch.Tensor | None:
         if cls_logits is None:
             return None
@@ -100,9 +106,7 @@ class Predictor:
         Raises:
             UsageError: the model has no saliency bridge.
         """
-        if not self.has_bridge:
-            raise UsageError(f"explain needs a model with the saliency bridge; {self.checkpoint.model_name} "
-                             f"({self.checkpoint.path}) has none: use weights of a multimix or umtls model")
+        self.require_bridge()
         x = images.to(self.device, non_blocking=True)
         captured: list[torch.Tensor] = []
         hook = self.model.encoder[-1].register_forward_hook(lambda _m, _i, output: captured.append(output))

@@ -1,4 +1,4 @@
-"""``mmcli predict`` as a library call: a batch of radiographs in, masks and reports out.
+"""What one ``predict`` case produces, on top of the run skeleton of :mod:`mmcli.batch`.
 
 Outputs for ``--out results.csv`` (or ``results.h5``)::
 
@@ -15,35 +15,30 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmcli import __version__
+from mmcli.batch import BatchRun, Job, RunLayout, RunSummary, label_for, new_row, provenance
+from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
-from mmcli.inference import Precision, Predictor
-from mmcli.io.discover import discover_inputs
-from mmcli.io.writers import Journal, read_mask_png, write_csv, write_hdf5, write_json
-from mmcli.pipeline import (
-    REPORT_COLUMNS,
-    RowSettings,
-    iter_rows_loader,
-    iter_rows_processes,
-    new_row,
-    record_rows,
-)
+from mmcli.inference import BatchPrediction, Precision, Predictor
+from mmcli.io.discover import InputFile, discover_inputs
+from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "run_predict"]
+
+REPORT_COLUMNS: tuple[str, ...] = (
+    "case_id", "source", "status", "error", "p_pneumonia", "label",
+    "lung_fraction", "lung_area_mm2", "height", "width", "mask",
+)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
 
@@ -68,6 +63,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.out.suffix.lower() not in REPORT_SUFFIXES:
             raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
+        if self.hdf5 is not None and self.hdf5.suffix.lower() not in HDF5_SUFFIXES:
+            raise UsageError(f"--hdf5 must end in .h5 or .hdf5, got {self.hdf5.name!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
@@ -77,80 +74,86 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
-class OutputLayout:
-    """Where a run's files go, all derived from the report path."""
+class PredictCase:
+    """One predict case: a report row, and the lung mask at native size as a PNG.
 
-    report: Path
-    folder: Path
-    masks: Path
-    manifest: Path
-    journal: Path
+    Attributes:
+        masks_dir: where mask files go. report_dir: the report's folder (mask paths are relative to it).
+    """
 
-    @classmethod
-    def for_report(cls, report: Path) -> OutputLayout:
-        folder = report.with_suffix("")
-        return cls(report, folder, folder / "masks", folder / "run.json", folder / "journal.jsonl")
+    threshold: float
+    masks_dir: Path
+    report_dir: Path
+    class_names: tuple[str, ...]
+    voi_lut: bool = False
+    keep_pixels: bool = False
+
+    def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
+        return predictor.predict(images)
+
+    def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
+        return new_row(REPORT_COLUMNS, file, status="error", error=reason)
+
+    def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
+        """Label, mask at native resolution (from ``(1, S, S)`` logits), areas, mask file."""
+        meta = item["meta"]
+        height, width = int(meta["height"]), int(meta["width"])
+        row = new_row(REPORT_COLUMNS, file, status="ok", height=height, width=width)
+        if pred.probabilities is not None:
+            prob = float(pred.probabilities[k, -1])
+            row["p_pneumonia"] = round(prob, 6)
+            row["label"] = label_for(prob, self.threshold, self.class_names)
+        if pred.mask_logits is not None:
+            mask = mask_to_native(pred.mask_logits[k], height, width).numpy()
+            lung_pixels = int(mask.sum())
+            row["lung_fraction"] = round(lung_pixels / mask.size, 6)
+            spacing = meta.get("pixel_spacing")
+            if spacing:
+                row["lung_area_mm2"] = round(lung_pixels * float(spacing[0]) * float(spacing[1]), 2)
+            mask_path = self.masks_dir / f"{file.case_id}.png"
+            write_mask_png(mask_path, mask)
+            row["mask"] = os.path.relpath(mask_path, self.report_dir)
+        return row
 
 
-@dataclass
-class PredictSummary:
-    """Counts of a finished run; ``failed > 0`` means exit code 1."""
-
-    total: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    resumed: int = 0
-    seconds: float = 0.0
-    report: Path | None = None
-    extra_reports: list[Path] = field(default_factory=list)
-
-
-def default_workers(device: torch.device) -> int:
-    """One worker process per usable core on a CPU; up to 8 decoders beside a GPU."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores if device.type == "cpu" else min(8, cores)
-
-
-def _settings_header(cfg: PredictConfig, sha256: str | None) -> dict[str, Any]:
-    return {"weights_sha256": sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut}
-
-
-def _previous_rows(layout: OutputLayout, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Finished cases of an earlier run into the same report, to resume from."""
-    old_header, rows = Journal(layout.journal).read()
-    if not rows:
-        return {}
-    if old_header != header:
-        raise UsageError(
-            f"{layout.report} was started with other settings ({old_header}); "
-            "pass --overwrite to start again, or choose another --out"
-        )
-    finished = {}
-    for case_id, row in rows.items():
+def _write_reports(cfg: PredictConfig, layout: RunLayout, rows: list[dict[str, Any]], attrs: dict[str, Any],
+                   ) -> list[Path]:
+    def load_mask(row: Mapping[str, Any]) -> np.ndarray | None:
         mask = row.get("mask")
-        if row.get("status") == "ok" and (mask is None or (layout.report.parent / mask).is_file()):
-            finished[case_id] = row
-    return finished
+        return read_mask_png(layout.report.parent / mask) if mask else None
 
-
-def _write_reports(
-    cfg: PredictConfig, layout: OutputLayout, rows: list[dict[str, Any]], provenance: dict[str, Any]
-) -> list[Path]:
-    written = []
-    targets = [layout.report] + ([cfg.hdf5] if cfg.hdf5 is not None else [])
+    targets = [layout.report] + ([cfg.hdf5.expanduser().resolve()] if cfg.hdf5 is not None else [])
     for target in targets:
         if target.suffix.lower() in HDF5_SUFFIXES:
-
-            def load_mask(row: dict[str, Any]) -> np.ndarray | None:
-                mask = row.get("mask")
-                return read_mask_png(layout.report.parent / mask) if mask else None
-
-            write_hdf5(target, rows, REPORT_COLUMNS, masks=load_mask, attrs=provenance)
+            write_hdf5(target, rows, REPORT_COLUMNS, masks=load_mask, attrs=attrs)
         else:
             write_csv(target, rows, REPORT_COLUMNS)
-        written.append(target)
-    return written
+    return targets
+
+
+def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) -> BatchRun:
+    """Discover the inputs, load the model and get the run ready: iterate over it to predict.
+
+    Raises:
+        UsageError: no inputs, no weights, another run writing the same report, or an
+            earlier run into it with other settings (without ``overwrite``).
+    """
+    layout = RunLayout.for_report(cfg.out)
+    files = discover_inputs(cfg.inputs, exclude=[layout.folder, layout.report])
+    ckpt = load_weights(cfg.weights)
+    predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
+    task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
+                       cfg.voi_lut)
+    job = Job(
+        name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
+        header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
+                "precision": predictor.precision, "device_type": predictor.device.type},
+        settings=asdict(cfg),  # write_json turns paths into strings
+        still_done=lambda row: not row.get("mask") or (layout.report.parent / str(row["mask"])).is_file(),
+        write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
+    )
+    return BatchRun(job, files, predictor, overwrite=cfg.overwrite, fail_fast=cfg.fail_fast,
+                    batch_size=cfg.batch_size, workers=cfg.workers, command=command)
 
 
 def run_predict(
@@ -159,78 +162,19 @@ def run_predict(
     on_start: Callable[[int, int], None] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
     command: Sequence[str] | None = None,
-) -> PredictSummary:
-    """Predict every input of ``cfg`` and write the reports.
+) -> RunSummary:
+    """Predict every input of ``cfg`` and write the reports (:func:`open_predict`, run to the end).
 
     Args:
         on_start: called once with (cases to run, cases resumed from an earlier run).
-        on_case: called with each finished row (status ok or error), for progress display.
+        on_case: called with each finished row (status ok or error).
         command: the command line, recorded in ``run.json``.
     """
-    started = time.perf_counter()
-    layout = OutputLayout.for_report(cfg.out.expanduser().resolve())
-    files = discover_inputs(cfg.inputs, exclude=[layout.folder, layout.report])
-    ckpt = load_weights(cfg.weights)
-    predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
-    header = _settings_header(cfg, ckpt.sha256)
-    previous = {} if cfg.overwrite else _previous_rows(layout, header)
-    done = {f.case_id: previous[f.case_id] for f in files if f.case_id in previous}
-    todo = [f for f in files if f.case_id not in done]
-    logger.info("%d inputs: %d to predict, %d already done", len(files), len(todo), len(done))
+    run = open_predict(cfg, command=command)
     if on_start is not None:
-        on_start(len(todo), len(done))
-
-    journal = Journal(layout.journal)
-    journal.start(header, done.values())
-    rows: dict[str, dict[str, Any]] = dict(done)
-    summary = PredictSummary(total=len(files), resumed=len(done))
-    rs = RowSettings(cfg.threshold, layout.masks, layout.report.parent, tuple(ckpt.class_names), cfg.voi_lut)
-    workers = default_workers(predictor.device) if cfg.workers is None else cfg.workers
-    in_processes = predictor.device.type == "cpu" and workers > 0
-    # A CPU worker runs small batches on one thread (2 measured best); a GPU wants big ones.
-    batch_size = cfg.batch_size or (2 if in_processes else 4 if predictor.device.type == "cpu" else 16)
-    engine = iter_rows_processes if in_processes else iter_rows_loader
-    logger.info("%s with %d worker(s), batch %d", engine.__name__, workers, batch_size)
-    results = engine(predictor, todo, rs, batch_size=batch_size, workers=workers)
-    record_rows(results, journal, rows, on_case=on_case, fail_fast=cfg.fail_fast)
-
-    for f in files:
-        if f.case_id not in rows:
-            rows[f.case_id] = new_row(
-                f, status="skipped", error="not processed: the run stopped at the first failure (--fail-fast)"
-            )
-    ordered = [rows[f.case_id] for f in files]
-    summary.ok = sum(r["status"] == "ok" for r in ordered)
-    summary.failed = sum(r["status"] == "error" for r in ordered)
-    summary.skipped = sum(r["status"] == "skipped" for r in ordered)
-    summary.seconds = time.perf_counter() - started
-
-    provenance = {
-        "mmcli_version": __version__,
-        "weights": str(ckpt.path),
-        "weights_sha256": ckpt.sha256,
-        "model": ckpt.model_name,
-        "preprocess": ckpt.preprocess.to_dict(),
-        "class_names": list(ckpt.class_names),
-        "temperature": ckpt.temperature,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    written = _write_reports(cfg, layout, ordered, provenance)
-    summary.report, summary.extra_reports = written[0], written[1:]
-    write_json(layout.manifest, {
-        "command": list(command) if command is not None else None,
-        "settings": {
-            **asdict(cfg),  # write_json turns paths into strings
-            "batch_size": batch_size, "workers": workers, "engine": engine.__name__,
-        },
-        "provenance": provenance,
-        "device": str(predictor.device),
-        "precision": predictor.precision,
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "platform": sys.platform,
-        },
-        "counts": {k: getattr(summary, k) for k in ("total", "ok", "failed", "skipped", "resumed")},
-        "seconds": round(summary.seconds, 3),
-        "outputs": {"reports": [str(p) for p in written], "masks": str(layout.masks)},
-    })
-    return summary
+        on_start(len(run.todo), run.resumed)
+    for row in run:
+        if on_case is not None:
+            on_case(row)
+    assert run.summary is not None
+    return run.summary

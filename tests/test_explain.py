@@ -14,7 +14,8 @@ from mmcli.cli import app
 from mmcli.config import PreprocessConfig
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
-from mmcli.explain import explain_batch, mass_inside
+from mmcli.explain import mass_inside
+from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile
 from mmcli.models import create_model, model_kwargs
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
@@ -94,24 +95,24 @@ def _rank_correlations(a, b):
 
 def test_saliency_changes_when_weights_are_randomised(tiny_weights):
     """Adebayo et al. 2018: a map that survives randomising the model explains nothing about it."""
-    ckpt = load_checkpoint(tiny_weights)
-    model = ckpt.build_model().eval()
-    x = torch.stack([preprocess(radiograph_like(64, 64, seed), ckpt.preprocess) for seed in range(3)])
-    trained = explain_batch(model, x)
-    again = explain_batch(model, x)
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    model = predictor.model
+    x = torch.stack([preprocess(radiograph_like(64, 64, seed), predictor.preprocess) for seed in range(3)])
+    trained = predictor.explain(x)
+    again = predictor.explain(x)
     assert torch.equal(trained.saliency, again.saliency) and torch.equal(trained.gradcam, again.gradcam)
 
     torch.manual_seed(123)  # cascading randomisation: the classifier head first, then everything
     for module in model.classifier.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    head = explain_batch(model, x)
+    head = predictor.explain(x)
     assert max(_rank_correlations(trained.saliency, head.saliency)) < 0.6
     assert max(_rank_correlations(trained.gradcam, head.gradcam)) < 0.9
     for module in model.modules():
         if module is not model and hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    everything = explain_batch(model, x)
+    everything = predictor.explain(x)
     assert max(_rank_correlations(trained.saliency, everything.saliency)) < 0.6
 
 

@@ -80,3 +80,17 @@ def test_csv_ids_that_look_like_numbers_stay_text(tmp_path):
     back = [r["case_id"] for r in read_csv_rows(tmp_path / "r.csv")]
     assert back == ["007", "1_000", "nan", 12.0, -0.5]
     assert read_csv_rows(tmp_path / "r.csv")[0]["p"] == 1.5e-3
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    import mmcli.io.writers as writers
+
+    old = os.umask(0o027)
+    os.umask(old)
+    expected = 0o666 & ~old
+    assert writers._FILE_MODE == expected  # read from the process, not assumed
+    write_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
+    write_csv(tmp_path / "r.csv", [{"a": 1}], ["a"])
+    for name in ("m.png", "r.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+    assert expected != 0o600  # the temporary file's mode is not what survives

@@ -8,10 +8,29 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+import typer.core
 
 from mmcli import __version__
 from mmcli.cli import evaluate, explain, predict, train
 from mmcli.cli.common import setup_logging
+
+
+_OPTION_TYPE = typer.core.TyperOption.display_type_rich
+_ARGUMENT_TYPE = typer.core.TyperArgument.display_type_rich
+
+
+def _option_type(self: typer.core.TyperOption, ctx: object) -> str | None:
+    # Typer prints Python annotations (<bool>, <list[str]>) as value placeholders. A flag
+    # takes no value, and every other option and argument here names its value (N, DIR).
+    return None if self.is_flag or self.count else _OPTION_TYPE(self, ctx)
+
+
+def _argument_type(self: typer.core.TyperArgument, ctx: object) -> str | None:
+    return None if self.metavar is not None else _ARGUMENT_TYPE(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _option_type  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="mmcli",

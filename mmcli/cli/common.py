@@ -74,7 +74,7 @@ HDF5Opt = Annotated[
 ]
 InputsArg = Annotated[
     list[str],
-    typer.Argument(metavar="INPUT...", help="Folders (searched recursively), files or glob patterns.",
+    typer.Argument(metavar="INPUT", help="Folders (searched recursively), files or glob patterns.",
                    show_default=False),
 ]
 ReportOutOpt = Annotated[
@@ -151,6 +151,19 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
             else:
                 logger.info("%s: %s", row.get("source"), row.get("status"))
             ticker.advance(failed=failed)
+
+
+def drive_run(name: str, run: Any, *, quiet: bool) -> None:
+    """Run a :class:`mmcli.batch.BatchRun` with progress and a summary line; exit 1 if a case failed."""
+    if run.resumed and not quiet:
+        say(f"Resuming: {run.resumed} case(s) already done, {len(run.todo)} to go.")
+    follow_rows(name, run, len(run.todo), quiet=quiet)
+    summary = run.summary
+    if not quiet:
+        say(f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+            f"({summary.resumed} resumed) in {summary.seconds:.1f} s -> {summary.report}")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 @contextlib.contextmanager

@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mmcli.cli.common import (
+    BatchSizeOpt,
     DeviceOpt,
     FailFastOpt,
     InputsArg,
+    OverwriteOpt,
+    PrecisionOpt,
+    QuietOpt,
     ThresholdOpt,
     VoiLutOpt,
     WeightsOpt,
-    console,
+    WorkersOpt,
+    drive_run,
     exit_on_error,
+    folder_out,
 )
-from mmcli.explain import ExplainConfig, run_explain
-
-logger = logging.getLogger("mmcli.cli")
+from mmcli.explain import ExplainConfig, open_explain
 
 
 def explain(
     inputs: InputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the maps and the report.", show_default=False)],
+    out: folder_out("the maps and the report (explain.csv, saliency/, gradcam/, maps.h5)"),  # type: ignore[valid-type]
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")] = 4,
-    workers: Annotated[
-        int, typer.Option("--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True,
-                          help="Decoding worker processes; 0: main process only.")
-    ] = 0,
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     threshold: ThresholdOpt = 0.5,
     voi_lut: VoiLutOpt = False,
-    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the hottest overlay pixels.")]
-    = 0.6,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Start again instead of resuming (finished cases are skipped).")
-    ] = False,
+    alpha: Annotated[
+        float, typer.Option("--alpha", min=0.0, max=1.0, metavar="A", help="Opacity of the hottest overlay pixels.")
+    ] = 0.6,
+    overwrite: OverwriteOpt = False,
     fail_fast: FailFastOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write saliency maps that show where the model looked.
 
@@ -54,22 +53,8 @@ def explain(
     """
     with exit_on_error():
         cfg = ExplainConfig(
-            inputs=tuple(inputs), out=out, weights=weights, device=device, batch_size=batch_size, workers=workers,
-            threshold=threshold, voi_lut=voi_lut, alpha=alpha, overwrite=overwrite, fail_fast=fail_fast,
+            inputs=tuple(inputs), out=out, weights=weights, device=device, precision=precision,  # type: ignore[arg-type]
+            batch_size=batch_size, workers=workers, threshold=threshold, voi_lut=voi_lut, alpha=alpha,
+            overwrite=overwrite, fail_fast=fail_fast,
         )
-
-        def on_case(row: dict[str, Any]) -> None:
-            if row["status"] == "error":
-                logger.warning("%s: %s", row["source"], row["error"])
-            else:
-                logger.info("%s: ok", row["source"])
-
-        counts = run_explain(cfg, on_case=on_case, command=sys.argv)
-    if not quiet:
-        console.print(
-            f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"({counts['resumed']} resumed) -> {cfg.out / 'explain.csv'}",
-            highlight=False,
-        )
-    if counts["failed"]:
-        raise typer.Exit(1)
+        drive_run("explain", open_explain(cfg, command=sys.argv), quiet=quiet)

@@ -1,0 +1,286 @@
+"""The run skeleton every batch command shares: layout, lock, resume, engines, rows, run.json.
+
+A command (``predict``, ``explain``) describes its run as a :class:`Job`: the report
+columns, what one case produces (a :class:`mmcli.engines.CaseTask`), the settings a
+resume must match and how to write its reports. :class:`BatchRun` does the rest, the same
+way for every command:
+
+1. takes the run folder's lock (a second run into the same ``--out`` is refused at once);
+2. reads the journal of an earlier run into the same place and keeps the cases that are
+   still done (refusing a resume with other settings, naming what changed);
+3. runs the rest on the engine that suits the device, yielding each finished row, so the
+   caller can show progress (it loops: ``for row in run: ...``);
+4. when the loop ends, gives the cases a ``--fail-fast`` stop left out a ``skipped`` row,
+   writes the reports atomically, then ``run.json``; :attr:`BatchRun.summary` has the counts.
+
+A run stopped in the middle (Ctrl-C, a kill) writes no report; its journal lets the next
+run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcli import __version__
+from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
+from mmcli.errors import UsageError
+from mmcli.inference import Predictor
+from mmcli.io.discover import InputFile
+from mmcli.io.writers import Journal, write_json
+from mmcli.runtime import default_batch_size, default_workers
+from mmcli.weights import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_REASON = "not processed: the run stopped at the first failure (--fail-fast)"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run's files go: its folder, its main report, the journal, lock and ``run.json``."""
+
+    folder: Path
+    report: Path
+
+    @classmethod
+    def for_report(cls, report: Path) -> RunLayout:
+        """``results.csv`` -> folder ``results/`` beside it (``predict``)."""
+        report = report.expanduser().resolve()
+        return cls(report.with_suffix(""), report)
+
+    @classmethod
+    def in_folder(cls, folder: Path, report_name: str) -> RunLayout:
+        """Everything inside ``folder``, the report as ``folder/report_name`` (``explain``)."""
+        folder = folder.expanduser().resolve()
+        return cls(folder, folder / report_name)
+
+    journal = property(lambda self: self.folder / "journal.jsonl")
+    manifest = property(lambda self: self.folder / "run.json")
+    lock = property(lambda self: self.folder / ".lock")
+
+
+@dataclass
+class RunSummary:
+    """Counts of a finished run; ``failed > 0`` means exit code 1."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    seconds: float = 0.0
+    reports: list[Path] = field(default_factory=list)
+
+    @property
+    def report(self) -> Path | None:
+        """The main report."""
+        return self.reports[0] if self.reports else None
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("total", "ok", "failed", "skipped", "resumed")}
+
+
+def new_row(columns: Sequence[str], file: InputFile, **values: Any) -> dict[str, Any]:
+    """A row for ``file`` with every one of ``columns`` present (``None`` where unknown)."""
+    row: dict[str, Any] = dict.fromkeys(columns)
+    row.update(case_id=file.case_id, source=str(file.path), **values)
+    return row
+
+
+def label_for(probability: float, threshold: float, class_names: Sequence[str]) -> str:
+    """The last class (pneumonia) from ``threshold`` on, else the first (normal)."""
+    return class_names[-1] if probability >= threshold else class_names[0]
+
+
+def provenance(ckpt: Checkpoint) -> dict[str, Any]:
+    """What made a report: version, weights and their sha256, model, preprocessing, classes."""
+    return {
+        "mmcli_version": __version__,
+        "weights": str(ckpt.path),
+        "weights_sha256": ckpt.sha256,
+        "model": ckpt.model_name,
+        "preprocess": ckpt.preprocess.to_dict(),
+        "class_names": list(ckpt.class_names),
+        "temperature": ckpt.temperature,
+    }
+
+
+@dataclass
+class Job:
+    """One command's run, as :class:`BatchRun` needs it.
+
+    Attributes:
+        name: the command (``predict``, ``explain``), for messages.
+        layout: where the files go.
+        columns: the report's columns (``case_id``, ``source``, ``status``, ``error`` first).
+        task: what one case produces; sent to worker processes, so it must pickle.
+        header: the settings a resume must match (recorded as the journal's first line).
+        settings: the resolved settings, for ``run.json``.
+        still_done: whether a finished row of an earlier run still has its outputs.
+        write_reports: writes the reports from the rows in input order; returns their paths.
+    """
+
+    name: str
+    layout: RunLayout
+    columns: tuple[str, ...]
+    task: CaseTask
+    header: dict[str, Any]
+    settings: dict[str, Any]
+    still_done: Callable[[Mapping[str, Any]], bool]
+    write_reports: Callable[[list[dict[str, Any]]], list[Path]]
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole run (``flock`` on ``<folder>/.lock``)."""
+
+    def __init__(self, path: Path, what: Path) -> None:
+        self.path, self.what = path, what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises: UsageError: another process holds the lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"another mmcli run (pid {holder}) is writing {self.what}: wait for it to finish, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+class BatchRun:
+    """A batch run, ready to go: iterate over it to run the cases and get their rows.
+
+    Args:
+        job: what the command runs.
+        files: the discovered inputs, in report order.
+        predictor: the loaded model.
+        overwrite: ignore an earlier run into the same place instead of resuming it.
+        fail_fast: stop at the first failed case.
+        batch_size, workers: ``None`` takes :mod:`mmcli.runtime`'s defaults for the device.
+        command: the command line, recorded in ``run.json``.
+
+    Raises:
+        UsageError: another run holds the folder, or an earlier run there had other settings.
+    """
+
+    def __init__(
+        self, job: Job, files: Sequence[InputFile], predictor: Predictor, *, overwrite: bool = False,
+        fail_fast: bool = False, batch_size: int | None = None, workers: int | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.started = time.perf_counter()
+        self.job, self.files, self.predictor = job, list(files), predictor
+        self.fail_fast, self.command = fail_fast, list(command) if command is not None else None
+        device = predictor.device
+        self.workers = default_workers(device) if workers is None else workers
+        in_processes = device.type == "cpu" and self.workers > 0
+        self.batch_size = batch_size or default_batch_size(device, in_processes=in_processes)
+        self.engine = iter_rows_processes if in_processes else iter_rows_loader
+        self._lock = RunLock(job.layout.lock, job.layout.report)
+        self._lock.acquire()
+        try:
+            done = {} if overwrite else self._still_done()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.rows: dict[str, dict[str, Any]] = {f.case_id: done[f.case_id] for f in self.files if f.case_id in done}
+        self.todo = [f for f in self.files if f.case_id not in self.rows]
+        self.resumed = len(self.rows)
+        self.summary: RunSummary | None = None
+        logger.info("%d inputs: %d to %s, %d already done", len(self.files), len(self.todo), job.name, self.resumed)
+
+    def _still_done(self) -> dict[str, dict[str, Any]]:
+        old_header, rows = Journal(self.job.layout.journal).read()
+        if not rows:
+            return {}
+        if old_header != self.job.header:
+            raise UsageError(
+                f"{self.job.layout.report} was started with other settings "
+                f"({_settings_changes(old_header, self.job.header)}); "
+                "pass --overwrite to start again, or choose another --out"
+            )
+        return {case_id: row for case_id, row in rows.items() if row.get("status") == "ok" and self.job.still_done(row)}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Run the cases still to do, yielding each row as it finishes; then write the reports."""
+        journal = Journal(self.job.layout.journal)
+        try:
+            journal.start(self.job.header, self.rows.values())
+            logger.info("%s with %d worker(s), batch %d", self.engine.__name__, self.workers, self.batch_size)
+            results = self.engine(self.predictor, self.todo, self.job.task, batch_size=self.batch_size,
+                                  workers=self.workers)
+            try:
+                for row in results:
+                    self.rows[row["case_id"]] = row
+                    journal.append(row)
+                    yield row
+                    if self.fail_fast and row["status"] == "error":
+                        break
+            finally:
+                results.close()
+                journal.close()
+            self._finish()
+        finally:
+            self._lock.release()
+
+    def run(self) -> RunSummary:
+        """Run to the end without looking at the rows."""
+        for _ in self:
+            pass
+        assert self.summary is not None
+        return self.summary
+
+    def _finish(self) -> None:
+        ordered = [self.rows.get(f.case_id) or new_row(self.job.columns, f, status="skipped", error=SKIPPED_REASON)
+                   for f in self.files]
+        summary = RunSummary(total=len(self.files), resumed=self.resumed)
+        summary.ok = sum(r["status"] == "ok" for r in ordered)
+        summary.failed = sum(r["status"] == "error" for r in ordered)
+        summary.skipped = sum(r["status"] == "skipped" for r in ordered)
+        summary.reports = self.job.write_reports(ordered)
+        summary.seconds = time.perf_counter() - self.started
+        write_json(self.job.layout.manifest, {
+            "command": self.command,
+            "settings": {**self.job.settings, "batch_size": self.batch_size, "workers": self.workers,
+                         "engine": self.engine.__name__},
+            "provenance": provenance(self.predictor.checkpoint),
+            "device": str(self.predictor.device),
+            "precision": self.predictor.precision,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "platform": sys.platform},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "counts": summary.counts(),
+            "seconds": round(summary.seconds, 3),
+            "outputs": {"folder": str(self.job.layout.folder), "reports": [str(p) for p in summary.reports]},
+        })
+        self.summary = summary

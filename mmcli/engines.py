@@ -1,0 +1,188 @@
+"""Two engines that run a case task over many files, both yielding one row per file in input order.
+
+A :class:`CaseTask` says what one case produces (``predict``: a report row and a mask;
+``explain``: a row and saliency maps); the engines say where the work runs:
+
+* :func:`iter_rows_loader`: a DataLoader decodes in worker processes while the model
+  runs batched in the main process (GPUs; or everything on the main process with
+  ``workers=0``).
+* :func:`iter_rows_processes`: on a CPU, each worker process owns a core and runs the
+  whole chain (read, preprocess, model on a small batch, mask back to native size, mask
+  file) single-threaded. Decoding and inference then never fight over the same cores,
+  which on a few cores is faster than one model using them all while decoders interrupt.
+  A worker that crashes (a decoder bug on a hostile file) costs only its files: the pool
+  is restarted, the batch retried file by file, and only the file that crashes again is
+  reported as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmcli.config import PreprocessConfig
+from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, worker_init
+from mmcli.inference import BatchPrediction, Predictor
+from mmcli.io.discover import InputFile
+from mmcli.weights import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CRASH_REASON = "the worker process crashed while reading or predicting this file"
+
+
+class CaseTask(Protocol):
+    """What one case of a batch command produces (a predict row and mask, an explain row and maps).
+
+    A task is a small frozen dataclass: the process engine sends it to its workers.
+    """
+
+    voi_lut: bool
+    keep_pixels: bool  # whether :meth:`finish` needs the native pixels (``item["pixels"]``)
+
+    def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
+        """The model's outputs for a batch ``(B, 1, S, S)``."""
+        ...
+
+    def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
+        """The row of a case that was read (``item`` from :func:`load_case`), output ``k`` of ``pred``."""
+        ...
+
+    def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
+        """The row of a case that failed, with its reason."""
+        ...
+
+
+def _finish_safely(task: CaseTask, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
+                   ) -> dict[str, Any]:
+    try:
+        return task.finish(file, item, pred, k)
+    except Exception as err:  # one case fails alone (e.g. its output cannot be written)
+        logger.debug("finishing %s failed", file.path, exc_info=True)
+        return task.failed(file, f"{type(err).__name__}: {err}")
+
+
+def _read(files: Sequence[InputFile], task: CaseTask, pre: PreprocessConfig) -> list[dict[str, Any]]:
+    return [load_case(f, pre, index=i, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels)
+            for i, f in enumerate(files)]
+
+
+def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTask) -> list[dict[str, Any]]:
+    """Read, predict and finish ``files`` as one batch in this process."""
+    batch = collate_cases(_read(files, task, predictor.preprocess))
+    pred = task.run_model(predictor, batch["images"]) if batch["images"] is not None else None
+    rows = []
+    for pos, item in enumerate(batch["items"]):
+        if item["error"] is not None:
+            rows.append(task.failed(files[pos], item["error"]))
+        else:
+            rows.append(_finish_safely(task, files[pos], item, pred, batch["ok"].index(pos)))  # type: ignore[arg-type]
+    return rows
+
+
+def iter_rows_loader(
+    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int
+) -> Iterator[dict[str, Any]]:
+    """Decode in DataLoader workers, run the model on batches here, finish cases in a thread."""
+    loader = DataLoader(
+        RadiographDataset(files, predictor.preprocess, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels),
+        batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
+        worker_init_fn=worker_init if workers else None, pin_memory=predictor.device.type == "cuda",
+    )
+    pending: deque[Future[dict[str, Any]]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:
+        for batch in loader:
+            pred = task.run_model(predictor, batch["images"]) if batch["images"] is not None else None
+            for pos, item in enumerate(batch["items"]):
+                file = files[item["index"]]
+                if item["error"] is not None:  # queued behind earlier cases: rows come in input order
+                    failed: Future[dict[str, Any]] = Future()
+                    failed.set_result(task.failed(file, item["error"]))
+                    pending.append(failed)
+                    continue
+                pending.append(pool.submit(_finish_safely, task, file, item, pred, batch["ok"].index(pos)))
+            while pending and (pending[0].done() or len(pending) > 2 * batch_size):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(weights, expected_sha256=sha256)
+    _WORKER["predictor"] = Predictor(ckpt, device="cpu", precision=precision)  # type: ignore[arg-type]
+    _WORKER["task"] = task
+
+
+def _worker_task(files: list[InputFile]) -> list[dict[str, Any]]:
+    return predict_files(_WORKER["predictor"], files, _WORKER["task"])
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # Forked workers start in milliseconds with torch already imported. That is safe
+    # here because each worker runs torch on a single thread (no OpenMP pool to inherit
+    # in a broken state), as DataLoader workers do; elsewhere spawn is the only choice.
+    # Once this process has used CUDA (training on a GPU, then predicting on the CPU in
+    # the same process), a forked child cannot run autograd (the bridge saliency): spawn.
+    fork = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+    return multiprocessing.get_context("fork" if fork else "spawn")
+
+
+def _retrying(inflight: dict[Any, tuple[list[InputFile], bool]]) -> bool:
+    return any(retried for _, retried in inflight.values())
+
+
+def iter_rows_processes(
+    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int
+) -> Iterator[dict[str, Any]]:
+    """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per task."""
+    ckpt = predictor.checkpoint
+    initargs = (str(ckpt.path), ckpt.sha256, predictor.precision, task)
+    todo: deque[tuple[list[InputFile], bool]] = deque(
+        (list(files[i : i + batch_size]), False) for i in range(0, len(files), batch_size)
+    )
+    while todo:
+        crashed: list[tuple[list[InputFile], bool]] = []
+        inflight: dict[Future[list[dict[str, Any]]], tuple[list[InputFile], bool]] = {}
+        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=initargs)
+        try:
+            while (todo or inflight) and not crashed:
+                # A retried file runs alone, so a crash can be blamed on that file.
+                while todo and len(inflight) < 2 * workers and not (inflight and (todo[0][1] or _retrying(inflight))):
+                    work = todo.popleft()
+                    inflight[pool.submit(_worker_task, work[0])] = work
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    work = inflight.pop(fut)
+                    try:
+                        rows = fut.result()
+                    except BrokenProcessPool:
+                        crashed.append(work)
+                        continue
+                    yield from rows
+            for fut, work in inflight.items():  # the pool broke: keep what finished, redo the rest
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    yield from fut.result()
+                else:
+                    crashed.append(work)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for chunk, retried in crashed:
+            if retried:
+                logger.warning("%s: %s", chunk[0].path, CRASH_REASON)
+                yield task.failed(chunk[0], CRASH_REASON)
+            else:
+                todo.extendleft(([f], True) for f in reversed(chunk))

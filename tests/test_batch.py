@@ -1,0 +1,136 @@
+"""The run skeleton shared by predict and explain: lock, resume rules, fail-fast, one summary."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import pytest
+from conftest import save_png8
+from typer.testing import CliRunner
+
+from mmcli.batch import RunLayout, RunLock, _settings_changes
+from mmcli.cli import app
+from mmcli.errors import UsageError
+from mmcli.explain import ExplainConfig, open_explain, run_explain
+from mmcli.predict import PredictConfig, open_predict, run_predict
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def scans(tmp_path):
+    for i in range(4):
+        save_png8(tmp_path / "scans" / f"s{i}.png", 64 + 3 * i, 64, seed=i)
+    (tmp_path / "scans" / "bad.png").write_text("not an image")
+    return tmp_path / "scans"
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
+
+
+def test_predict_and_explain_agree(tmp_path, scans, tiny_weights):
+    # one Predictor, one precision policy: the same probabilities and labels from both commands
+    run_predict(PredictConfig(inputs=(str(scans),), out=tmp_path / "p.csv", weights=str(tiny_weights),
+                              device="cpu"))
+    run_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights), device="cpu"))
+    pred, expl = _csv(tmp_path / "p.csv"), _csv(tmp_path / "e" / "explain.csv")
+    assert pred.keys() == expl.keys()
+    for case_id, row in pred.items():
+        assert row["status"] == expl[case_id]["status"]
+        if row["status"] == "ok":
+            assert float(row["p_pneumonia"]) == pytest.approx(float(expl[case_id]["p_pneumonia"]), abs=1e-5)
+            assert row["label"] == expl[case_id]["label"]
+    for name in ("p", "e"):  # both run.json files come from one writer
+        manifest = json.loads((tmp_path / name / "run.json").read_text())
+        assert manifest["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "resumed": 0}
+        assert manifest["precision"] == "fp32" and manifest["provenance"]["model"] == "multimix_tiny"
+
+
+def test_explain_runs_on_the_cpu_worker_engine(tmp_path, scans, tiny_weights):
+    run = open_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights),
+                                     device="cpu", workers=2))
+    assert run.engine.__name__ == "iter_rows_processes"
+    summary = run.run()
+    assert summary.ok == 4 and summary.failed == 1
+    with h5py.File(tmp_path / "e" / "maps.h5") as h5:
+        assert set(h5["saliency"]) == {f"s{i}" for i in range(4)}
+
+
+def test_fail_fast_skips_the_rest_in_explain(tmp_path, scans, tiny_weights):
+    (scans / "a_bad.png").write_text("broken, and first in order")
+    summary = run_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights),
+                                        device="cpu", workers=0, batch_size=1, fail_fast=True))
+    rows = _csv(tmp_path / "e" / "explain.csv")
+    assert rows["a_bad"]["status"] == "error" and summary.failed == 1
+    assert summary.skipped == 5 and all(r["status"] == "skipped" for k, r in rows.items() if k != "a_bad")
+
+
+def test_resume_refusal_names_what_changed(tmp_path, scans, tiny_weights):
+    cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), device="cpu")
+    run_predict(cfg)
+    with pytest.raises(UsageError, match=r"threshold 0\.5 -> 0\.7"):
+        open_predict(PredictConfig(**{**cfg.__dict__, "threshold": 0.7}))
+    with pytest.raises(UsageError, match=r"precision 'fp32' -> 'bf16'"):
+        open_predict(PredictConfig(**{**cfg.__dict__, "precision": "bf16"}))
+    assert _settings_changes({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == "b 2 -> 3, c None -> 4"
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path, scans, tiny_weights):
+    # another process holds the lock for the whole run: the second run exits 2 at once, naming it
+    layout = RunLayout.for_report(tmp_path / "r.csv")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from mmcli.batch import RunLock
+        RunLock(Path({str(layout.lock)!r}), Path("r.csv")).acquire()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights)])
+        assert res.exit_code == 2
+        assert f"another mmcli run (pid {holder.pid}) is writing" in res.output
+        assert not (tmp_path / "r.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights), "-q"])
+    assert res.exit_code == 1 and (tmp_path / "r.csv").is_file()  # the lock died with its holder
+
+
+def test_lock_is_released_after_a_run_and_after_an_interrupt(tmp_path, scans, tiny_weights):
+    (scans / "bad.png").unlink()
+    cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), workers=0,
+                        batch_size=1)
+    run = open_predict(cfg)
+    for _ in run:
+        break  # the caller stops (Ctrl-C): the generator closes
+    del run
+    lock = RunLock(RunLayout.for_report(cfg.out).lock, cfg.out)
+    lock.acquire()  # free again
+    lock.release()
+    assert not cfg.out.exists()  # a stopped run writes no report
+    assert run_predict(cfg).resumed == 1
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path, scans, tiny_weights):
+    res = runner.invoke(app, ["explain", str(scans), "--out", str(tmp_path / "e"), "-w", str(tiny_weights)])
+    lines = [line for line in res.output.splitlines() if line.startswith("explain: ")]
+    assert lines[-1] == "explain: 5/5 done, 1 failed"
+    assert "4 ok, 1 failed, 0 skipped (0 resumed)" in res.output
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "evaluate", "train"])
+def test_help_shows_no_python_type_placeholders(command):
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for placeholder in ("<bool>", "<int", "<float", "<str>", "<path>", "<list"):
+        assert placeholder not in res.output, placeholder
+    assert os.linesep.join(res.output.splitlines())  # not empty
