@@ -137,3 +137,65 @@ def test_no_images_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         discover_inputs(["scans/"])
     with pytest.raises(InputError, match="No inputs given"):
         discover_inputs([])
+
+
+def _hostile_folder(root):
+    from conftest import save_png8
+
+    save_png8(root / "good.png", 64, 64)
+    os.mkfifo(root / "IM0001")  # a named pipe that looks like a suffix-less DICOM
+    os.mkfifo(root / "pipe.png")
+    os.symlink(root / "nowhere.png", root / "gone.png")  # dangling
+    os.symlink(root / "loop_b.dcm", root / "loop_a.dcm")  # a loop
+    os.symlink(root / "loop_a.dcm", root / "loop_b.dcm")
+    os.mkfifo(root / "notes")  # no image name at all... but suffix-less names may be DICOM
+    (root / "readme.txt").write_text("ignored")
+    return root
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_special_files_are_listed_without_being_opened(tmp_path):
+    import signal
+
+    root = _hostile_folder(tmp_path / "scans")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("discovery blocked on a special file"))
+    signal.alarm(20)
+    try:
+        files = discover_inputs([root])
+    finally:
+        signal.alarm(0)
+    assert sorted(f.case_id for f in files) == ["IM0001", "gone", "good", "loop_a", "loop_b", "notes", "pipe"]
+    by_id = {f.case_id: f.path for f in files}
+    assert by_id["gone"].is_symlink()  # kept as named, so the reader can say what it is
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_special_files_get_error_rows(tmp_path, tiny_weights):
+    import csv
+    import signal
+
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    root = _hostile_folder(tmp_path / "scans")
+    os.mkfifo(tmp_path / "named.dcm")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the run blocked on a special file"))
+    signal.alarm(60)
+    try:
+        res = CliRunner().invoke(app, ["predict", str(root), str(tmp_path / "named.dcm"), "--out",
+                                       str(tmp_path / "r.csv"), "-w", str(tiny_weights), "-q", "-j", "0"])
+    finally:
+        signal.alarm(0)
+    assert res.exit_code == 1
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = {r["case_id"].removeprefix("scans/"): r for r in csv.DictReader(f)}
+    assert rows.pop("good")["status"] == "ok"
+    expected = {
+        "IM0001": "not a regular file (a named pipe)", "pipe": "not a regular file (a named pipe)",
+        "notes": "not a regular file (a named pipe)", "named": "not a regular file (a named pipe)",
+        "gone": "broken symbolic link (its target does not exist)",
+        "loop_a": "symbolic link loop (the link leads back to itself)",
+        "loop_b": "symbolic link loop (the link leads back to itself)",
+    }
+    assert {k: (r["status"], r["error"]) for k, r in rows.items()} == {k: ("error", v) for k, v in expected.items()}

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ def discover_inputs(
     seen: set[Path] = set()
     unique: list[tuple[Path, Path]] = []  # (logical path, resolved path)
     for path in found:
-        real = path.resolve()
+        # A link that leads nowhere (dangling, or a loop) stays as named: the reader reports it.
+        real = Path(os.path.realpath(path)) if os.path.exists(path) else path
         if real not in seen:
             seen.add(real)
             unique.append((path, real))
@@ -93,9 +95,7 @@ def _expand(text: str, excluded: list[Path]) -> tuple[Path, list[Path]]:
     if path.is_dir():
         root = _absolute(path)
         return root, _walk(root, excluded)
-    if path.exists():
-        if not path.is_file():
-            raise InputError(f"Not a file or folder: {text!r}")
+    if os.path.lexists(path):  # a file, or anything else named on purpose: reading decides
         file = _absolute(path)
         return file.parent, [] if _is_excluded(file, excluded) else [file]
     matches = glob.glob(text, recursive=True) if _GLOB_MAGIC.search(text) else []
@@ -131,19 +131,29 @@ def _walk(root: Path, excluded: list[Path]) -> list[Path]:
 
 
 def _is_candidate(path: Path) -> bool:
-    """A supported suffix, or no / a numeric suffix and a DICOM header (``IM0001``, ``1.2.3.4``)."""
+    """A supported suffix, or no / a numeric suffix and a DICOM header (``IM0001``, ``1.2.3.4``).
+
+    Only regular files are opened (to sniff DICOM). Anything else with an input's name (a
+    named pipe, socket or device, a dangling link or a link loop) is kept without being
+    opened, so that it gets a row saying what it is instead of hanging the run or vanishing.
+    """
     suffix = path.suffix.lower()
-    if suffix in SUPPORTED_SUFFIXES:
-        return path.is_file()
-    if suffix == "" or suffix[1:].isdigit():
-        return is_dicom(path)
-    return False
+    named = suffix in SUPPORTED_SUFFIXES
+    if not named and not (suffix == "" or suffix[1:].isdigit()):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a link that leads nowhere
+        return os.path.islink(path)
+    if stat.S_ISREG(mode):
+        return named or is_dicom(path)
+    return not stat.S_ISDIR(mode)
 
 
 def _is_excluded(path: Path, excluded: list[Path]) -> bool:
     if not excluded:
         return False
-    real = path.resolve()
+    real = Path(os.path.realpath(path))
     return any(real == ex or ex in real.parents for ex in excluded)
 
 

@@ -8,6 +8,7 @@ No patient identifiers ever leave this module.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -61,6 +62,8 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     Unreadable or short files are simply not DICOM; the suffix is ignored.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # never open a pipe or device: the open would block or read forever
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
@@ -96,23 +99,37 @@ def read_radiograph(path: str | os.PathLike[str], *, voi_lut: bool = False) -> R
         raise ReadError(path, _NOT_AN_IMAGE) from None
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)
+
+
 def _check_file(path: Path) -> None:
-    """Raise ReadError unless ``path`` is a non-empty regular file we may read."""
+    """Raise ReadError unless ``path`` is a non-empty regular file we may read.
+
+    The type is checked with ``stat`` before anything is opened: opening a named pipe
+    would block until someone writes to it.
+    """
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
             raise ReadError(path, "is a folder, not an image file")
         if not stat.S_ISREG(info.st_mode):
-            raise ReadError(path, "not a regular file")
+            kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)), "a special file")
+            raise ReadError(path, f"not a regular file ({kind})")
         if info.st_size == 0:
             raise ReadError(path, "file is empty (0 bytes)")
         with open(path, "rb"):
             pass
     except FileNotFoundError:
-        raise ReadError(path, "file not found") from None
+        reason = "broken symbolic link (its target does not exist)" if path.is_symlink() else "file not found"
+        raise ReadError(path, reason) from None
     except PermissionError:
         raise ReadError(path, "permission denied") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReadError(path, "symbolic link loop (the link leads back to itself)") from None
         raise ReadError(path, f"cannot open file: {exc.strerror or exc}") from None
 
 
