@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from conftest import radiograph_like
+from conftest import radiograph_like, save_png8
 from PIL import Image
 
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.data.transforms import normalize, preprocess
 from mmcli.errors import InputError
 from mmcli.io.readers import read_radiograph
+from mmcli.io.writers import read_mask_png
 from mmcli.training.augment import STRONG_OPS, strong_augment, weak_augment
 from mmcli.training.datasets import Sample, epoch_batches, load_table, make_splits, scan_folders, stratified_pick
 
@@ -55,6 +56,31 @@ def test_scan_errors(tmp_path):
     (cls / "labels.csv").write_text("file,label\nc0.png,covid\n")
     with pytest.raises(InputError, match="covid"):
         scan_folders([], [cls], CLASS_NAMES)
+
+
+def test_scan_is_recursive_with_keys_relative_to_the_folder(tmp_path):
+    seg, cls = make_folders(tmp_path, n_seg=1, n_cls=1)
+    (seg / "sub").mkdir()
+    (seg / "s0.png").rename(seg / "sub" / "s0.png")  # masks/s0.png no longer names it
+    (seg / "masks" / "sub").mkdir()
+    (seg / "masks" / "s0.png").rename(seg / "masks" / "sub" / "s0.png")
+    (cls / "a" / "b").mkdir(parents=True)
+    (cls / "c0.png").rename(cls / "a" / "b" / "c0.png")
+    (cls / "labels.csv").write_text("file,label,patient\na/b/c0,pneumonia,P1\n")  # matched without the suffix
+    samples = scan_folders([seg], [cls], CLASS_NAMES)
+    assert samples == [
+        Sample((cls / "a" / "b" / "c0.png").resolve(), str(cls), label=1, patient=f"{cls}::P1"),
+        Sample((seg / "sub" / "s0.png").resolve(), str(seg), mask=seg / "masks" / "sub" / "s0.png"),
+    ]
+
+
+def test_folder_in_both_roles_is_scanned_once(tmp_path):
+    seg, _ = make_folders(tmp_path, n_seg=2, n_cls=0)
+    (seg / "labels.csv").write_text("file,label\ns1.png,normal\n")
+    samples = scan_folders([seg], [seg], CLASS_NAMES)
+    assert [(s.path.name, s.mask is not None, s.label) for s in samples] == [("s0.png", True, None),
+                                                                           ("s1.png", True, 0)]
+    assert all(s.label is None for s in scan_folders([seg], [], CLASS_NAMES))  # labels from cls folders only
 
 
 def test_stratified_pick_keeps_proportions():
@@ -111,6 +137,37 @@ def test_table_matches_preprocess(tmp_path):
     want = preprocess(read_radiograph(samples[i].path).pixels, pre)
     assert torch.equal(normalize(table.images[i], pre), want)
     assert table.has_mask[i] and set(table.masks[i].unique().tolist()) <= {0, 1} and table.masks[i].sum() > 0
+
+
+def test_table_reads_masks_with_the_one_mask_reader(tmp_path):
+    seg = tmp_path / "seg"
+    save_png8(seg / "a.png", 64, 64)
+    save_png8(seg / "b.png", 64, 64, seed=1)
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))  # 0, 4, ..., 252 across the image
+    (seg / "masks").mkdir()
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(seg / "masks" / "a.png")  # RGB: read as grey, lung > 127
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(seg / "masks" / "b.png")  # not the size of its image
+    samples = scan_folders([seg], [], CLASS_NAMES)
+    table, failures = load_table(samples, 64)
+    assert failures == [(1, f"CaseError: {seg / 'masks' / 'b.png'}: the mask is 32x32 but its image is 64x64")]
+    want = read_mask_png(seg / "masks" / "a.png")
+    assert want[0].tolist() == [x > 127 for x in range(0, 256, 4)]
+    assert torch.equal(table.masks[0, 0], torch.from_numpy(want).to(torch.uint8))
+    assert table.has_mask.tolist() == [True, False]
+
+
+def test_table_honours_voi_lut(tmp_path):
+    from test_readers import make_dicom
+
+    raw = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    (tmp_path / "cls").mkdir()
+    path = make_dicom(tmp_path / "cls" / "w.dcm", raw, WindowCenter=2048, WindowWidth=1024)
+    samples = scan_folders([], [tmp_path / "cls"], CLASS_NAMES)
+    for voi_lut in (False, True):
+        table, failures = load_table(samples, 64, voi_lut=voi_lut)
+        want = torch.from_numpy(read_radiograph(path, voi_lut=voi_lut).pixels)
+        assert failures == [] and torch.equal(table.images[0, 0], want)
+    assert not torch.equal(load_table(samples, 64)[0].images, table.images)
 
 
 def test_epoch_batches_cycle_and_seed():

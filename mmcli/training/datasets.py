@@ -1,7 +1,7 @@
 """Training data: folders of radiographs with masks and labels, label budgets, splits, a cache.
 
-A dataset folder holds images (``.png``, ``.jpg``, DICOM, ...), optionally
-``masks/<stem>.png`` (binary lung masks) and ``labels.csv`` (``file,label``). Masks are
+Dataset folders follow the one rule of :mod:`mmcli.data.folders`: images at any depth,
+masks in ``masks/<key>.png``, ``labels.csv`` (``file,label``) and patient ids. Masks are
 read from the ``--seg-data`` folders and labels from the ``--cls-data`` folders; a folder
 named in both gives both. Every training image that is not a labelled example of a task
 is an unlabelled example for that task (so classification images feed the unlabelled
@@ -20,7 +20,6 @@ both training and validation. Images without a patient id are patients of their 
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmcli.data.folders import read_mask, scan_dataset
 from mmcli.data.transforms import resize_to_model
 from mmcli.errors import InputError
-from mmcli.io.readers import SUPPORTED_SUFFIXES, read_radiograph
+from mmcli.io.readers import read_radiograph
 
 logger = logging.getLogger(__name__)
 
@@ -56,72 +56,29 @@ class Sample:
     patient: str | None = None
 
 
-def _labels_csv(root: Path, class_names: Sequence[str]) -> dict[str, int]:
-    path = root / "labels.csv"
-    if not path.is_file():
-        return {}
-    out: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
-            raise InputError(f"{path}: needs the columns 'file,label'")
-        for row in reader:
-            label = (row["label"] or "").strip().lower()
-            if label not in class_names:
-                raise InputError(f"{path}: label {row['label']!r} of {row['file']} is not one of {list(class_names)}")
-            out[row["file"].strip()] = class_names.index(label)
-    return out
-
-
-PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject_id")
-"""Column names (compared in lower case) that give an image's patient id."""
-
-
-def _patients_csv(root: Path) -> dict[str, str]:
-    """``file -> patient id`` from ``labels.csv`` or ``meta.csv`` of ``root`` (first with a patient column)."""
-    for name in ("labels.csv", "meta.csv"):
-        path = root / name
-        if not path.is_file():
-            continue
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields = {c.strip().lower(): c for c in reader.fieldnames or ()}
-            column = next((fields[c] for c in PATIENT_COLUMNS if c in fields), None)
-            if column is None or "file" not in fields:
-                continue
-            return {row[fields["file"]].strip(): (row[column] or "").strip() for row in reader
-                    if (row[column] or "").strip()}
-    return {}
-
-
 def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names: Sequence[str]) -> list[Sample]:
-    """All images of the folders (not recursive), with masks from seg folders and labels from cls folders.
+    """All images of the folders (recursive, :mod:`mmcli.data.folders`), masks from seg folders, labels from cls.
+
+    An image found through several folders is one sample (by resolved path) that keeps its
+    first folder as ``source`` and takes a mask, label or patient id from any of them.
+
+    Args:
+        class_names: the model's classes; each folder label (a name of
+            :data:`mmcli.config.CLASS_NAMES`) becomes its index in them.
 
     Raises:
         InputError: a folder is missing or holds no image, or a label is unknown.
     """
+    seg, cls = [Path(d) for d in seg_dirs], [Path(d) for d in cls_dirs]
     found: dict[Path, Sample] = {}
-    for root in list(seg_dirs) + list(cls_dirs):
-        root = Path(root)
-        if not root.is_dir():
-            raise InputError(f"Data folder not found: {root}")
-        images = sorted(p for p in root.iterdir()
-                        if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
-        if not images:
-            raise InputError(f"Found 0 images in {root}. Supported: {' '.join(SUPPORTED_SUFFIXES)}")
-        labels = _labels_csv(root, class_names) if root in map(Path, cls_dirs) else {}
-        patients = _patients_csv(root)
-        use_masks = root in map(Path, seg_dirs)
-        for p in images:
-            key = p.resolve()
-            old = found.get(key, Sample(key, str(root)))
-            mask = root / "masks" / f"{p.stem}.png"
-            patient = patients.get(p.name)
-            found[key] = Sample(
-                key, old.source,
-                mask=mask if use_masks and mask.is_file() else old.mask,
-                label=labels.get(p.name, old.label),
-                patient=old.patient if patient is None else f"{root}::{patient}",
+    for root in dict.fromkeys(seg + cls):
+        for image in scan_dataset(root, masks=root in seg, labels=root in cls):
+            old = found.get(image.path, Sample(image.path, str(root)))
+            found[image.path] = Sample(
+                image.path, old.source,
+                mask=image.mask or old.mask,
+                label=old.label if image.label is None else list(class_names).index(image.label),
+                patient=old.patient if image.patient is None else f"{root}::{image.patient}",
             )
     return [found[k] for k in sorted(found)]
 
@@ -238,19 +195,21 @@ def make_splits(
 
 
 class _Reader(Dataset[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]):
-    def __init__(self, samples: Sequence[Sample], size: int) -> None:
-        self.samples, self.size = list(samples), size
+    def __init__(self, samples: Sequence[Sample], size: int, voi_lut: bool = False) -> None:
+        self.samples, self.size, self.voi_lut = list(samples), size, voi_lut
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+        """``(i, image (1, S, S) float32, mask (1, S, S) uint8 or None, None)``, or ``(i, None, None, reason)``."""
         s = self.samples[i]
         try:
-            image = resize_to_model(torch.from_numpy(read_radiograph(s.path).pixels), self.size).clamp_(0, 1)
+            pixels = read_radiograph(s.path, voi_lut=self.voi_lut).pixels
+            image = resize_to_model(torch.from_numpy(pixels), self.size).clamp_(0, 1)
             mask = None
             if s.mask is not None:
-                m = resize_to_model(torch.from_numpy(read_radiograph(s.mask).pixels), self.size)
+                m = resize_to_model(torch.from_numpy(read_mask(s.mask, pixels.shape)), self.size)
                 mask = (m >= 0.5).to(torch.uint8)
             return i, image[None], None if mask is None else mask[None], None
         except Exception as err:  # reported and skipped by the caller
@@ -281,8 +240,14 @@ class ImageTable:
         return ImageTable(*(t.to(device) for t in (self.images, self.masks, self.has_mask, self.labels)))
 
 
-def load_table(samples: Sequence[Sample], size: int, workers: int = 0) -> tuple[ImageTable, list[tuple[int, str]]]:
+def load_table(
+    samples: Sequence[Sample], size: int, workers: int = 0, *, voi_lut: bool = False
+) -> tuple[ImageTable, list[tuple[int, str]]]:
     """Read and resize every sample (in ``workers`` processes).
+
+    Images are read with :func:`mmcli.io.readers.read_radiograph` (``voi_lut`` for DICOM)
+    and masks with :func:`mmcli.data.folders.read_mask`; a mask is resized to the model
+    grid and thresholded at 0.5, and a mask whose size differs from its image's fails the sample.
 
     Returns:
         The table and ``(position, reason)`` of each sample that could not be read; such a
@@ -294,7 +259,7 @@ def load_table(samples: Sequence[Sample], size: int, workers: int = 0) -> tuple[
     has_mask = torch.zeros(n, dtype=torch.bool)
     labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
     errors: list[str] = []
-    loader = DataLoader(_Reader(samples, size), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Reader(samples, size, voi_lut), batch_size=None, num_workers=workers)
     for i, image, mask, error in loader:
         if error is not None:
             errors.append((i, error))
