@@ -2,15 +2,15 @@
 
 A dataset folder holds radiographs plus ``masks/<stem>.png`` (binary lung masks at the
 image's resolution) and/or ``labels.csv`` (``file,label`` with labels normal/pneumonia).
-Predictions come from :func:`mmcli.predict.run_predict` (the same code as ``mmcli
-predict``, into ``<out>/predictions.csv``) or from an earlier predict report.
+Predictions come from a ``predict`` run through the same skeleton and code as ``mmcli
+predict`` (into ``<out>/predictions.csv``), or from an earlier predict report.
 
 Outputs in ``<out>/``::
 
     per_case.csv        one row per referenced image (CASE_COLUMNS)
     summary.json        per dataset: metrics, 95% bootstrap intervals, majority baseline
     summary.md          the same as tables, datasets side by side: read this first
-    evaluation.h5       per-case table and summary (with ``hdf5=True``)
+    <hdf5>              per-case table and summary, where ``hdf5`` names a file
     *.png               Dice box plot, ROC curves, reliability diagram, worst cases
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,8 @@ import numpy as np
 from mmcli import __version__
 from mmcli import metrics as M
 from mmcli.config import CLASS_NAMES
+from mmcli.data.folders import LABELS_CSV, MASKS_DIR, scan_dataset
 from mmcli.errors import UsageError
-from mmcli.io.discover import discover_inputs
 from mmcli.io.readers import is_dicom, read_radiograph
 from mmcli.io.writers import atomic_path, read_csv_rows, read_mask_png, write_csv, write_hdf5, write_json
 
@@ -58,7 +58,7 @@ class EvaluateConfig:
     threshold: float = 0.5
     voi_lut: bool = False
     overwrite: bool = False
-    hdf5: bool = False
+    hdf5: Path | None = None
     plots: bool = True
     n_bootstrap: int = 1000
     seed: int = 0
@@ -77,7 +77,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class Reference:
-    """One referenced image of a dataset: its label and/or mask file."""
+    """One referenced image of a dataset: its label and/or mask file (see :mod:`mmcli.data.folders`)."""
 
     dataset: str
     path: Path
@@ -103,40 +103,18 @@ def _dataset_names(folders: Sequence[Path]) -> list[str]:
     return [f"{n}-{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def _read_labels(path: Path) -> dict[str, str]:
-    """``labels.csv`` as {file relative to the folder, without suffix: label}."""
-    rows = read_csv_rows(path)
-    if rows and not {"file", "label"} <= set(rows[0]):
-        raise UsageError(f"{path} must have the columns file,label; found {', '.join(rows[0])}")
-    labels = {}
-    for row in rows:
-        label = str(row["label"]).strip().lower() if row["label"] is not None else None
-        if label not in CLASS_NAMES:
-            raise UsageError(f"{path}: label {row['label']!r} of {row['file']!r} is not one of "
-                             f"{', '.join(CLASS_NAMES)}")
-        labels[str(Path(str(row["file"])).with_suffix("").as_posix())] = label
-    return labels
-
-
 def find_references(folder: Path, name: str) -> list[Reference]:
-    """The images of ``folder`` (recursive, ``masks/`` left out) that have a label or a mask.
+    """The images of ``folder`` (the dataset-folder rule of :mod:`mmcli.data.folders`) that have a label or a mask.
 
     Raises:
         UsageError: the folder has neither ``masks/`` nor ``labels.csv``, or nothing matches.
     """
     if not folder.is_dir():
         raise UsageError(f"Dataset {folder} is not a folder")
-    masks_dir, labels_csv = folder / "masks", folder / "labels.csv"
-    if not masks_dir.is_dir() and not labels_csv.is_file():
+    if not (folder / MASKS_DIR).is_dir() and not (folder / LABELS_CSV).is_file():
         raise UsageError(f"{folder} has neither masks/ nor labels.csv: nothing to compare predictions with")
-    labels = _read_labels(labels_csv) if labels_csv.is_file() else {}
-    refs = []
-    for file in discover_inputs([folder], exclude=[masks_dir]):
-        key = file.case_id  # relative to the folder, suffix dropped; also right for symlinked files
-        mask = masks_dir / f"{key}.png"
-        ref = Reference(name, file.path, key, labels.get(key), mask if mask.is_file() else None)
-        if ref.label is not None or ref.mask is not None:
-            refs.append(ref)
+    refs = [Reference(name, image.path, image.key, image.label, image.mask) for image in scan_dataset(folder)
+            if image.label is not None or image.mask is not None]
     if not refs:
         raise UsageError(f"No image of {folder} has a mask in masks/<stem>.png or a row in labels.csv")
     logger.info("%s: %d referenced images", name, len(refs))
@@ -153,19 +131,6 @@ def _predictions_by_source(report: Path) -> dict[str, dict[str, Any]]:
             row["mask_path"] = report.parent / str(row["mask"])
         by_source[str(Path(str(row["source"])).resolve())] = row
     return by_source
-
-
-def _run_model(cfg: EvaluateConfig, refs: list[Reference], command: Sequence[str] | None) -> Path:
-    from mmcli.predict import PredictConfig, run_predict  # torch only when the model runs
-
-    report = cfg.out / "predictions.csv"
-    pcfg = PredictConfig(
-        inputs=tuple(str(r.path) for r in refs), out=report, weights=cfg.weights, device=cfg.device,
-        precision=cfg.precision, batch_size=cfg.batch_size, workers=cfg.workers,  # type: ignore[arg-type]
-        threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
-    )
-    run_predict(pcfg, command=command)
-    return report
 
 
 def _spacing(path: Path, voi_lut: bool) -> tuple[float, float] | None:
@@ -202,6 +167,84 @@ def evaluate_case(ref: Reference, pred: dict[str, Any] | None, voi_lut: bool = F
     return {**row, "status": "ok"}
 
 
+class EvaluationRun:
+    """An evaluation, ready to go.
+
+    When the model runs (no ``--predictions``), :attr:`predict_run` is the ``predict`` run
+    into ``<out>/predictions.csv`` (the same skeleton and code as ``mmcli predict``):
+    iterate over it first for its progress, or let :meth:`cases` run it. :meth:`cases`
+    then yields one evaluated row per referenced image and writes the reports at the end;
+    :attr:`summary` has the counts.
+
+    Raises:
+        UsageError: a dataset folder is unusable, or the predict run cannot start.
+    """
+
+    def __init__(self, cfg: EvaluateConfig, *, command: Sequence[str] | None = None) -> None:
+        self.started = time.perf_counter()
+        self.out = cfg.out.expanduser().resolve()
+        self.cfg = cfg = EvaluateConfig(**{**asdict(cfg), "out": self.out})
+        self.command = list(command) if command is not None else None
+        self.folders = [Path(d).expanduser().resolve() for d in cfg.datasets]
+        self.names = _dataset_names(self.folders)
+        self.refs = [r for folder, name in zip(self.folders, self.names, strict=True)
+                     for r in find_references(folder, name)]
+        self.summary: EvaluateSummary | None = None
+        self.predict_run = None
+        if cfg.predictions is not None:
+            self.report = cfg.predictions.resolve()
+        else:
+            from mmcli.predict import PredictConfig, open_predict  # torch only when the model runs
+
+            self.report = self.out / "predictions.csv"
+            self.predict_run = open_predict(PredictConfig(
+                inputs=tuple(str(r.path) for r in self.refs), out=self.report, weights=cfg.weights,
+                device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
+            ), command=command)
+
+    def cases(self) -> Iterator[dict[str, Any]]:
+        """Evaluate each referenced image (running the predictions first if still to do)."""
+        if self.predict_run is not None and self.predict_run.summary is None:
+            self.predict_run.run()
+        preds = _predictions_by_source(self.report)
+        if not any(str(r.path) in preds for r in self.refs):
+            raise UsageError(f"None of the {len(self.refs)} referenced images appears in {self.report}: "
+                             "was it made from these dataset folders?")
+        rows = []
+        for ref in self.refs:
+            row = evaluate_case(ref, preds.get(str(ref.path)), self.cfg.voi_lut)
+            rows.append(row)
+            yield row
+        self._write(rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        cfg, out = self.cfg, self.out
+        summary = _plain({
+            "mmcli_version": __version__,
+            "predictions": str(self.report),
+            "settings": asdict(cfg),  # write_json turns paths into strings
+            "command": self.command,
+            "datasets": {
+                name: summarise_dataset([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed)
+                for folder, name in zip(self.folders, self.names, strict=True)
+            },
+        })
+        write_csv(out / "per_case.csv", rows, CASE_COLUMNS)
+        write_json(out / "summary.json", summary)
+        if cfg.hdf5 is not None:
+            flat = {k: v for k, v in summary.items() if k != "datasets"}
+            write_hdf5(cfg.hdf5.expanduser().resolve(), rows, CASE_COLUMNS,
+                       attrs={**flat, "datasets": summary["datasets"]})
+        plots = _write_plots(out, rows, self.names, cfg) if cfg.plots else []
+        write_markdown(out / "summary.md", summary, [os.path.relpath(p, out) for p in plots])
+        result = EvaluateSummary(cases=len(rows), out=out, seconds=time.perf_counter() - self.started)
+        result.ok = sum(r["status"] == "ok" for r in rows)
+        result.failed = sum(r["status"] == "error" for r in rows)
+        result.missing = sum(r["status"] == "missing" for r in rows)
+        self.summary = result
+
+
 def run_evaluate(
     cfg: EvaluateConfig,
     *,
@@ -209,47 +252,12 @@ def run_evaluate(
     command: Sequence[str] | None = None,
 ) -> EvaluateSummary:
     """Evaluate every dataset of ``cfg`` and write the reports (see the module docstring)."""
-    started = time.perf_counter()
-    out = cfg.out.expanduser().resolve()
-    cfg = EvaluateConfig(**{**asdict(cfg), "out": out})
-    folders = [Path(d).expanduser().resolve() for d in cfg.datasets]
-    names = _dataset_names(folders)
-    refs = [r for folder, name in zip(folders, names, strict=True) for r in find_references(folder, name)]
-    report = cfg.predictions.resolve() if cfg.predictions is not None else _run_model(cfg, refs, command)
-    preds = _predictions_by_source(report)
-    if not any(str(r.path) in preds for r in refs):
-        raise UsageError(f"None of the {len(refs)} referenced images appears in {report}: "
-                         "was it made from these dataset folders?")
-    rows = []
-    for ref in refs:
-        row = evaluate_case(ref, preds.get(str(ref.path)), cfg.voi_lut)
-        rows.append(row)
+    run = EvaluationRun(cfg, command=command)
+    for row in run.cases():
         if on_case is not None:
             on_case(row)
-
-    summary = _plain({
-        "mmcli_version": __version__,
-        "predictions": str(report),
-        "settings": asdict(cfg),  # write_json turns paths into strings
-        "command": list(command) if command is not None else None,
-        "datasets": {
-            name: summarise_dataset([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed)
-            for folder, name in zip(folders, names, strict=True)
-        },
-    })
-    write_csv(out / "per_case.csv", rows, CASE_COLUMNS)
-    write_json(out / "summary.json", summary)
-    if cfg.hdf5:
-        flat = {k: v for k, v in summary.items() if k != "datasets"}
-        write_hdf5(out / "evaluation.h5", rows, CASE_COLUMNS, attrs={**flat, "datasets": summary["datasets"]})
-    plots = _write_plots(out, rows, names, cfg) if cfg.plots else []
-    write_markdown(out / "summary.md", summary, [os.path.relpath(p, out) for p in plots])
-
-    result = EvaluateSummary(cases=len(rows), out=out, seconds=time.perf_counter() - started)
-    result.ok = sum(r["status"] == "ok" for r in rows)
-    result.failed = sum(r["status"] == "error" for r in rows)
-    result.missing = sum(r["status"] == "missing" for r in rows)
-    return result
+    assert run.summary is not None
+    return run.summary
 
 
 def _plain(obj: Any) -> Any:

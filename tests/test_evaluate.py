@@ -49,7 +49,7 @@ def datasets(tmp_path):
 
 def test_evaluate_end_to_end(tmp_path, datasets, tiny_weights):
     out = tmp_path / "report"
-    res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50", "--hdf5"])
+    res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50", "--hdf5", out / "evaluation.h5"])
     assert res.exit_code == 0, res.output
     rows = _rows(out / "per_case.csv")
     assert [r["dataset"] for r in rows] == ["seg"] * 3 + ["cls"] * 4  # the unlabelled image is left out
@@ -153,6 +153,30 @@ def test_dataset_of_symlinks(tmp_path, tiny_weights):
     os.symlink(real / "masks" / "a.png", linked / "masks" / "a.png")
     refs = find_references(linked, "linked")
     assert [r.key for r in refs] == ["a"] and refs[0].mask is not None
+
+
+def test_find_references_follows_the_folder_rule(tmp_path):
+    from mmcli.errors import UsageError
+    from mmcli.evaluation import Reference, find_references
+
+    folder = tmp_path / "set"
+    for rel in ("b.png", "c.png", "sub/a.png"):
+        save_png8(folder / rel, 64, 64)
+    write_mask_png(folder / "masks" / "sub" / "a.png", _lung_mask())
+    (folder / "labels.csv").write_text("file,label\nb, Pneumonia\n")
+    assert find_references(folder, "d") == [  # c has neither: left out
+        Reference("d", (folder / "b.png").resolve(), "b", "pneumonia", None),
+        Reference("d", (folder / "sub" / "a.png").resolve(), "sub/a", None, folder / "masks" / "sub" / "a.png"),
+    ]
+    (folder / "labels.csv").write_text("file,label\nb.png,covid\n")
+    with pytest.raises(UsageError, match=r"labels\.csv: label 'covid' of 'b\.png' is not one of normal, pneumonia"):
+        find_references(folder, "d")
+    (folder / "labels.csv").write_text("file,label\nnone.png,normal\n")
+    (folder / "masks" / "sub" / "a.png").unlink()
+    with pytest.raises(UsageError, match="No image of .* has a mask in masks/<stem>.png or a row in labels.csv"):
+        find_references(folder, "d")
+    with pytest.raises(UsageError, match="is not a folder"):
+        find_references(tmp_path / "nope", "d")
 
 
 def test_long_case_ids_are_shortened_in_figure_titles():

@@ -2,61 +2,61 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mmcli.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
+    HDF5Opt,
+    OverwriteOpt,
     PrecisionOpt,
+    QuietOpt,
+    ThresholdOpt,
     VoiLutOpt,
     WeightsOpt,
     WorkersOpt,
-    console,
     exit_on_error,
+    folder_out,
+    follow_rows,
+    say,
+    stop_cleanly,
 )
-from mmcli.evaluation import EvaluateConfig, run_evaluate
-
-logger = logging.getLogger("mmcli.cli")
+from mmcli.evaluation import EvaluateConfig, EvaluationRun
 
 
 def evaluate(
     datasets: Annotated[
         list[str],
-        typer.Argument(help="Dataset folders: images plus masks/<stem>.png and/or labels.csv (file,label).",
-                       show_default=False),
+        typer.Argument(metavar="DATASET", show_default=False,
+                       help="Dataset folders: images (searched recursively) plus masks/PATH.png and/or "
+                            "labels.csv (file,label)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports and figures.", show_default=False)],
+    out: folder_out("the reports and figures (summary.md, summary.json, per_case.csv, *.png)"),  # type: ignore[valid-type]
     predictions: Annotated[
         Path | None,
-        typer.Option("--predictions", "-p", help="Evaluate this earlier `mmcli predict` report instead of running "
-                     "the model."),
+        typer.Option("--predictions", "-p", metavar="FILE",
+                     help="Evaluate this earlier `mmcli predict` report instead of running the model."),
     ] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
-    threshold: Annotated[
-        float, typer.Option("--threshold", min=0.0, max=1.0, help="Pneumonia probability from which the label is "
-                            "pneumonia (when the model runs).")
-    ] = 0.5,
+    threshold: ThresholdOpt = 0.5,
     voi_lut: VoiLutOpt = False,
-    hdf5: Annotated[bool, typer.Option("--hdf5", help="Also write evaluation.h5 (per-case table, summary).")] = False,
+    hdf5: HDF5Opt = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG figures.")] = True,
     bootstrap: Annotated[
-        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% intervals (0: none).")
+        int, typer.Option("--bootstrap", min=0, metavar="N", help="Bootstrap resamples for the 95% intervals (0: none).")
     ] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
-    worst: Annotated[int, typer.Option("--worst", min=0, help="Lowest-Dice cases shown per dataset.")] = 4,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Predict again instead of resuming into <out>/predictions.csv.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the bootstrap.")] = 0,
+    worst: Annotated[int, typer.Option("--worst", min=0, metavar="N", help="Lowest-Dice cases shown per dataset.")] = 4,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Compute the paper's metrics against reference masks and labels.
 
@@ -72,17 +72,16 @@ def evaluate(
             precision=precision, batch_size=batch_size, workers=workers, threshold=threshold, voi_lut=voi_lut,
             overwrite=overwrite, hdf5=hdf5, plots=plots, n_bootstrap=bootstrap, seed=seed, worst=worst,
         )
-
-        def on_case(row: dict[str, Any]) -> None:
-            if row["status"] != "ok":
-                logger.warning("%s: %s", row["source"], row["error"])
-
-        summary = run_evaluate(cfg, on_case=on_case, command=sys.argv)
+        run = EvaluationRun(cfg, command=sys.argv)
+        with stop_cleanly("predictions finished so far are kept in " + str(run.report.with_suffix("")),
+                          "run the same command again to resume"):
+            if run.predict_run is not None:
+                follow_rows("predict", run.predict_run, len(run.predict_run.todo), quiet=quiet)
+            follow_rows("evaluate", run.cases(), len(run.refs), quiet=quiet)
+    summary = run.summary
+    assert summary is not None
     if not quiet:
-        console.print(
-            f"{summary.ok} evaluated, {summary.failed} failed, {summary.missing} without prediction "
-            f"in {summary.seconds:.1f} s -> {summary.out / 'summary.md'}",
-            highlight=False,
-        )
+        say(f"{summary.ok} evaluated, {summary.failed} failed, {summary.missing} without prediction "
+            f"in {summary.seconds:.1f} s -> {summary.out / 'summary.md'}")
     if summary.failed or summary.missing:
         raise typer.Exit(1)
