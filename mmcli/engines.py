@@ -17,9 +17,12 @@ A :class:`CaseTask` says what one case produces (``predict``: a report row and a
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -97,7 +100,7 @@ def iter_rows_loader(
     loader = DataLoader(
         RadiographDataset(files, predictor.preprocess, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
-        worker_init_fn=worker_init if workers else None, pin_memory=predictor.device.type == "cuda",
+        worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None, pin_memory=predictor.device.type == "cuda",
     )
     pending: deque[Future[dict[str, Any]]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:
@@ -118,9 +121,35 @@ def iter_rows_loader(
 
 
 _WORKER: dict[str, Any] = {}
+_PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process end when the process that started it ends, however it ends.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``),
+    even after ``kill -9``; a parent already gone by now ends this process at once.
+    Ctrl-C and SIGTERM are left to the parent, which stops taking work and flushes its
+    journal: a worker only finishes the batch in hand.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl: the parent's shutdown still ends us
+            logger.debug("prctl(PR_SET_PDEATHSIG) not available", exc_info=True)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_loader_worker(parent: int, worker_id: int) -> None:
+    _die_with_parent(parent)
+    worker_init(worker_id)
+
+
+def _init_worker(parent: int, weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     ckpt = load_checkpoint(weights, expected_sha256=sha256)
     _WORKER["predictor"] = Predictor(ckpt, device="cpu", precision=precision)  # type: ignore[arg-type]
@@ -150,7 +179,7 @@ def iter_rows_processes(
 ) -> Iterator[dict[str, Any]]:
     """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per task."""
     ckpt = predictor.checkpoint
-    initargs = (str(ckpt.path), ckpt.sha256, predictor.precision, task)
+    initargs = (os.getpid(), str(ckpt.path), ckpt.sha256, predictor.precision, task)
     todo: deque[tuple[list[InputFile], bool]] = deque(
         (list(files[i : i + batch_size]), False) for i in range(0, len(files), batch_size)
     )

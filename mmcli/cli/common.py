@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,7 +146,7 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
     """Loop over a run's rows with progress; each failed case gets one warning line naming its file."""
     with Ticker(name, total, quiet=quiet) as ticker:
         for row in rows:
-            failed = row.get("status") == "error"
+            failed = row.get("status") in ("error", "missing")
             if failed:
                 logger.warning("%s: %s", row.get("source"), row.get("error"))
             else:
@@ -153,11 +154,39 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
             ticker.advance(failed=failed)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a batch scheduler's stop): handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def stop_cleanly(what: str, resume_hint: str) -> Iterator[None]:
+    """Turn Ctrl-C (exit 130) and SIGTERM (exit 143) into one line saying how to resume.
+
+    The library's generators close on the way out: workers stop, the journal is flushed,
+    no report is written half-way.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as stop:
+        cause, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        say(f"Stopped by {cause}: {what}; {resume_hint}")
+        raise typer.Exit(code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def drive_run(name: str, run: Any, *, quiet: bool) -> None:
     """Run a :class:`mmcli.batch.BatchRun` with progress and a summary line; exit 1 if a case failed."""
     if run.resumed and not quiet:
         say(f"Resuming: {run.resumed} case(s) already done, {len(run.todo)} to go.")
-    follow_rows(name, run, len(run.todo), quiet=quiet)
+    with stop_cleanly(f"finished cases are kept in {run.job.layout.journal}",
+                      "run the same command again to resume"):
+        follow_rows(name, run, len(run.todo), quiet=quiet)
     summary = run.summary
     if not quiet:
         say(f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "

@@ -1,0 +1,93 @@
+"""A batch job's stop signals: SIGTERM is a clean stop, and no worker outlives its run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import save_png8
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG")
+
+
+@pytest.fixture()
+def many(tmp_path):
+    first = save_png8(tmp_path / "scans" / "s000.png", 1600, 1600)
+    for i in range(1, 60):  # hard links: distinct inputs, no time spent writing images
+        os.link(first, tmp_path / "scans" / f"s{i:03d}.png")
+    return tmp_path / "scans"
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _start(many, out, weights):
+    cmd = [sys.executable, "-m", "mmcli", "predict", str(many), "--out", str(out), "-w", str(weights),
+           "-j", "2", "-b", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out.with_suffix("") / "journal.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 4:  # header + 3 cases
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the run should be mid-way with its workers"
+    return proc, workers
+
+
+def _gone_within(pids: set[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pids)
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_resumes(tmp_path, many, tiny_weights):
+    out = tmp_path / "r.csv"
+    proc, workers = _start(many, out, tiny_weights)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Stopped by SIGTERM" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert _gone_within(workers, 10)
+    assert not out.exists()  # no half-written report
+    rerun = subprocess.run([sys.executable, "-m", "mmcli", "predict", str(many), "--out", str(out),
+                            "-w", str(tiny_weights), "-j", "2"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = int(rerun.stderr.split(" resumed)")[0].rsplit("(", 1)[1])
+    assert resumed >= 3 and "60 ok" in rerun.stderr
+
+
+def test_no_worker_outlives_a_killed_parent(tmp_path, many, tiny_weights):
+    proc, workers = _start(many, tmp_path / "r.csv", tiny_weights)
+    proc.kill()  # kill -9: no handler runs in the parent
+    proc.communicate(timeout=30)
+    assert _gone_within(workers, 10), f"workers still alive: {_alive(workers)}"
