@@ -125,8 +125,7 @@ def calibration_bins(
     """Top-label reliability table over ``n_bins`` equal-width confidence bins on [0, 1].
 
     Confidence is the top class probability; bin b holds confidences in
-    ``(b / n_bins, (b + 1) / n_bins]`` (the first bin also holds 0), the same bins as
-    :func:`mmcli.training.calibration.expected_calibration_error`.
+    ``(b / n_bins, (b + 1) / n_bins]`` (the first bin also holds 0).
 
     Args:
         probabilities: ``(N, C)`` class probabilities. y_true: ``(N,)`` class indices.

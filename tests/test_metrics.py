@@ -62,6 +62,15 @@ def test_expected_calibration_error_by_hand():
     assert M.expected_calibration_error(perfect, np.array([1, 0])) == 0.0
 
 
+def test_expected_calibration_error_default_bins_by_hand():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]], dtype=np.float32)
+    labels = np.array([0, 1, 1, 1])
+    # 15 bins, each confidence alone in its bin: 0.8 wrong, 0.9, 0.7 and 0.6 right
+    want = (abs(0 - 0.8) + abs(1 - 0.9) + abs(1 - 0.7) + abs(1 - 0.6)) / 4
+    assert M.expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-6)
+    assert math.isnan(M.expected_calibration_error(np.zeros((0, 2)), np.zeros(0, dtype=int)))
+
+
 def test_overlap_by_hand():
     true = np.zeros((4, 4), bool)
     pred = np.zeros((4, 4), bool)

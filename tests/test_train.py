@@ -3,17 +3,25 @@
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from test_train_data import make_folders
 from typer.testing import CliRunner
 
+from mmcli import metrics as M
 from mmcli.cli import app
+from mmcli.config import PreprocessConfig
+from mmcli.data.transforms import normalize
 from mmcli.errors import UsageError
+from mmcli.models import create_model
+from mmcli.models.registry import ARCH_PRESETS
 from mmcli.training import VARIANTS, TrainConfig, run_train
-from mmcli.training.calibration import expected_calibration_error, fit_temperature
-from mmcli.weights import load_checkpoint
+from mmcli.training.calibration import calibrate_checkpoint, fit_temperature
+from mmcli.training.datasets import ImageTable
+from mmcli.training.step import evaluate
+from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 
@@ -91,17 +99,51 @@ def test_temperature_recovers_a_known_scale():
     labels = torch.multinomial(torch.softmax(true_logits, 1), 1)[:, 0]
     t = fit_temperature(true_logits * 3, labels)  # over-confident by a factor 3
     assert t == pytest.approx(3.0, rel=0.15)
-    ece_raw = expected_calibration_error(torch.softmax(true_logits * 3, 1), labels)
-    assert expected_calibration_error(torch.softmax(true_logits * 3 / t, 1), labels) < ece_raw
+    ece_raw = M.expected_calibration_error(torch.softmax(true_logits * 3, 1).numpy(), labels.numpy())
+    assert M.expected_calibration_error(torch.softmax(true_logits * 3 / t, 1).numpy(), labels.numpy()) < ece_raw
 
 
-def test_ece_hand_value():
-    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
-    labels = torch.tensor([0, 1, 1, 1])
-    # bins (0.8, 0.87]: {0.8 wrong}; (0.87, 0.93]: {0.9 right}; (0.67, 0.73]: {0.7 right}; (0.53, 0.6]: {0.6 right}
-    want = (abs(0 - 0.8) + abs(1 - 0.9) + abs(1 - 0.7) + abs(1 - 0.6)) / 4
-    assert expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-6)
-    assert math.isnan(expected_calibration_error(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
+def _small_table(n=8, size=32):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, size, size, generator=g)
+    masks = (torch.rand(n, 1, size, size, generator=g) > 0.5).to(torch.uint8)
+    masks[0] = 0  # an empty reference
+    labels = torch.arange(n) % 2
+    return ImageTable(images, masks, torch.ones(n, dtype=torch.bool), labels)
+
+
+def test_validation_and_calibration_numbers_are_those_of_mmcli_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("multimix_tiny")
+    table, pre = _small_table(), PreprocessConfig(image_size=32)
+    val = list(range(len(table.labels)))
+    opts = {"batch_size": 3, "device": torch.device("cpu"), "precision": "fp32"}
+    got, logits, labels = evaluate(model, table, val, val, pre, **opts)
+    model.eval()
+    with torch.no_grad():
+        out = model(normalize(table.images, pre))
+    pred = (out.seg_logits >= 0).numpy()
+    dice = [M.overlap_metrics(p[0], r[0])["dice"] for p, r in zip(pred, table.masks.numpy())]
+    probs, y = torch.softmax(out.cls_logits, 1).numpy(), table.labels.numpy()
+    assert got["val_dice"] == pytest.approx(np.mean(dice), abs=1e-12)
+    assert got["val_acc"] == M.accuracy(y, probs.argmax(1))
+    assert got["val_auc"] == pytest.approx(M.roc_auc(y, probs[:, 1]), abs=1e-12)
+    assert torch.allclose(logits, out.cls_logits, atol=1e-5) and torch.equal(labels, table.labels)
+    # the ECE stored by calibration is the one of mmcli.metrics
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(Checkpoint(model_name="multimix_tiny", model_kwargs=model.init_kwargs,
+                               state_dict=model.state_dict(), preprocess=pre), path)
+    t, before, after = calibrate_checkpoint(path, table, val, pre, **opts)
+    assert before == pytest.approx(M.expected_calibration_error(torch.softmax(logits, 1).numpy(), y), abs=1e-12)
+    assert after == pytest.approx(M.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), y), abs=1e-12)
+
+
+def test_tiny_arch_is_the_registry_preset(folders, tmp_path):
+    cfg = _cfg(folders, tmp_path / "t")
+    assert cfg.model_overrides() == dict(ARCH_PRESETS["tiny"])
+    assert create_model("multimix", **cfg.model_overrides()).init_kwargs == create_model("multimix_tiny").init_kwargs
+    with pytest.raises(UsageError, match="base or tiny"):
+        _cfg(folders, tmp_path / "t", arch="huge")
 
 
 def test_cli_train_then_predict(folders, tmp_path):

@@ -20,12 +20,16 @@ from torch import nn
 
 from mmcli.models.multimix import MultiMix
 
-__all__ = ["create_model", "list_models", "model_kwargs", "register_model"]
+__all__ = ["ARCH_PRESETS", "arch_overrides", "create_model", "list_models", "model_kwargs", "register_model"]
 
 ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
 
 _MODELS: dict[str, ModelFn] = {}
+
+# Size presets that apply to every registered model: "base" keeps the paper's widths,
+# "tiny" is for tests and smoke runs (``multimix_tiny`` is ``multimix`` with it).
+ARCH_PRESETS: dict[str, Mapping[str, Any]] = {"base": {}, "tiny": {"widths": (4, 8, 16, 32, 64)}}
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -65,6 +69,14 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def arch_overrides(arch: str) -> dict[str, Any]:
+    """Constructor overrides of the size preset ``arch`` (a key of :data:`ARCH_PRESETS`)."""
+    try:
+        return dict(ARCH_PRESETS[arch])
+    except KeyError:
+        raise ValueError(f"Unknown arch {arch!r}. Available: {', '.join(ARCH_PRESETS)}") from None
+
+
 def _entry(name: str) -> ModelFn:
     try:
         return _MODELS[name]
@@ -77,9 +89,6 @@ def _multimix(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> MultiM
     return MultiMix(**{**preset, **overrides})
 
 
-_TINY_WIDTHS = (4, 8, 16, 32, 64)
-
-
 @register_model("multimix")
 def multimix(**overrides: Any) -> MultiMix:
     """MultiMix with the paper's widths: both heads and the saliency bridge."""
@@ -88,8 +97,8 @@ def multimix(**overrides: Any) -> MultiMix:
 
 @register_model("multimix_tiny")
 def multimix_tiny(**overrides: Any) -> MultiMix:
-    """MultiMix with widths (4, 8, 16, 32, 64), for tests."""
-    return _multimix({"widths": _TINY_WIDTHS}, overrides)
+    """MultiMix with the ``tiny`` preset of :data:`ARCH_PRESETS`, for tests."""
+    return _multimix(ARCH_PRESETS["tiny"], overrides)
 
 
 @register_model("unet")

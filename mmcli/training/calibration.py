@@ -1,4 +1,7 @@
-"""Temperature scaling of class probabilities and the expected calibration error."""
+"""Temperature scaling of class probabilities, judged by the expected calibration error.
+
+The ECE is :func:`mmcli.metrics.expected_calibration_error`, the same as ``mmcli evaluate`` reports.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
 from mmcli.weights import load_checkpoint, save_checkpoint
 
-__all__ = ["calibrate_checkpoint", "expected_calibration_error", "fit_temperature"]
-
-
-def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
-    """ECE with ``bins`` equal-width confidence bins.
-
-    ``sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|`` where confidence is the
-    top probability and bin b holds confidences in ``(b / bins, (b + 1) / bins]``.
-
-    Args:
-        probs: (N, C) probabilities. labels: (N,) class indices.
-    """
-    if probs.shape[0] == 0:
-        return float("nan")
-    conf, pred = probs.float().max(dim=1)
-    correct = (pred == labels).float()
-    which = (conf * bins).ceil().long().clamp(1, bins) - 1
-    ece = torch.zeros(())
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += sel.float().mean() * (correct[sel].mean() - conf[sel].mean()).abs()
-    return float(ece)
+__all__ = ["calibrate_checkpoint", "fit_temperature"]
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> float:
@@ -88,8 +70,9 @@ def calibrate_checkpoint(
     _, logits, labels = evaluate(model, table, [], val_cls, pre, batch_size=batch_size, device=device,
                                  precision=precision)
     t = fit_temperature(logits, labels)
-    before = expected_calibration_error(torch.softmax(logits, 1), labels)
-    after = expected_calibration_error(torch.softmax(logits / t, 1), labels)
+    y = labels.numpy()
+    before = M.expected_calibration_error(torch.softmax(logits, 1).numpy(), y)
+    after = M.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), y)
     ckpt.temperature = t
     ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after}
     save_checkpoint(ckpt, path)

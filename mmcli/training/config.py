@@ -7,11 +7,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from mmcli.errors import UsageError
+from mmcli.models.registry import ARCH_PRESETS, arch_overrides
 from mmcli.training.losses import LossWeights
 
 __all__ = ["VARIANTS", "TrainConfig", "Variant"]
-
-TINY_WIDTHS = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class TrainConfig:
 
     ``seg_labels``/``cls_labels`` None means all labels. ``patience`` None disables early
     stopping. ``steps_per_epoch`` None means one pass over the largest labelled pool.
-    ``arch="tiny"`` uses widths (4, 8, 16, 32, 64) (tests, smoke runs).
+    ``arch`` names a size preset of the model registry (:data:`mmcli.models.registry.ARCH_PRESETS`):
+    ``tiny`` for tests and smoke runs.
     """
 
     out: str
@@ -89,8 +89,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise UsageError(f"Unknown variant {self.variant!r}: use {', '.join(VARIANTS)}")
-        if self.arch not in ("base", "tiny"):
-            raise UsageError(f"Unknown arch {self.arch!r}: use base or tiny")
+        if self.arch not in ARCH_PRESETS:
+            raise UsageError(f"Unknown arch {self.arch!r}: use {' or '.join(ARCH_PRESETS)}")
         v = VARIANTS[self.variant]
         if v.seg and not self.seg_data:
             raise UsageError(f"Variant {self.variant!r} trains segmentation: pass --seg-data DIR")
@@ -100,7 +100,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= self.threshold <= 1.0:
-            raise UsageError(f"--threshold must be in [0, 1], got {self.threshold}")
+            raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
         if self.image_size < 16 or self.image_size % 16:
             raise UsageError(f"--image-size must be a multiple of 16, got {self.image_size}")
 
@@ -113,7 +113,7 @@ class TrainConfig:
         return LossWeights(lambda_u=self.lambda_u, threshold=self.threshold, alpha=self.alpha, beta=self.beta)
 
     def model_overrides(self) -> dict[str, Any]:
-        return {"widths": TINY_WIDTHS} if self.arch == "tiny" else {}
+        return arch_overrides(self.arch)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

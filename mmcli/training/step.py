@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
 from mmcli.runtime import autocast
@@ -118,25 +120,6 @@ def train_step(
     return loss, stats
 
 
-def _dice_binary(pred: Tensor, ref: Tensor) -> Tensor:
-    """Per-image Dice of boolean masks (B, 1, H, W) -> (B,); two empty masks score 1."""
-    inter = (pred & ref).flatten(1).sum(1).float()
-    total = (pred.flatten(1).sum(1) + ref.flatten(1).sum(1)).float()
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-
-
-def roc_auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC of scores for the positive class (labels in {0, 1}); NaN when a class is missing.
-
-    The Mann-Whitney statistic: P(score_pos > score_neg) + 0.5 P(equal).
-    """
-    pos, neg = scores[labels == 1].double(), scores[labels == 0].double()
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, table: ImageTable, val_seg: list[int], val_cls: list[int], pre: PreprocessConfig,
@@ -145,9 +128,10 @@ def evaluate(
     """Run the model (eval mode) on the validation images.
 
     Returns:
-        Metrics ``val_dice`` (binarised at probability 0.5, mean per image), ``val_acc``,
-        ``val_auc`` (pneumonia = class 1 vs the rest), ``val_nll``, for the heads present
-        with validation images; the classification logits (N, C) and labels (N,) on the CPU.
+        Metrics for the heads present with validation images: ``val_dice`` (binarised at
+        probability 0.5, mean per image), ``val_acc`` and ``val_auc`` (pneumonia = class 1
+        vs the rest), all three from :mod:`mmcli.metrics`, and ``val_nll``; the
+        classification logits (N, C) and labels (N,) on the CPU.
     """
     was_training = model.training
     model.eval()
@@ -160,9 +144,10 @@ def evaluate(
                 idx = torch.as_tensor(val_seg[start : start + batch_size])
                 x = normalize(table.images[idx], pre).to(device)
                 with autocast(device, precision):
-                    pred = seg_logits(model, x).float().cpu() >= 0
-                dice.append(_dice_binary(pred, table.masks[idx].bool().cpu()))
-            metrics["val_dice"] = float(torch.cat(dice).mean())
+                    pred = (seg_logits(model, x).float() >= 0).cpu().numpy()
+                refs = table.masks[idx].cpu().numpy()
+                dice += [M.overlap_metrics(p[0], r[0])["dice"] for p, r in zip(pred, refs, strict=True)]
+            metrics["val_dice"] = float(np.mean(dice))
         if model.cls_head and val_cls:
             chunks = []
             for start in range(0, len(val_cls), batch_size):
@@ -170,8 +155,9 @@ def evaluate(
                 with autocast(device, precision):
                     chunks.append(cls_logits(model, normalize(table.images[idx], pre).to(device)).float().cpu())
             logits_all, labels_all = torch.cat(chunks), table.labels[torch.as_tensor(val_cls)].cpu()
-            metrics["val_acc"] = float((logits_all.argmax(1) == labels_all).float().mean())
-            metrics["val_auc"] = roc_auc(torch.softmax(logits_all, 1)[:, 1], (labels_all == 1).long())
+            y = labels_all.numpy()
+            metrics["val_acc"] = M.accuracy(y, logits_all.argmax(1).numpy())
+            metrics["val_auc"] = M.roc_auc(y == 1, torch.softmax(logits_all, 1)[:, 1].numpy())
             metrics["val_nll"] = float(torch.nn.functional.cross_entropy(logits_all, labels_all))
     finally:
         model.train(was_training)

@@ -1,0 +1,114 @@
+"""``mmcli train`` as a user sees it: in a terminal, in a log file, its options and help."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train_data import make_folders
+from typer.testing import CliRunner
+
+from mmcli.cli import app
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|[\r\x07]")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("data"), n_seg=4, n_cls=6)
+
+
+def _args(folders, out, *extra):
+    seg, cls = folders
+    return ["train", "--seg-data", str(seg), "--cls-data", str(cls), "--out", str(out), "--arch", "tiny",
+            "--image-size", "32", "--batch-size", "2", "--steps-per-epoch", "2", "--val-fraction", "0.34",
+            "--device", "cpu", "-j", "0", *extra]
+
+
+def _run_in_terminal(cmd, timeout=60):
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal; return (exit code, output without escapes)."""
+    master, slave = os.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TTY_INTERACTIVE",
+                                                             "TTY_COMPATIBLE", "COLUMNS", "LINES")}
+    env.update(TERM="xterm", COLUMNS="100", LINES="30", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = proc.wait(timeout=timeout)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return code, ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+
+
+def test_two_epochs_in_a_terminal(folders, tmp_path):
+    code, output = _run_in_terminal([sys.executable, "-m", "mmcli", *_args(folders, tmp_path / "run", "--epochs", "2")])
+    assert code == 0, output[-3000:]
+    assert "epoch 1: loss" in output and "epoch 2: loss" in output, output[-3000:]
+    assert "2 epoch(s); best epoch" in output and "Traceback" not in output
+
+
+def test_plain_lines_without_a_terminal(folders, tmp_path):
+    res = runner.invoke(app, _args(folders, tmp_path / "run", "--epochs", "2", "--no-calibrate"),
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    for epoch in (1, 2):
+        assert f"epoch {epoch}: step 2/2, loss" in res.output
+        assert sum(line.startswith(f"epoch {epoch}: loss") for line in lines) == 1
+    assert "2 epoch(s); best epoch" in lines[-1]
+    quiet = runner.invoke(app, _args(folders, tmp_path / "quiet", "--epochs", "1", "--no-calibrate", "-q"))
+    assert quiet.exit_code == 0 and "epoch" not in quiet.output
+
+
+def _threshold(out):
+    return json.loads((out / "run.json").read_text())["config"]["threshold"]
+
+
+def test_pseudo_threshold_and_its_deprecated_name(folders, tmp_path):
+    common = ("--variant", "enc-ssl", "--epochs", "1", "--steps-per-epoch", "1", "--no-calibrate", "-q")
+    res = runner.invoke(app, _args(folders, tmp_path / "new", *common, "--pseudo-threshold", "0.9"))
+    assert res.exit_code == 0, res.output
+    assert _threshold(tmp_path / "new") == 0.9 and "deprecated" not in res.output
+    res = runner.invoke(app, _args(folders, tmp_path / "old", *common, "--threshold", "0.8"))
+    assert res.exit_code == 0, res.output
+    assert _threshold(tmp_path / "old") == 0.8
+    warnings = [line for line in res.output.splitlines() if "deprecated" in line]
+    assert len(warnings) == 1 and "--pseudo-threshold" in warnings[0]
+    res = runner.invoke(app, _args(folders, tmp_path / "both", *common, "--threshold", "0.8",
+                                   "--pseudo-threshold", "0.9"))
+    assert res.exit_code == 2 and "only --pseudo-threshold" in res.output
+    res = runner.invoke(app, _args(folders, tmp_path / "bad", *common, "--threshold", "1.5"))
+    assert res.exit_code == 2
+
+
+def test_help_names_every_value():
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for placeholder in ("<int", "<float", "<str>", "<path>", "<list"):
+        assert placeholder not in res.output, placeholder
+    assert "--pseudo-threshold" in res.output and "--threshold" not in res.output
+    assert "base|tiny" in res.output and "DIR" in res.output
