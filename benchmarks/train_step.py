@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from mmcli.runtime import autocast, resolve_device, resolve_precision
 from mmcli.models import create_model
+from mmcli.runtime import autocast, resolve_device, resolve_precision
 from mmcli.training.config import VARIANTS
 from mmcli.training.losses import (
     LossWeights,

@@ -26,8 +26,9 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,17 @@ class RunLayout:
     lock = property(lambda self: self.folder / ".lock")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSummary:
-    """Counts of a finished run; ``failed > 0`` means exit code 1."""
+    """Counts of a finished run; ``failed > 0`` means exit code 1. ``reports[0]`` is the main report."""
 
-    total: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    resumed: int = 0
-    seconds: float = 0.0
-    reports: list[Path] = field(default_factory=list)
+    total: int
+    ok: int
+    failed: int
+    skipped: int
+    resumed: int
+    seconds: float
+    reports: list[Path]
 
     @property
     def report(self) -> Path | None:
@@ -254,22 +255,21 @@ class BatchRun:
         finally:
             self._lock.release()
 
-    def run(self) -> RunSummary:
-        """Run to the end without looking at the rows."""
-        for _ in self:
-            pass
+    def run(self, on_case: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+        """Run to the end, calling ``on_case`` (if given) with each finished row."""
+        for row in self:
+            if on_case is not None:
+                on_case(row)
         assert self.summary is not None
         return self.summary
 
     def _finish(self) -> None:
         ordered = [self.rows.get(f.case_id) or new_row(self.job.columns, f, status="skipped", error=SKIPPED_REASON)
                    for f in self.files]
-        summary = RunSummary(total=len(self.files), resumed=self.resumed)
-        summary.ok = sum(r["status"] == "ok" for r in ordered)
-        summary.failed = sum(r["status"] == "error" for r in ordered)
-        summary.skipped = sum(r["status"] == "skipped" for r in ordered)
-        summary.reports = self.job.write_reports(ordered)
-        summary.seconds = time.perf_counter() - self.started
+        reports = self.job.write_reports(ordered)
+        statuses = Counter(r["status"] for r in ordered)
+        summary = RunSummary(len(self.files), statuses["ok"], statuses["error"], statuses["skipped"], self.resumed,
+                             time.perf_counter() - self.started, reports)
         write_json(self.job.layout.manifest, {
             "command": self.command,
             "settings": {**self.job.settings, "batch_size": self.batch_size, "workers": self.workers,

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
+from mmcli.errors import UsageError
+
 Intensity = Literal["minmax", "fixed"]
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -43,3 +48,40 @@ class PreprocessConfig:
 
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRunConfig:
+    """Settings of every command that runs the model over images (predict, explain, evaluate).
+
+    ``batch_size`` and ``workers`` of ``None`` take the device's defaults
+    (:mod:`mmcli.runtime`); ``weights`` of ``None`` the default weights.
+    """
+
+    weights: str | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    threshold: float = 0.5
+    voi_lut: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"Unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig(ModelRunConfig):
+    """A batch command's inputs (folders, files, globs), its ``--out`` and ``--fail-fast``."""
+
+    inputs: tuple[str, ...]
+    out: Path
+    fail_fast: bool = False

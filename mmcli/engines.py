@@ -100,7 +100,8 @@ def iter_rows_loader(
     loader = DataLoader(
         RadiographDataset(files, predictor.preprocess, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
-        worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None, pin_memory=predictor.device.type == "cuda",
+        worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
+        pin_memory=predictor.device.type == "cuda",
     )
     pending: deque[Future[dict[str, Any]]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from mmcli import __version__
 from mmcli import metrics as M
-from mmcli.config import CLASS_NAMES
+from mmcli.config import CLASS_NAMES, ModelRunConfig
 from mmcli.data.folders import LABELS_CSV, MASKS_DIR, scan_dataset
 from mmcli.errors import UsageError
 from mmcli.io.readers import is_dicom, read_radiograph
@@ -43,21 +44,13 @@ CASE_COLUMNS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Resolved settings of one ``evaluate`` run (recorded in ``summary.json``)."""
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(ModelRunConfig):
+    """Resolved settings of one ``evaluate`` run (recorded in ``summary.json``); ``out`` is a folder."""
 
     datasets: tuple[str, ...]
     out: Path
     predictions: Path | None = None
-    weights: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    threshold: float = 0.5
-    voi_lut: bool = False
-    overwrite: bool = False
     hdf5: Path | None = None
     plots: bool = True
     n_bootstrap: int = 1000
@@ -65,6 +58,7 @@ class EvaluateConfig:
     worst: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.datasets:
             raise UsageError("No dataset folders given.")
         if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".json", ".md"):
@@ -86,16 +80,16 @@ class Reference:
     mask: Path | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateSummary:
-    """Counts of a finished run; ``failed > 0`` means exit code 1."""
+    """Counts of a finished evaluation; ``failed`` or ``missing`` > 0 means exit code 1."""
 
-    cases: int = 0
-    ok: int = 0
-    failed: int = 0
-    missing: int = 0
-    seconds: float = 0.0
-    out: Path | None = None
+    cases: int
+    ok: int
+    failed: int
+    missing: int
+    seconds: float
+    out: Path
 
 
 def _dataset_names(folders: Sequence[Path]) -> list[str]:
@@ -238,11 +232,9 @@ class EvaluationRun:
                        attrs={**flat, "datasets": summary["datasets"]})
         plots = _write_plots(out, rows, self.names, cfg) if cfg.plots else []
         write_markdown(out / "summary.md", summary, [os.path.relpath(p, out) for p in plots])
-        result = EvaluateSummary(cases=len(rows), out=out, seconds=time.perf_counter() - self.started)
-        result.ok = sum(r["status"] == "ok" for r in rows)
-        result.failed = sum(r["status"] == "error" for r in rows)
-        result.missing = sum(r["status"] == "missing" for r in rows)
-        self.summary = result
+        statuses = Counter(r["status"] for r in rows)
+        self.summary = EvaluateSummary(len(rows), statuses["ok"], statuses["error"], statuses["missing"],
+                                       time.perf_counter() - self.started, out)
 
 
 def run_evaluate(
@@ -256,7 +248,7 @@ def run_evaluate(
     for row in run.cases():
         if on_case is not None:
             on_case(row)
-    assert run.summary is not None
+    assert run.summary is not None  # cases() wrote the reports
     return run.summary
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +35,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmcli.batch import BatchRun, Job, RunLayout, RunSummary, label_for, new_row, provenance
+from mmcli.batch import BatchRun, Job, RunLayout, label_for, new_row, provenance
+from mmcli.config import BatchConfig
 from mmcli.errors import UsageError
-from mmcli.inference import BatchPrediction, Precision, Predictor
+from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.writers import atomic_path, write_csv
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPLAIN_COLUMNS", "ExplainCase", "ExplainConfig", "mass_inside", "open_explain", "run_explain"]
+__all__ = ["EXPLAIN_COLUMNS", "ExplainCase", "ExplainConfig", "mass_inside", "open_explain"]
 
 EXPLAIN_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label", "saliency_in_lungs", "gradcam_in_lungs",
@@ -53,30 +54,18 @@ EXPLAIN_COLUMNS: tuple[str, ...] = (
 VIEWS = ("saliency", "gradcam")
 
 
-@dataclass(frozen=True)
-class ExplainConfig:
-    """Resolved settings of one ``explain`` run (written to ``run.json``)."""
+@dataclass(frozen=True, kw_only=True)
+class ExplainConfig(BatchConfig):
+    """Resolved settings of one ``explain`` run (written to ``run.json``); ``out`` is a folder."""
 
-    inputs: tuple[str, ...]
-    out: Path
-    weights: str | None = None
-    device: str = "auto"
-    precision: Precision = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    threshold: float = 0.5
-    voi_lut: bool = False
-    overwrite: bool = False
-    fail_fast: bool = False
     alpha: float = 0.6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".png"):
             raise UsageError(f"--out is a folder for the explanations, got a file name {self.out.name!r}")
-        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 0):
-            raise UsageError("--batch-size must be at least 1 and --workers 0 or more")
-        if not 0.0 <= self.threshold <= 1.0 or not 0.0 <= self.alpha <= 1.0:
-            raise UsageError("--threshold and --alpha must lie in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha must lie in [0, 1], got {self.alpha}")
 
 
 def mass_inside(heat: np.ndarray, mask: np.ndarray) -> float:
@@ -207,17 +196,3 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     return BatchRun(job, files, predictor, overwrite=cfg.overwrite, fail_fast=cfg.fail_fast,
                     batch_size=cfg.batch_size, workers=cfg.workers, command=command)
 
-
-def run_explain(
-    cfg: ExplainConfig,
-    *,
-    on_case: Callable[[dict[str, Any]], None] | None = None,
-    command: Sequence[str] | None = None,
-) -> RunSummary:
-    """Explain every input of ``cfg`` (:func:`open_explain`, run to the end)."""
-    run = open_explain(cfg, command=command)
-    for row in run:
-        if on_case is not None:
-            on_case(row)
-    assert run.summary is not None
-    return run.summary

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from mmcli.batch import BatchRun, Job, RunLayout, RunSummary, label_for, new_row, provenance
+from mmcli.config import BatchConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
-from mmcli.inference import BatchPrediction, Precision, Predictor
+from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
 from mmcli.weights import load_weights
@@ -43,34 +44,18 @@ HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    """Resolved settings of one ``predict`` run (written to ``run.json``)."""
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(BatchConfig):
+    """Resolved settings of one ``predict`` run (written to ``run.json``); ``out`` is the report file."""
 
-    inputs: tuple[str, ...]
-    out: Path
-    weights: str | None = None
-    device: str = "auto"
-    precision: Precision = "auto"
-    batch_size: int | None = None
-    workers: int | None = None
-    threshold: float = 0.5
-    voi_lut: bool = False
-    overwrite: bool = False
-    fail_fast: bool = False
     hdf5: Path | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.out.suffix.lower() not in REPORT_SUFFIXES:
             raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
         if self.hdf5 is not None and self.hdf5.suffix.lower() not in HDF5_SUFFIXES:
             raise UsageError(f"--hdf5 must end in .h5 or .hdf5, got {self.hdf5.name!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
 
 
 @dataclass(frozen=True)
@@ -159,22 +144,13 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
 def run_predict(
     cfg: PredictConfig,
     *,
-    on_start: Callable[[int, int], None] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
     command: Sequence[str] | None = None,
 ) -> RunSummary:
     """Predict every input of ``cfg`` and write the reports (:func:`open_predict`, run to the end).
 
     Args:
-        on_start: called once with (cases to run, cases resumed from an earlier run).
         on_case: called with each finished row (status ok or error).
         command: the command line, recorded in ``run.json``.
     """
-    run = open_predict(cfg, command=command)
-    if on_start is not None:
-        on_start(len(run.todo), run.resumed)
-    for row in run:
-        if on_case is not None:
-            on_case(row)
-    assert run.summary is not None
-    return run.summary
+    return open_predict(cfg, command=command).run(on_case)

@@ -22,10 +22,8 @@ from typing import Literal
 
 import torch
 
+from mmcli.config import PRECISIONS, Precision
 from mmcli.errors import UsageError
-
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 __all__ = [
     "PRECISIONS", "Precision", "apply_precision_policy", "autocast", "cpu_has_fast_bf16", "default_batch_size",

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mmcli.batch import RunLayout, RunLock, _settings_changes
 from mmcli.cli import app
 from mmcli.errors import UsageError
-from mmcli.explain import ExplainConfig, open_explain, run_explain
+from mmcli.explain import ExplainConfig, open_explain
 from mmcli.predict import PredictConfig, open_predict, run_predict
 
 runner = CliRunner()
@@ -38,7 +38,7 @@ def test_predict_and_explain_agree(tmp_path, scans, tiny_weights):
     # one Predictor, one precision policy: the same probabilities and labels from both commands
     run_predict(PredictConfig(inputs=(str(scans),), out=tmp_path / "p.csv", weights=str(tiny_weights),
                               device="cpu"))
-    run_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights), device="cpu"))
+    open_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights), device="cpu")).run()
     pred, expl = _csv(tmp_path / "p.csv"), _csv(tmp_path / "e" / "explain.csv")
     assert pred.keys() == expl.keys()
     for case_id, row in pred.items():
@@ -64,8 +64,8 @@ def test_explain_runs_on_the_cpu_worker_engine(tmp_path, scans, tiny_weights):
 
 def test_fail_fast_skips_the_rest_in_explain(tmp_path, scans, tiny_weights):
     (scans / "a_bad.png").write_text("broken, and first in order")
-    summary = run_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights),
-                                        device="cpu", workers=0, batch_size=1, fail_fast=True))
+    summary = open_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights),
+                                         device="cpu", workers=0, batch_size=1, fail_fast=True)).run()
     rows = _csv(tmp_path / "e" / "explain.csv")
     assert rows["a_bad"]["status"] == "error" and summary.failed == 1
     assert summary.skipped == 5 and all(r["status"] == "skipped" for k, r in rows.items() if k != "a_bad")

@@ -49,7 +49,8 @@ def datasets(tmp_path):
 
 def test_evaluate_end_to_end(tmp_path, datasets, tiny_weights):
     out = tmp_path / "report"
-    res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50", "--hdf5", out / "evaluation.h5"])
+    res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50",
+                "--hdf5", out / "evaluation.h5"])
     assert res.exit_code == 0, res.output
     rows = _rows(out / "per_case.csv")
     assert [r["dataset"] for r in rows] == ["seg"] * 3 + ["cls"] * 4  # the unlabelled image is left out

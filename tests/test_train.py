@@ -123,7 +123,7 @@ def test_validation_and_calibration_numbers_are_those_of_mmcli_metrics(tmp_path)
     with torch.no_grad():
         out = model(normalize(table.images, pre))
     pred = (out.seg_logits >= 0).numpy()
-    dice = [M.overlap_metrics(p[0], r[0])["dice"] for p, r in zip(pred, table.masks.numpy())]
+    dice = [M.overlap_metrics(p[0], r[0])["dice"] for p, r in zip(pred, table.masks.numpy(), strict=True)]
     probs, y = torch.softmax(out.cls_logits, 1).numpy(), table.labels.numpy()
     assert got["val_dice"] == pytest.approx(np.mean(dice), abs=1e-12)
     assert got["val_acc"] == M.accuracy(y, probs.argmax(1))

@@ -88,7 +88,7 @@ def test_written_files_honour_the_umask(tmp_path):
     old = os.umask(0o027)
     os.umask(old)
     expected = 0o666 & ~old
-    assert writers._FILE_MODE == expected  # read from the process, not assumed
+    assert expected == writers._FILE_MODE  # read from the process, not assumed
     write_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
     write_csv(tmp_path / "r.csv", [{"a": 1}], ["a"])
     for name in ("m.png", "r.csv"):

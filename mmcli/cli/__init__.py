@@ -14,7 +14,6 @@ from mmcli import __version__
 from mmcli.cli import evaluate, explain, predict, train
 from mmcli.cli.common import setup_logging
 
-
 _OPTION_TYPE = typer.core.TyperOption.display_type_rich
 _ARGUMENT_TYPE = typer.core.TyperArgument.display_type_rich
 

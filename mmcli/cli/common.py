@@ -8,9 +8,10 @@ for ``explain``, ``evaluate`` and ``train``, which write several reports.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,7 +72,7 @@ OverwriteOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary line.")]
 HDF5Opt = Annotated[
     Path | None,
-    typer.Option("--hdf5", metavar="FILE", help="Also write the report, with the masks or maps, to this HDF5 file."),
+    typer.Option("--hdf5", metavar="FILE", help="Also write the report to this HDF5 file (predict: with every mask)."),
 ]
 InputsArg = Annotated[
     list[str],
@@ -81,6 +82,33 @@ InputsArg = Annotated[
 ReportOutOpt = Annotated[
     Path, typer.Option("--out", "-o", metavar="FILE", help="Report file: .csv, .h5 or .hdf5.", show_default=False)
 ]
+
+
+def model_run_options(*, fail_fast: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the options of every command that runs the model, declared once, here.
+
+    The command declares its own parameters and ``**run``; it receives these options in
+    ``run`` (named as the config fields they fill, plus ``quiet``). In ``--help`` they come
+    right after the command's required parameters.
+    """
+    shared: list[tuple[str, Any, Any]] = [
+        ("weights", WeightsOpt, None), ("device", DeviceOpt, "auto"), ("precision", PrecisionOpt, "auto"),
+        ("batch_size", BatchSizeOpt, None), ("workers", WorkersOpt, None), ("threshold", ThresholdOpt, 0.5),
+        ("voi_lut", VoiLutOpt, False), ("overwrite", OverwriteOpt, False),
+        *([("fail_fast", FailFastOpt, False)] if fail_fast else []), ("quiet", QuietOpt, False),
+    ]
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for name, annotation, default in shared]
+        required = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is p.empty]
+        optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not p.empty]
+        command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
+
+    return add
 
 
 def folder_out(what: str) -> Any:

@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from mmcli.cli.common import (
-    BatchSizeOpt,
-    DeviceOpt,
     HDF5Opt,
-    OverwriteOpt,
-    PrecisionOpt,
-    QuietOpt,
-    ThresholdOpt,
-    VoiLutOpt,
-    WeightsOpt,
-    WorkersOpt,
     exit_on_error,
     folder_out,
     follow_rows,
+    model_run_options,
     say,
     stop_cleanly,
 )
 from mmcli.evaluation import EvaluateConfig, EvaluationRun
 
 
+@model_run_options()
 def evaluate(
     datasets: Annotated[
         list[str],
@@ -41,22 +34,15 @@ def evaluate(
         typer.Option("--predictions", "-p", metavar="FILE",
                      help="Evaluate this earlier `mmcli predict` report instead of running the model."),
     ] = None,
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    batch_size: BatchSizeOpt = None,
-    workers: WorkersOpt = None,
-    threshold: ThresholdOpt = 0.5,
-    voi_lut: VoiLutOpt = False,
     hdf5: HDF5Opt = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG figures.")] = True,
     bootstrap: Annotated[
-        int, typer.Option("--bootstrap", min=0, metavar="N", help="Bootstrap resamples for the 95% intervals (0: none).")
+        int,
+        typer.Option("--bootstrap", min=0, metavar="N", help="Bootstrap resamples for the 95% intervals (0: none)."),
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the bootstrap.")] = 0,
     worst: Annotated[int, typer.Option("--worst", min=0, metavar="N", help="Lowest-Dice cases shown per dataset.")] = 4,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
+    **run: Any,
 ) -> None:
     """Compute the paper's metrics against reference masks and labels.
 
@@ -66,12 +52,10 @@ def evaluate(
     intervals) and PNG figures. Several datasets appear side by side. Exit code 0 when
     every case was evaluated, 1 when any failed or had no prediction, 2 on usage errors.
     """
+    quiet = run.pop("quiet")
     with exit_on_error():
-        cfg = EvaluateConfig(
-            datasets=tuple(datasets), out=out, predictions=predictions, weights=weights, device=device,
-            precision=precision, batch_size=batch_size, workers=workers, threshold=threshold, voi_lut=voi_lut,
-            overwrite=overwrite, hdf5=hdf5, plots=plots, n_bootstrap=bootstrap, seed=seed, worst=worst,
-        )
+        cfg = EvaluateConfig(datasets=tuple(datasets), out=out, predictions=predictions, hdf5=hdf5, plots=plots,
+                             n_bootstrap=bootstrap, seed=seed, worst=worst, **run)
         run = EvaluationRun(cfg, command=sys.argv)
         with stop_cleanly("predictions finished so far are kept in " + str(run.report.with_suffix("")),
                           "run the same command again to resume"):

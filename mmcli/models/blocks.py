@@ -78,20 +78,10 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """MaxPool2d(2) then DoubleConv: (B, in_ch, H, W) -> (B, out_ch, H/2, W/2)."""
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        *,
-        dropout: float = 0.25,
-        negative_slope: float = 0.2,
-    ) -> None:
-        super().__init__(
-            nn.MaxPool2d(2),
-            DoubleConv(in_ch, out_ch, dropout=dropout, negative_slope=negative_slope),
-        )
-        self.in_channels = in_ch
-        self.out_channels = out_ch
+    def __init__(self, in_ch: int, out_ch: int, **conv: float) -> None:
+        """``conv``: ``dropout`` and ``negative_slope`` of the :class:`DoubleConv`."""
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_ch, out_ch, **conv))
+        self.in_channels, self.out_channels = in_ch, out_ch
 
 
 class Up(nn.Module):
