@@ -1,4 +1,4 @@
-"""Frozen settings shared by the library and stored with the weights."""
+"""Frozen settings: preprocessing (stored with the weights) and what every model-running command takes."""
 
 from __future__ import annotations
 

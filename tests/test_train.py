@@ -239,3 +239,25 @@ def test_set_schedule_after_first_epoch_equals_that_schedule_from_the_start(fold
     assert run["config"]["epochs"] == 3 and run["config"]["lr_step"] == 2
     with pytest.raises(UsageError, match="stepped"):
         trainers[0].set_schedule(5, 1)
+
+
+def test_voi_lut_reaches_the_training_reader(folders, tmp_path, monkeypatch):
+    import mmcli.training.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.load_table
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("voi_lut"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "load_table", spy)
+    run_train(_cfg(folders, tmp_path / "run", voi_lut=True, epochs=1))
+    assert seen == [True]
+
+
+def test_resume_treats_a_setting_the_old_run_lacks_as_its_default(folders, tmp_path):
+    cfg = _cfg(folders, tmp_path / "run")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "voi_lut"}  # a run from before --voi-lut existed
+    assert cfg.differences(old) == []
+    assert _cfg(folders, tmp_path / "run", voi_lut=True).differences(old) == ["voi_lut"]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmcli.cli.common import DeviceOpt, PrecisionOpt, QuietOpt, console, exit_on_error, folder_out, say
+from mmcli.cli.common import DeviceOpt, PrecisionOpt, QuietOpt, VoiLutOpt, console, exit_on_error, folder_out, say
 from mmcli.errors import UsageError
 from mmcli.models.registry import ARCH_PRESETS
 from mmcli.training import VARIANTS, TrainConfig, TrainSummary, run_train
@@ -130,6 +130,7 @@ def train(
         "--patience", min=0, metavar="N", help="Stop after N epochs without a better score; 0: never.")] = 10,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate", help="Fit a temperature on the validation split.")] = True,
+    voi_lut: VoiLutOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: Annotated[int, typer.Option(
@@ -150,7 +151,7 @@ def train(
             cls_labels=_budget(cls_labels, "--cls-labels"), val_fraction=val_fraction, seed=seed, epochs=epochs,
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,
             threshold=_pseudo_threshold(ctx, pseudo_threshold, threshold), lambda_u=lambda_u, alpha=alpha,
-            beta=beta, hflip=hflip, patience=patience or None, calibrate=calibrate, device=device,
+            beta=beta, hflip=hflip, patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,
             precision=precision, workers=workers, resume=resume,
         )
         show = _Progress(quiet)

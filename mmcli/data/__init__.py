@@ -1,1 +1,1 @@
-"""Torch-facing data code: preprocessing with its exact inverse, datasets."""
+"""Data code: preprocessing with its exact inverse, datasets, and the one rule for dataset folders."""

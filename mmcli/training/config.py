@@ -78,6 +78,7 @@ class TrainConfig:
     hflip: bool = False
     patience: int | None = 10
     calibrate: bool = True
+    voi_lut: bool = False
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
@@ -119,6 +120,10 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """Names of settings (other than RESUMABLE) whose values differ from ``other``."""
+        """Names of settings (other than RESUMABLE) whose values differ from ``other``.
+
+        A setting ``other`` lacks (a run from before it existed) counts as its default.
+        """
         mine = self.to_dict()
-        return [f.name for f in fields(self) if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name)]
+        return [f.name for f in fields(self) if f.name not in self.RESUMABLE
+                and mine[f.name] != other.get(f.name, f.default)]

@@ -112,7 +112,7 @@ class Trainer:
     def _prepare_data(self) -> None:
         cfg = self.cfg
         samples = scan_folders([Path(d) for d in cfg.seg_data], [Path(d) for d in cfg.cls_data], self.class_names)
-        table, failures = load_table(samples, cfg.image_size, cfg.workers)
+        table, failures = load_table(samples, cfg.image_size, cfg.workers, voi_lut=cfg.voi_lut)
         for i, reason in failures:
             logger.warning("skipped %s: %s", samples[i].path, reason)
         bad = {i for i, _ in failures}
