@@ -19,10 +19,7 @@ run resume where it stopped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import platform
 import sys
 import time
@@ -37,10 +34,10 @@ import torch
 
 from mmcli import __version__
 from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
-from mmcli.errors import UsageError
+from mmcli.errors import MMCLIError, UsageError
 from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile
-from mmcli.io.writers import Journal, write_json
+from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
 from mmcli.runtime import default_batch_size, default_workers
 from mmcli.weights import Checkpoint
 
@@ -144,36 +141,6 @@ class Job:
     write_reports: Callable[[list[dict[str, Any]]], list[Path]]
 
 
-class RunLock:
-    """An exclusive lock on a run folder for the whole run (``flock`` on ``<folder>/.lock``)."""
-
-    def __init__(self, path: Path, what: Path) -> None:
-        self.path, self.what = path, what
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Raises: UsageError: another process holds the lock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UsageError(f"another mmcli run (pid {holder}) is writing {self.what}: wait for it to finish, "
-                             "or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)
-            self._fd = None
-
-
 def _settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
@@ -208,6 +175,7 @@ class BatchRun:
         in_processes = device.type == "cpu" and self.workers > 0
         self.batch_size = batch_size or default_batch_size(device, in_processes=in_processes)
         self.engine = iter_rows_processes if in_processes else iter_rows_loader
+        probe_writable(job.layout.folder, job.layout.report.parent)
         self._lock = RunLock(job.layout.lock, job.layout.report)
         self._lock.acquire()
         try:
@@ -237,23 +205,31 @@ class BatchRun:
         """Run the cases still to do, yielding each row as it finishes; then write the reports."""
         journal = Journal(self.job.layout.journal)
         try:
-            journal.start(self.job.header, self.rows.values())
-            logger.info("%s with %d worker(s), batch %d", self.engine.__name__, self.workers, self.batch_size)
-            results = self.engine(self.predictor, self.todo, self.job.task, batch_size=self.batch_size,
-                                  workers=self.workers)
-            try:
-                for row in results:
-                    self.rows[row["case_id"]] = row
-                    journal.append(row)
-                    yield row
-                    if self.fail_fast and row["status"] == "error":
-                        break
-            finally:
-                results.close()
-                journal.close()
-            self._finish()
+            yield from self._run(journal)
+        except OSError as err:  # disk full, folder removed, read-only remount... mid-run
+            raise MMCLIError(
+                f"cannot write {err.filename or self.job.layout.folder}: {err.strerror or err}; the cases "
+                f"finished so far are kept in {self.job.layout.journal}: fix this and run the same command again"
+            ) from err
         finally:
             self._lock.release()
+
+    def _run(self, journal: Journal) -> Iterator[dict[str, Any]]:
+        journal.start(self.job.header, self.rows.values())
+        logger.info("%s with %d worker(s), batch %d", self.engine.__name__, self.workers, self.batch_size)
+        results = self.engine(self.predictor, self.todo, self.job.task, batch_size=self.batch_size,
+                              workers=self.workers)
+        try:
+            for row in results:
+                self.rows[row["case_id"]] = row
+                journal.append(row)
+                yield row
+                if self.fail_fast and row["status"] == "error":
+                    break
+        finally:
+            results.close()
+            journal.close()
+        self._finish()
 
     def run(self, on_case: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
         """Run to the end, calling ``on_case`` (if given) with each finished row."""

@@ -33,7 +33,16 @@ from mmcli.config import CLASS_NAMES, ModelRunConfig
 from mmcli.data.folders import LABELS_CSV, MASKS_DIR, scan_dataset
 from mmcli.errors import UsageError
 from mmcli.io.readers import is_dicom, read_radiograph
-from mmcli.io.writers import atomic_path, read_csv_rows, read_mask_png, write_csv, write_hdf5, write_json
+from mmcli.io.writers import (
+    RunLock,
+    atomic_path,
+    probe_writable,
+    read_csv_rows,
+    read_mask_png,
+    write_csv,
+    write_hdf5,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,33 +193,43 @@ class EvaluationRun:
         self.refs = [r for folder, name in zip(self.folders, self.names, strict=True)
                      for r in find_references(folder, name)]
         self.summary: EvaluateSummary | None = None
-        self.predict_run = None
-        if cfg.predictions is not None:
-            self.report = cfg.predictions.resolve()
-        else:
-            from mmcli.predict import PredictConfig, open_predict  # torch only when the model runs
+        probe_writable(self.out)
+        self._lock = RunLock(self.out / ".lock", self.out)
+        self._lock.acquire()  # held until the reports are written (or the run fails)
+        try:
+            self.predict_run = self._open_predict(command) if cfg.predictions is None else None
+        except BaseException:
+            self._lock.release()
+            raise
+        self.report = cfg.predictions.resolve() if cfg.predictions is not None else self.out / "predictions.csv"
 
-            self.report = self.out / "predictions.csv"
-            self.predict_run = open_predict(PredictConfig(
-                inputs=tuple(str(r.path) for r in self.refs), out=self.report, weights=cfg.weights,
-                device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
-            ), command=command)
+    def _open_predict(self, command: Sequence[str] | None) -> Any:
+        from mmcli.predict import PredictConfig, open_predict  # torch only when the model runs
+
+        cfg = self.cfg
+        return open_predict(PredictConfig(
+            inputs=tuple(str(r.path) for r in self.refs), out=self.out / "predictions.csv", weights=cfg.weights,
+            device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+            workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
+        ), command=command)
 
     def cases(self) -> Iterator[dict[str, Any]]:
         """Evaluate each referenced image (running the predictions first if still to do)."""
-        if self.predict_run is not None and self.predict_run.summary is None:
-            self.predict_run.run()
-        preds = _predictions_by_source(self.report)
-        if not any(str(r.path) in preds for r in self.refs):
-            raise UsageError(f"None of the {len(self.refs)} referenced images appears in {self.report}: "
-                             "was it made from these dataset folders?")
-        rows = []
-        for ref in self.refs:
-            row = evaluate_case(ref, preds.get(str(ref.path)), self.cfg.voi_lut)
-            rows.append(row)
-            yield row
-        self._write(rows)
+        try:
+            if self.predict_run is not None and self.predict_run.summary is None:
+                self.predict_run.run()
+            preds = _predictions_by_source(self.report)
+            if not any(str(r.path) in preds for r in self.refs):
+                raise UsageError(f"None of the {len(self.refs)} referenced images appears in {self.report}: "
+                                 "was it made from these dataset folders?")
+            rows = []
+            for ref in self.refs:
+                row = evaluate_case(ref, preds.get(str(ref.path)), self.cfg.voi_lut)
+                rows.append(row)
+                yield row
+            self._write(rows)
+        finally:
+            self._lock.release()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         cfg, out = self.cfg, self.out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import WeightsError
-from mmcli.models import create_model
+from mmcli.models import create_model, list_models, model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,37 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 1024
+"""The model input sizes a checkpoint may declare (a larger one costs memory quadratically)."""
+
+
+def validate_description(ckpt: Checkpoint) -> None:
+    """Check a checkpoint's description before anything is built from it.
+
+    Raises:
+        WeightsError: an unknown model or model argument, a temperature that is not a
+            finite number > 0 (it would make every probability NaN), an image size outside
+            64..1024, or no class names.
+    """
+    where = ckpt.path or "checkpoint"
+    if ckpt.model_name not in list_models():
+        raise WeightsError(f"{where}: unknown model {ckpt.model_name!r} (known: {', '.join(list_models())})")
+    try:
+        model_kwargs(ckpt.model_name, **ckpt.model_kwargs)  # on the meta device: nothing is allocated
+    except TypeError as err:
+        raise WeightsError(f"{where}: model arguments {sorted(ckpt.model_kwargs)} do not fit model "
+                           f"{ckpt.model_name!r}: {err}") from None
+    except ValueError as err:
+        raise WeightsError(f"{where}: invalid model arguments for {ckpt.model_name!r}: {err}") from None
+    if not (math.isfinite(ckpt.temperature) and ckpt.temperature > 0):
+        raise WeightsError(f"{where}: calibration temperature must be a finite number > 0, got {ckpt.temperature}")
+    size = ckpt.preprocess.image_size
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise WeightsError(f"{where}: model image size {size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    if len(ckpt.class_names) < 2:
+        raise WeightsError(f"{where}: needs at least two class names, got {list(ckpt.class_names)}")
 
 
 def _from_metadata(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Checkpoint:
@@ -164,6 +196,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None
         raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
     ckpt = _from_metadata(meta, state)
     ckpt.path, ckpt.sha256 = path, sha
+    validate_description(ckpt)
     return ckpt
 
 

@@ -12,10 +12,11 @@ import pytest
 from conftest import save_png8
 from typer.testing import CliRunner
 
-from mmcli.batch import RunLayout, RunLock, _settings_changes
+from mmcli.batch import RunLayout, _settings_changes
 from mmcli.cli import app
 from mmcli.errors import UsageError
 from mmcli.explain import ExplainConfig, open_explain
+from mmcli.io.writers import RunLock
 from mmcli.predict import PredictConfig, open_predict, run_predict
 
 runner = CliRunner()
@@ -87,7 +88,7 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path, scans, tiny_weights
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from mmcli.batch import RunLock
+        from mmcli.io.writers import RunLock
         RunLock(Path({str(layout.lock)!r}), Path("r.csv")).acquire()
         print("locked", flush=True)
         time.sleep(60)

@@ -34,7 +34,7 @@ def folders(tmp_path_factory):
 def _args(folders, out, *extra):
     seg, cls = folders
     return ["train", "--seg-data", str(seg), "--cls-data", str(cls), "--out", str(out), "--arch", "tiny",
-            "--image-size", "32", "--batch-size", "2", "--steps-per-epoch", "2", "--val-fraction", "0.34",
+            "--image-size", "64", "--batch-size", "2", "--steps-per-epoch", "2", "--val-fraction", "0.34",
             "--device", "cpu", "-j", "0", *extra]
 
 

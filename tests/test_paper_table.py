@@ -90,7 +90,7 @@ def test_tiny_table_end_to_end(paper_table, data, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "table"
     code = paper_table.main(["--data", str(data), "--out", str(out), "--budget", "0.01", "--arch", "tiny",
-                             "--image-size", "32", "--steps-per-epoch", "1", "--workers", "0", "--bootstrap", "20",
+                             "--image-size", "64", "--steps-per-epoch", "1", "--workers", "0", "--bootstrap", "20",
                              "--test-fraction", "0.25", "--rows", "multimix-all-all"])
     assert code == 0
     result = json.loads((out / "runs" / "multimix-all-all" / "result.json").read_text())

@@ -103,7 +103,7 @@ def test_temperature_recovers_a_known_scale():
     assert M.expected_calibration_error(torch.softmax(true_logits * 3 / t, 1).numpy(), labels.numpy()) < ece_raw
 
 
-def _small_table(n=8, size=32):
+def _small_table(n=8, size=64):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(n, 1, size, size, generator=g)
     masks = (torch.rand(n, 1, size, size, generator=g) > 0.5).to(torch.uint8)
@@ -115,7 +115,7 @@ def _small_table(n=8, size=32):
 def test_validation_and_calibration_numbers_are_those_of_mmcli_metrics(tmp_path):
     torch.manual_seed(0)
     model = create_model("multimix_tiny")
-    table, pre = _small_table(), PreprocessConfig(image_size=32)
+    table, pre = _small_table(), PreprocessConfig(image_size=64)
     val = list(range(len(table.labels)))
     opts = {"batch_size": 3, "device": torch.device("cpu"), "precision": "fp32"}
     got, logits, labels = evaluate(model, table, val, val, pre, **opts)

@@ -116,8 +116,12 @@ def folder_out(what: str) -> Any:
     return Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help=f"Folder for {what}.", show_default=False)]
 
 
+_VERBOSITY = {"level": 0}
+
+
 def setup_logging(verbose: int) -> None:
     """One Rich handler on stderr; tracebacks without local variables (they may hold patient data)."""
+    _VERBOSITY["level"] = verbose
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger("mmcli")
     root.handlers.clear()
@@ -233,4 +237,18 @@ def exit_on_error() -> Iterator[None]:
         raise typer.Exit(2) from None
     except MMCLIError as err:
         console.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    except OSError as err:  # an output that cannot be written, outside a run's own checks
+        if _VERBOSITY["level"] > 0:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        console.print(f"[bold red]Error:[/] {escape(where + str(err.strerror or err))}", highlight=False)
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as err:  # a bug: one line, the traceback only when asked for
+        if _VERBOSITY["level"] > 0:
+            raise
+        console.print(f"[bold red]Error:[/] unexpected {type(err).__name__}: {escape(str(err))} "
+                      "(run with -v for the traceback)", highlight=False)
         raise typer.Exit(1) from None

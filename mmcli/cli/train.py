@@ -107,7 +107,7 @@ def train(
         "--steps-per-epoch", min=1, metavar="N",
         help="Steps per epoch. Default: one pass over the largest labelled pool.")] = None,
     image_size: Annotated[int, typer.Option(
-        "--image-size", min=16, metavar="PX", help="Model input size (multiple of 16).")] = 256,
+        "--image-size", min=64, max=1024, metavar="PX", help="Model input size (multiple of 16).")] = 256,
     arch: Annotated[str, typer.Option(
         "--arch", metavar="|".join(ARCH_PRESETS), help="Model size: base (paper widths) or tiny (smoke tests).")] = (
         "base"),

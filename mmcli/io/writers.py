@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from mmcli.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +203,66 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class RunLock:
+    """An exclusive lock on a run folder for a whole run (``flock`` on a lock file in it).
+
+    The kernel drops the lock when its process ends, however it ends, so a killed run
+    never leaves a stale lock behind. The holder's pid is written into the file for the
+    message a second run gets.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], what: str | os.PathLike[str]) -> None:
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises: UsageError: another process holds the lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"another mmcli run (pid {holder}) is writing {self.what}: wait for it to finish, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def probe_writable(*folders: str | os.PathLike[str]) -> None:
+    """Create each folder and a file in it, before any work, so a bad ``--out`` fails at once.
+
+    Raises:
+        UsageError: a folder cannot be created or written (parent is a file, read-only
+            file system, no permission, disk full), naming it and the cause.
+    """
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+            try:
+                os.write(fd, b"mmcli")
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as err:
+            raise UsageError(f"cannot write the outputs to {folder}: {err.strerror or err}") from None

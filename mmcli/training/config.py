@@ -102,8 +102,9 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
-        if self.image_size < 16 or self.image_size % 16:
-            raise UsageError(f"--image-size must be a multiple of 16, got {self.image_size}")
+        if not 64 <= self.image_size <= 1024 or self.image_size % 16:
+            raise UsageError(f"--image-size must be a multiple of 16 in 64..1024 (what a checkpoint may declare), "
+                             f"got {self.image_size}")
 
     @property
     def variant_spec(self) -> Variant:

@@ -13,8 +13,10 @@ minus the epoch's training loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ import torch
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import UsageError
-from mmcli.io.writers import write_csv, write_json
+from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
 from mmcli.training.calibration import calibrate_checkpoint
@@ -281,11 +283,15 @@ def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = 
               command: list[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says; write best/last checkpoints, state.pt, history.csv, splits.csv and run.json."""
     started = time.time()
-    trainer = Trainer(cfg)
-    try:
-        return _run(trainer, started, on_start, on_step, on_epoch, command)
-    finally:
-        shutdown(trainer.dist)
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run folder, held by torchrun's rank 0
+            probe_writable(cfg.out)
+            stack.enter_context(RunLock(Path(cfg.out) / ".lock", cfg.out))
+        trainer = Trainer(cfg)
+        try:
+            return _run(trainer, started, on_start, on_step, on_epoch, command)
+        finally:
+            shutdown(trainer.dist)
 
 
 def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] | None,

@@ -1,0 +1,152 @@
+"""Errors at the edge: bad outputs found before any work, a full disk mid-run, bad checkpoint
+metadata, locked run folders, and one line (no traceback) for every failure."""
+
+import errno
+import json
+import math
+import sys
+
+import h5py
+import pytest
+import torch
+from conftest import make_checkpoint, save_png8
+from typer.testing import CliRunner
+
+import mmcli.io.writers as writers
+from mmcli.cli import app
+from mmcli.config import PreprocessConfig
+from mmcli.errors import WeightsError
+from mmcli.models import create_model, model_kwargs
+from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def scans(tmp_path):
+    for i in range(3):
+        save_png8(tmp_path / "scans" / f"s{i}.png", 64, 64, seed=i)
+    return tmp_path / "scans"
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(res):
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert "Traceback" not in res.output
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def test_an_out_whose_parent_is_a_file_fails_before_any_work(tmp_path, scans, tiny_weights):
+    (tmp_path / "file").write_text("x")
+    res = _run("predict", scans, "--out", tmp_path / "file" / "r.csv", "-w", tiny_weights)
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert "cannot write the outputs to" in line and str(tmp_path / "file") in line
+    res = _run("explain", scans, "--out", tmp_path / "file" / "e", "-w", tiny_weights)
+    assert res.exit_code == 2 and "cannot write the outputs to" in _one_error_line(res)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc, where nothing can be created")
+def test_an_out_that_cannot_be_created_fails_before_any_work(tmp_path, scans, tiny_weights):
+    res = _run("predict", scans, "--out", "/proc/mmcli-test/r.csv", "-w", tiny_weights)
+    assert res.exit_code == 2 and "cannot write the outputs to /proc/mmcli-test" in _one_error_line(res)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_a_rerun_finishes(tmp_path, scans, tiny_weights, monkeypatch):
+    real = writers.Journal.append
+    calls = []
+
+    def full_after_one(self, row):
+        calls.append(row["case_id"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real(self, row)
+
+    monkeypatch.setattr(writers.Journal, "append", full_after_one)
+    out = tmp_path / "r.csv"
+    res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-j", "0", "-b", "1")
+    assert res.exit_code == 1
+    line = _one_error_line(res)
+    assert "No space left on device" in line and "journal.jsonl" in line and "run the same command again" in line
+    assert not out.exists()
+    monkeypatch.setattr(writers.Journal, "append", real)
+    res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-j", "0")
+    assert res.exit_code == 0 and "(1 resumed)" in res.output
+
+
+def test_an_unexpected_error_is_one_line_unless_verbose(tmp_path, scans, tiny_weights, monkeypatch):
+    import mmcli.predict
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(mmcli.predict, "discover_inputs", broken)
+    res = _run("predict", scans, "--out", tmp_path / "r.csv", "-w", tiny_weights)
+    assert res.exit_code == 1
+    assert _one_error_line(res) == ("Error: unexpected RuntimeError: something nobody expected "
+                                    "(run with -v for the traceback)")
+    res = runner.invoke(app, ["-v", "predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights)])
+    assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
+
+
+def _bad_checkpoint(path, **changes):
+    kwargs = model_kwargs("multimix_tiny")
+    ckpt = Checkpoint("multimix_tiny", {**kwargs, **changes.pop("kwargs", {})},
+                      create_model("multimix_tiny").state_dict(), preprocess=PreprocessConfig(image_size=64))
+    for key, value in changes.items():
+        setattr(ckpt, key, value)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"kwargs": {"wings": 2}}, "do not fit model 'multimix_tiny'"),
+    ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+    ({"temperature": math.nan}, "temperature must be a finite number > 0, got nan"),
+    ({"preprocess": PreprocessConfig(image_size=4096)}, "model image size 4096 is outside 64..1024"),
+    ({"model_name": "no_such_model"}, "unknown model 'no_such_model'"),
+])
+def test_bad_checkpoint_metadata_is_refused_on_load(tmp_path, scans, changes, message):
+    path = _bad_checkpoint(tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(WeightsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_checkpoint(path)
+    res = _run("predict", scans, "--out", tmp_path / "r.csv", "-w", path)
+    assert res.exit_code == 2 and message in _one_error_line(res)
+
+
+def test_train_and_evaluate_run_folders_are_locked(tmp_path, scans, tiny_weights):
+    from mmcli.io.writers import RunLock
+
+    (scans / "labels.csv").write_text("file,label\ns0.png,normal\ns1.png,pneumonia\n")
+    with RunLock(tmp_path / "ev" / ".lock", tmp_path / "ev"):
+        res = _run("evaluate", scans, "--out", tmp_path / "ev", "-w", tiny_weights, "--bootstrap", "0")
+        assert res.exit_code == 2 and "another mmcli run (pid" in _one_error_line(res)
+    res = _run("evaluate", scans, "--out", tmp_path / "ev", "-w", tiny_weights, "--bootstrap", "0", "--no-plots")
+    assert res.exit_code == 0, res.output
+    with RunLock(tmp_path / "run" / ".lock", tmp_path / "run"):
+        res = _run("train", "--cls-data", scans, "--variant", "enc", "--arch", "tiny", "--image-size", "64",
+                   "--epochs", "1", "--out", tmp_path / "run")
+        assert res.exit_code == 2 and "another mmcli run (pid" in _one_error_line(res)
+
+
+def test_reruns_write_identical_hdf5(tmp_path, scans, tiny_weights):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for out in (a, b):
+        assert _run("predict", scans, "--out", out, "-w", tiny_weights, "-q").exit_code == 0
+    with h5py.File(a) as h5:
+        assert "created" not in h5.attrs  # the time of a run is in run.json only
+    # the reports differ only in where their masks live (a/masks vs b/masks)
+    assert a.read_bytes().replace(b"a/masks", b"b/masks") == b.read_bytes()
+    assert "created" in json.loads((tmp_path / "a" / "run.json").read_text())
+
+
+def test_checkpoints_written_by_training_still_load(tmp_path):
+    path = make_checkpoint(tmp_path / "ok.safetensors")
+    ckpt = load_checkpoint(path)
+    assert ckpt.temperature == 1.0 and ckpt.preprocess.image_size == 64
+    assert isinstance(ckpt.build_model()(torch.zeros(1, 1, 64, 64)).cls_logits, torch.Tensor)
