@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-from mmcli.errors import ReadError
+from mmcli.errors import ReadError, UsageError
 from mmcli.io.readers import SUPPORTED_SUFFIXES, Radiograph, is_dicom, read_radiograph
 
 DICOM_DIR = Path(__file__).parent / "data" / "dicom"
@@ -334,7 +341,7 @@ def test_refuse_undecodable_dicom(tmp_path: Path) -> None:
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PixelData = encapsulate([b"\xff\xd8 not really a jpeg"])
     ds.save_as(path, enforce_file_format=True)
-    assert_refused(path, "cannot decode DICOM pixel data", "JPEG Baseline")
+    assert_refused(path, "truncated or corrupt DICOM pixel data", "JPEG Baseline")
 
 
 def test_refuse_multiframe_image(tmp_path: Path) -> None:
@@ -383,10 +390,15 @@ def test_refuse_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert_refused(path, "permission denied")
 
 
-def test_refuse_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pillow_bomb_limit_only_without_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = png(tmp_path / "big.png", np.zeros((16, 16), np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
-    assert_refused(path, "too large")
+    with pytest.raises(ReadError, match="too large"):
+        read_radiograph(path, max_pixels=None)  # no limit of ours: Pillow's applies
+    assert read_radiograph(path).pixels.shape == (16, 16)  # ours stands in for Pillow's
+    assert Image.MAX_IMAGE_PIXELS == 10  # and it is put back
+    with pytest.raises(ReadError, match=r"image of 16 x 16 pixels exceeds the 0.0002 MP limit$"):
+        read_radiograph(path, max_pixels=200)
 
 
 def test_shipped_examples_read_and_match_their_labels():
@@ -402,3 +414,196 @@ def test_shipped_examples_read_and_match_their_labels():
         rad = read_radiograph(path)
         assert min(rad.height, rad.width) >= 512 and 0.0 <= rad.pixels.min() < rad.pixels.max() <= 1.0
     assert all((scans / name).is_file() for name in labels)
+
+
+# ---------------------------------------------------------------- pixel budget, errors, warnings
+
+
+def png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid 8-bit grey PNG of ``width`` x ``height`` zeros: a few hundred KB on disk."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    packer, rows = zlib.compressobj(9), bytes((width + 1) * 1000)  # filter byte + row, 1000 rows
+    idat = b"".join(packer.compress(rows[: (width + 1) * min(1000, height - y)]) for y in range(0, height, 1000))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat + packer.flush()) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+def dicom_bomb(path: Path) -> Path:
+    """An uncompressed DICOM declaring 16000 x 16000 pixels with 8 bytes of pixel data."""
+    return make_dicom(path, np.zeros((2, 2), np.uint16), Rows=16000, Columns=16000)
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("bombs")
+    return png_bomb(folder / "bomb.png", 13000, 13000), dicom_bomb(folder / "bomb.dcm")
+
+
+def run_measured(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter; it prints a JSON object as its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr  # no library warning reaches stderr raw
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ru_maxrss survives fork and exec (Linux keeps the parent's peak in the child), so a child
+# started from a big pytest process would under-report; VmHWM is this process's own peak.
+MEASURE = """
+    import json, resource, sys, time
+    from mmcli.errors import ReadError
+    from mmcli.io.readers import read_radiograph
+
+    def peak_kib():
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        try:
+            with open("/proc/self/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), maxrss
+        except (OSError, StopIteration):
+            return maxrss, maxrss
+
+    out = {}
+    for path in PATHS:
+        (hwm, maxrss), start = peak_kib(), time.perf_counter()
+        try:
+            rad = read_radiograph(path)
+            result = [rad.height, rad.width, float(rad.pixels.max())]
+        except ReadError as exc:
+            result = exc.reason
+        hwm_after, maxrss_after = peak_kib()
+        out[path] = {
+            "result": result, "grown_mb": (hwm_after - hwm) / 1024, "seconds": time.perf_counter() - start,
+            "maxrss_grown_mb": (maxrss_after - maxrss) / 1024,
+        }
+    print(json.dumps(out))
+"""
+
+
+def test_bombs_refused_from_the_header(bombs: tuple[Path, Path]) -> None:
+    png_path, dcm_path = bombs
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(png_path) as check:
+        assert check.size == (13000, 13000)  # a real PNG, which Pillow alone would decode
+    assert_refused(png_path, "image of 13000 x 13000 pixels exceeds the 60 MP limit")
+    assert_refused(dcm_path, "image of 16000 x 16000 pixels exceeds the 60 MP limit")
+    code = f"PATHS = {[str(png_path), str(dcm_path)]!r}\n" + textwrap.dedent(MEASURE)
+    for path, row in run_measured(code).items():
+        assert row["result"].endswith("exceeds the 60 MP limit"), (path, row)
+        assert max(row["grown_mb"], row["maxrss_grown_mb"]) < 200 and row["seconds"] < 2, (path, row)
+
+
+def test_budget_counts_frames_and_formats_the_limit(tmp_path: Path) -> None:
+    path = png(tmp_path / "a.png", np.zeros((1000, 500), np.uint8))
+    with pytest.raises(ReadError, match=r": image of 500 x 1000 pixels exceeds the 0\.4 MP limit$"):
+        read_radiograph(path, max_pixels=400_000)
+    assert read_radiograph(path, max_pixels=500_000).pixels.shape == (1000, 500)
+    assert read_radiograph(path, max_pixels=None).pixels.shape == (1000, 500)
+    frames = make_dicom(tmp_path / "m.dcm", np.zeros((3, 4, 5), np.uint16), NumberOfFrames=3)
+    with pytest.raises(ReadError, match=r"image of 5 x 4 pixels x 3 frames exceeds the 0\.00005 MP limit"):
+        read_radiograph(frames, max_pixels=50)
+    for bad in (0, -1, 1.5, True, "60"):
+        with pytest.raises(UsageError, match="max_pixels"):
+            read_radiograph(path, max_pixels=bad)  # type: ignore[arg-type]
+
+
+def test_truncated_jpeg_dicom_is_corrupt_not_pixel_free(tmp_path: Path) -> None:
+    data = MONO2.read_bytes()
+    for fraction in (0.5, 0.9, 0.999):
+        cut = tmp_path / f"cut{fraction}.dcm"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        assert_refused(cut, "truncated or corrupt DICOM pixel data", "JPEG Baseline")
+    native = make_dicom(tmp_path / "n.dcm", np.arange(400, dtype=np.uint16).reshape(20, 20))
+    (tmp_path / "n_cut.dcm").write_bytes(native.read_bytes()[:-100])
+    assert_refused(tmp_path / "n_cut.dcm", "truncated or corrupt DICOM pixel data", "Explicit VR Little Endian")
+
+
+@pytest.mark.parametrize(
+    "attrs,reason",
+    [
+        ({"PhotometricInterpretation": "PALETTE COLOR"}, "colour DICOM (PALETTE COLOR) is not supported"),
+        ({"PhotometricInterpretation": "FOO"}, "unsupported photometric interpretation 'FOO'"),
+        ({"Rows": 0}, "DICOM header declares no valid image size (Rows 0, Columns 2)"),
+        ({"BitsStored": 0, "HighBit": 0}, "invalid Bits Stored (0) for 16-bit pixel data"),
+        ({"RescaleSlope": "1e308", "RescaleIntercept": "1e308"}, "invalid modality LUT / rescale"),
+    ],
+)
+def test_refuse_bad_dicom_headers(tmp_path: Path, attrs: dict[str, object], reason: str) -> None:
+    assert_refused(make_dicom(tmp_path / "h.dcm", np.zeros((2, 2), np.uint16), **attrs), reason)
+
+
+def test_unforeseen_library_errors_become_read_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = png(tmp_path / "a.png", np.zeros((2, 2), np.uint8))
+    for exc in (KeyError("x"), IndexError("y"), ZeroDivisionError("z"), struct.error("s")):
+
+        def broken(*args: object, exc: Exception = exc, **kwargs: object) -> None:
+            raise exc
+
+        monkeypatch.setattr("mmcli.io.readers._pil_to_grey", broken)
+        assert_refused(path, "cannot convert 'L' image to grey")
+    for exc, reason in ((MemoryError(), "not enough memory"), (RecursionError(), "nested too deeply")):
+
+        def broken(*args: object, exc: Exception = exc, **kwargs: object) -> None:
+            raise exc
+
+        monkeypatch.setattr("mmcli.io.readers._check_file", broken)
+        assert_refused(path, reason)
+
+
+def test_library_warnings_are_captured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns when the value is set, too
+        path = make_dicom(tmp_path / "v.dcm", np.zeros((2, 2), np.uint16), NumberOfFrames="1.0")  # IS: no "."
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG, "mmcli.io.readers"):
+        warnings.simplefilter("always")
+        img = read_radiograph(path)
+    assert caught == []
+    assert len(img.warnings) == 1 and img.warnings[0].startswith("UserWarning: Invalid value for VR IS: '1.0'")
+    assert f"{path}: UserWarning: Invalid value for VR IS" in caplog.text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut = tmp_path / "cut.dcm"
+        cut.write_bytes(MONO2.read_bytes()[:60000])
+        with pytest.raises(ReadError):
+            read_radiograph(cut)  # pydicom warns "End of file reached before delimiter"
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40: Pillow warns, does not refuse
+        assert read_radiograph(png_bomb(tmp_path / "b.png", 40, 40), max_pixels=None).warnings
+    assert caught == []  # neither pydicom's nor Pillow's DecompressionBombWarning escaped
+
+
+def test_int32_tiff_min_max_exact(tmp_path: Path) -> None:
+    arr = np.array([[-70000, 0], [5, 2**30]], dtype=np.int32)
+    img = read_radiograph(png(tmp_path / "i.tif", arr))
+    assert img.bits == 32
+    np.testing.assert_array_equal(img.pixels, f32((arr + 70000.0) / (2**30 + 70000.0)))
+
+
+def test_wide_dicom_goes_through_blocks_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mmcli.io.readers._CHUNK_PIXELS", 7)  # several blocks even for a tiny image
+    raw = np.array([[0, 1, 2**20], [2**24 - 1, 12345, 7], [3, 4, 5]], dtype=np.uint32)
+    path = make_dicom(tmp_path / "w.dcm", raw, bits_stored=24, RescaleSlope=3, RescaleIntercept=-1)
+    np.testing.assert_array_equal(read_radiograph(path).pixels, f32(3.0 * raw / (3.0 * (2**24 - 1))))
+
+
+@pytest.mark.slow
+def test_peak_memory_of_large_inputs(tmp_path: Path) -> None:
+    """A ~59 MP 16-bit PNG and uncompressed DICOM each read within 1.5 GB of resident growth."""
+    height, width = 7600, 7760  # 58.98 MP, under the 60 MP budget
+    ramp = (np.arange(width, dtype=np.uint32) * 65535 // (width - 1)).astype(np.uint16)
+    pixels = np.broadcast_to(ramp, (height, width))
+    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / "big.png", compress_level=1)
+    make_dicom(tmp_path / "big.dcm", pixels, bits_stored=16, RescaleSlope=2, RescaleIntercept=-3)
+    mono1 = make_dicom(tmp_path / "big1.dcm", pixels, bits_stored=16, photometric="MONOCHROME1")
+    paths = [str(tmp_path / "big.png"), str(tmp_path / "big.dcm"), str(mono1)]
+    for path in paths:  # one fresh interpreter per file: ru_maxrss is a high-water mark
+        row = run_measured(f"PATHS = {[path]!r}\n" + textwrap.dedent(MEASURE))[path]
+        assert row["result"] == [height, width, 1.0], row
+        assert max(row["grown_mb"], row["maxrss_grown_mb"]) < 1536, row
+        print(f"{Path(path).name}: peak resident growth {row['grown_mb']:.0f} MB in {row['seconds']:.1f} s")
