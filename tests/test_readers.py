@@ -586,7 +586,7 @@ def test_int32_tiff_min_max_exact(tmp_path: Path) -> None:
 
 
 def test_wide_dicom_goes_through_blocks_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mmcli.io.readers._CHUNK_PIXELS", 7)  # several blocks even for a tiny image
+    monkeypatch.setattr("mmcli.io.image._CHUNK_PIXELS", 7)  # several blocks even for a tiny image
     raw = np.array([[0, 1, 2**20], [2**24 - 1, 12345, 7], [3, 4, 5]], dtype=np.uint32)
     path = make_dicom(tmp_path / "w.dcm", raw, bits_stored=24, RescaleSlope=3, RescaleIntercept=-1)
     np.testing.assert_array_equal(read_radiograph(path).pixels, f32(3.0 * raw / (3.0 * (2**24 - 1))))
