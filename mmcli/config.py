@@ -10,6 +10,8 @@ from mmcli.errors import UsageError
 
 Intensity = Literal["minmax", "fixed"]
 Precision = Literal["auto", "fp32", "bf16"]
+DEFAULT_MAX_PIXELS = 60_000_000
+"""Largest image (width x height x frames x samples) a batch command decodes by default."""
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
@@ -55,7 +57,8 @@ class ModelRunConfig:
     """Settings of every command that runs the model over images (predict, explain, evaluate).
 
     ``batch_size`` and ``workers`` of ``None`` take the device's defaults
-    (:mod:`mmcli.runtime`); ``weights`` of ``None`` the default weights.
+    (:mod:`mmcli.runtime`); ``weights`` of ``None`` the default weights; ``max_pixels``
+    of ``None`` lifts mmcli's own pixel budget (Pillow's limit then applies).
     """
 
     weights: str | None = None
@@ -65,9 +68,12 @@ class ModelRunConfig:
     workers: int | None = None
     threshold: float = 0.5
     voi_lut: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:

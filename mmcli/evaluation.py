@@ -210,7 +210,8 @@ class EvaluationRun:
         return open_predict(PredictConfig(
             inputs=tuple(str(r.path) for r in self.refs), out=self.out / "predictions.csv", weights=cfg.weights,
             device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
-            workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, overwrite=cfg.overwrite,
+            workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, max_pixels=cfg.max_pixels,
+            overwrite=cfg.overwrite,
         ), command=command)
 
     def cases(self) -> Iterator[dict[str, Any]]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmcli.batch import BatchRun, Job, RunLayout, label_for, new_row, provenance
-from mmcli.config import BatchConfig
+from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
@@ -83,6 +83,7 @@ class ExplainCase:
     class_names: tuple[str, ...]
     alpha: float = 0.6
     voi_lut: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_pixels: bool = True  # overlays are drawn on the pixels the model saw
 
     def png(self, view: str, case_id: str) -> Path:
@@ -178,7 +179,7 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
     predictor.require_bridge()
-    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut)
+    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels)
     have_maps = _old_map_ids(layout.folder / "maps.h5") if not cfg.overwrite else set()
 
     def still_done(row: Mapping[str, Any]) -> bool:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mmcli.batch import BatchRun, Job, RunLayout, RunSummary, label_for, new_row, provenance
-from mmcli.config import BatchConfig
+from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
@@ -71,6 +71,7 @@ class PredictCase:
     report_dir: Path
     class_names: tuple[str, ...]
     voi_lut: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_pixels: bool = False
 
     def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
@@ -128,7 +129,7 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
-                       cfg.voi_lut)
+                       cfg.voi_lut, cfg.max_pixels)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,

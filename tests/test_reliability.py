@@ -1,6 +1,7 @@
 """Errors at the edge: bad outputs found before any work, a full disk mid-run, bad checkpoint
 metadata, locked run folders, and one line (no traceback) for every failure."""
 
+import csv
 import errno
 import json
 import math
@@ -31,6 +32,11 @@ def scans(tmp_path):
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def _one_error_line(res):
@@ -150,3 +156,43 @@ def test_checkpoints_written_by_training_still_load(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.temperature == 1.0 and ckpt.preprocess.image_size == 64
     assert isinstance(ckpt.build_model()(torch.zeros(1, 1, 64, 64)).cls_logits, torch.Tensor)
+
+
+def test_bombs_get_error_rows_and_max_pixels_sets_the_budget(tmp_path, scans, tiny_weights):
+    from test_readers import dicom_bomb, png_bomb
+
+    png_bomb(scans / "bomb.png", 13000, 13000)
+    dicom_bomb(scans / "bomb.dcm")
+    out = tmp_path / "r.csv"
+    res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-q", "-j", "0")
+    assert res.exit_code == 1
+    rows = _rows(out)
+    assert rows["bomb.png"]["error"] == "image of 13000 x 13000 pixels exceeds the 60 MP limit"
+    assert rows["bomb.dcm"]["error"] == "image of 16000 x 16000 pixels exceeds the 60 MP limit"
+    assert [rows[f"s{i}"]["status"] for i in range(3)] == ["ok"] * 3
+    res = _run("predict", scans / "s0.png", "--out", tmp_path / "small.csv", "-w", tiny_weights, "-q",
+               "--max-pixels", "4000")
+    assert res.exit_code == 1
+    (row,) = _rows(tmp_path / "small.csv").values()
+    assert row["error"] == "image of 64 x 64 pixels exceeds the 0.004 MP limit"
+    manifest = json.loads((tmp_path / "small" / "run.json").read_text())
+    assert manifest["settings"]["max_pixels"] == 4000
+
+
+@pytest.mark.slow
+def test_peak_memory_of_one_worker_on_a_59_megapixel_image(tmp_path, tiny_weights):
+    import resource
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = (np.arange(7760, dtype=np.uint32) * 65535 // 7759).astype(np.uint16)
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (7600, 7760)))).save(tmp_path / "big.png")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    res = subprocess.run([sys.executable, "-m", "mmcli", "predict", str(tmp_path / "big.png"), "--out",
+                          str(tmp_path / "r.csv"), "-w", str(tiny_weights), "-j", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib > before or before < 1.5 * 2**20  # the largest child so far is this run or one smaller
+    assert peak_kib < 1.5 * 2**20, f"peak {peak_kib / 2**20:.2f} GiB"

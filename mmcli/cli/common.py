@@ -8,6 +8,7 @@ for ``explain``, ``evaluate`` and ``train``, which write several reports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import signal
@@ -21,6 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mmcli.config import DEFAULT_MAX_PIXELS
 from mmcli.errors import MMCLIError, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line: log files stay greppable
@@ -63,6 +65,11 @@ ThresholdOpt = Annotated[
 VoiLutOpt = Annotated[
     bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
 ]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", min=0, metavar="N",
+                 help="Refuse images over N pixels (width x height x frames), checked before decoding; 0: no limit."),
+]
 FailFastOpt = Annotated[
     bool, typer.Option("--fail-fast", help="Stop at the first file that fails (the rest get status skipped).")
 ]
@@ -94,19 +101,25 @@ def model_run_options(*, fail_fast: bool = False) -> Callable[[Callable[..., Non
     shared: list[tuple[str, Any, Any]] = [
         ("weights", WeightsOpt, None), ("device", DeviceOpt, "auto"), ("precision", PrecisionOpt, "auto"),
         ("batch_size", BatchSizeOpt, None), ("workers", WorkersOpt, None), ("threshold", ThresholdOpt, 0.5),
-        ("voi_lut", VoiLutOpt, False), ("overwrite", OverwriteOpt, False),
+        ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
+        ("overwrite", OverwriteOpt, False),
         *([("fail_fast", FailFastOpt, False)] if fail_fast else []), ("quiet", QuietOpt, False),
     ]
 
     def add(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def run_command(*args: Any, **kwargs: Any) -> None:
+            kwargs["max_pixels"] = kwargs.get("max_pixels") or None  # 0 on the command line: no limit
+            command(*args, **kwargs)
+
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
         added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
                  for name, annotation, default in shared]
         required = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is p.empty]
         optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not p.empty]
-        command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
-        return command
+        run_command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
+        run_command.__annotations__ = {p.name: p.annotation for p in run_command.__signature__.parameters.values()}
+        return run_command
 
     return add
 

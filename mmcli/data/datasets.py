@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mmcli.config import PreprocessConfig
+from mmcli.config import DEFAULT_MAX_PIXELS, PreprocessConfig
 from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError
 from mmcli.io.discover import InputFile
@@ -27,24 +27,30 @@ class RadiographDataset(Dataset[dict[str, Any]]):
     """
 
     def __init__(
-        self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False, keep_pixels: bool = False
+        self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False, keep_pixels: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.files = list(files)
         self.cfg = cfg
         self.voi_lut = voi_lut
         self.keep_pixels = keep_pixels
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut, keep_pixels=self.keep_pixels)
+        return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut, keep_pixels=self.keep_pixels,
+                         max_pixels=self.max_pixels)
 
 
 def load_case(
-    file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False, keep_pixels: bool = False
+    file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False, keep_pixels: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Read and preprocess one file; a failure is returned as the item's ``error``, never raised.
+
+    ``max_pixels`` is the reader's pixel budget, checked from the header before decoding.
 
     Returns:
         ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``,
@@ -52,7 +58,7 @@ def load_case(
     """
     item: dict[str, Any] = {"index": index, "image": None, "error": None, "meta": {}}
     try:
-        rad = read_radiograph(file.path, voi_lut=voi_lut)
+        rad = read_radiograph(file.path, voi_lut=voi_lut, max_pixels=max_pixels)
         item["meta"] = {
             "height": rad.height,
             "width": rad.width,

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcli.config import DEFAULT_MAX_PIXELS
 from mmcli.errors import ReadError
 
-DEFAULT_MAX_PIXELS = 60_000_000
-"""Largest image (width x height x frames) :func:`mmcli.io.readers.read_radiograph` decodes by default."""
+__all__ = ["DEFAULT_MAX_PIXELS", "NOT_AN_IMAGE", "NO_MEMORY", "Radiograph", "check_budget", "chunked"]
+
 NO_MEMORY = "not enough memory to decode the image"
 NOT_AN_IMAGE = "not an image or DICOM file (cannot identify image format)"
 _CHUNK_PIXELS = 1 << 21  # float64 intermediates are made a block of rows this big at a time
