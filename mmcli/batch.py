@@ -33,10 +33,12 @@ from typing import Any
 import torch
 
 from mmcli import __version__
+from mmcli.config import BatchConfig
 from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile
+from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
 from mmcli.runtime import default_batch_size, default_workers
 from mmcli.weights import Checkpoint
@@ -141,6 +143,14 @@ class Job:
     write_reports: Callable[[list[dict[str, Any]]], list[Path]]
 
 
+def _without_paths(row: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The row without its input's path, also where a reason quotes it (``--anonymize-ids``)."""
+    error = row.get("error")
+    if isinstance(error, str):
+        error = error.replace(str(path), row["case_id"])
+    return {**row, "source": None, "error": error}
+
+
 def _settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
@@ -163,23 +173,24 @@ class BatchRun:
     """
 
     def __init__(
-        self, job: Job, files: Sequence[InputFile], predictor: Predictor, *, overwrite: bool = False,
-        fail_fast: bool = False, batch_size: int | None = None, workers: int | None = None,
+        self, job: Job, files: Sequence[InputFile], predictor: Predictor, cfg: BatchConfig,
         command: Sequence[str] | None = None,
     ) -> None:
         self.started = time.perf_counter()
-        self.job, self.files, self.predictor = job, list(files), predictor
-        self.fail_fast, self.command = fail_fast, list(command) if command is not None else None
+        self.job, self.predictor, self.cfg = job, predictor, cfg
+        self.fail_fast, self.command = cfg.fail_fast, list(command) if command is not None else None
         device = predictor.device
-        self.workers = default_workers(device) if workers is None else workers
+        self.workers = default_workers(device) if cfg.workers is None else cfg.workers
         in_processes = device.type == "cpu" and self.workers > 0
-        self.batch_size = batch_size or default_batch_size(device, in_processes=in_processes)
+        self.batch_size = cfg.batch_size or default_batch_size(device, in_processes=in_processes)
         self.engine = iter_rows_processes if in_processes else iter_rows_loader
         probe_writable(job.layout.folder, job.layout.report.parent)
         self._lock = RunLock(job.layout.lock, job.layout.report)
         self._lock.acquire()
         try:
-            done = {} if overwrite else self._still_done()
+            self.files = list(files) if cfg.anonymize_ids is None else anonymize(files, cfg.anonymize_ids)
+            self._sources = {f.case_id: f.path for f in self.files}
+            done = {} if cfg.overwrite else self._still_done()
         except BaseException:
             self._lock.release()
             raise
@@ -199,7 +210,9 @@ class BatchRun:
                 f"({_settings_changes(old_header, self.job.header)}); "
                 "pass --overwrite to start again, or choose another --out"
             )
-        return {case_id: row for case_id, row in rows.items() if row.get("status") == "ok" and self.job.still_done(row)}
+        return {case_id: row for case_id, row in rows.items()
+                if row.get("status") == "ok" and case_id in self._sources and self.job.still_done(row)
+                and same_input(row.get(FINGERPRINT), fingerprint(self._sources[case_id], self.cfg.verify_inputs))}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Run the cases still to do, yielding each row as it finishes; then write the reports."""
@@ -221,8 +234,10 @@ class BatchRun:
                               workers=self.workers)
         try:
             for row in results:
+                if self.cfg.anonymize_ids is not None:
+                    row = _without_paths(row, self._sources[row["case_id"]])
                 self.rows[row["case_id"]] = row
-                journal.append(row)
+                journal.append({**row, FINGERPRINT: fingerprint(self._sources[row["case_id"]], self.cfg.verify_inputs)})
                 yield row
                 if self.fail_fast and row["status"] == "error":
                     break
@@ -246,9 +261,12 @@ class BatchRun:
         statuses = Counter(r["status"] for r in ordered)
         summary = RunSummary(len(self.files), statuses["ok"], statuses["error"], statuses["skipped"], self.resumed,
                              time.perf_counter() - self.started, reports)
+        command, settings = self.command, dict(self.job.settings)
+        if self.cfg.anonymize_ids is not None:  # names given on the command line may be patients' names
+            command, settings["inputs"] = None, f"{len(settings['inputs'])} input(s): see the --anonymize-ids file"
         write_json(self.job.layout.manifest, {
-            "command": self.command,
-            "settings": {**self.job.settings, "batch_size": self.batch_size, "workers": self.workers,
+            "command": command,
+            "settings": {**settings, "batch_size": self.batch_size, "workers": self.workers,
                          "engine": self.engine.__name__},
             "provenance": provenance(self.predictor.checkpoint),
             "device": str(self.predictor.device),

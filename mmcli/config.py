@@ -86,8 +86,14 @@ class ModelRunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BatchConfig(ModelRunConfig):
-    """A batch command's inputs (folders, files, globs), its ``--out`` and ``--fail-fast``."""
+    """A batch command's inputs (folders, files, globs), ``--out``, ``--fail-fast`` and resume checks.
+
+    ``verify_inputs``: a resume also compares each input's sha256 (not only size and
+    mtime). ``anonymize_ids``: the file mapping anonymised case ids back to inputs.
+    """
 
     inputs: tuple[str, ...]
     out: Path
     fail_fast: bool = False
+    verify_inputs: bool = False
+    anonymize_ids: Path | None = None

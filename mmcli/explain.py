@@ -194,6 +194,5 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, provenance(ckpt)),
     )
-    return BatchRun(job, files, predictor, overwrite=cfg.overwrite, fail_fast=cfg.fail_fast,
-                    batch_size=cfg.batch_size, workers=cfg.workers, command=command)
+    return BatchRun(job, files, predictor, cfg, command)
 

@@ -138,8 +138,7 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         still_done=lambda row: not row.get("mask") or (layout.report.parent / str(row["mask"])).is_file(),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
     )
-    return BatchRun(job, files, predictor, overwrite=cfg.overwrite, fail_fast=cfg.fail_fast,
-                    batch_size=cfg.batch_size, workers=cfg.workers, command=command)
+    return BatchRun(job, files, predictor, cfg, command)
 
 
 def run_predict(

@@ -13,7 +13,6 @@ registry's default. Files named through the registry are verified by sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from torch import nn
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import WeightsError
+from mmcli.io.identity import file_sha256
 from mmcli.models import create_model, list_models, model_kwargs
 
 logger = logging.getLogger(__name__)
@@ -83,15 +83,6 @@ class Checkpoint:
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
         return model.eval()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _as_tuple(value: Any) -> Any:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import h5py
+import numpy as np
 import pytest
 from conftest import save_png8
 from typer.testing import CliRunner
@@ -135,3 +136,53 @@ def test_help_shows_no_python_type_placeholders(command):
     for placeholder in ("<bool>", "<int", "<float", "<str>", "<path>", "<list"):
         assert placeholder not in res.output, placeholder
     assert os.linesep.join(res.output.splitlines())  # not empty
+
+
+def test_a_replaced_input_is_predicted_again(tmp_path, scans, tiny_weights):
+    out = tmp_path / "r.csv"
+    cfg = PredictConfig(inputs=(str(scans),), out=out, weights=str(tiny_weights), device="cpu", workers=0)
+    run_predict(cfg)
+    before = _csv(out)
+    save_png8(scans / "s1.png", 90, 80, seed=9)  # same name, other image
+    summary = run_predict(cfg)
+    assert summary.resumed == 3  # s0, s2, s3 kept; s1 recomputed; bad.png retried
+    after = _csv(out)
+    assert (after["s1"]["height"], after["s1"]["width"]) == ("90", "80") != (before["s1"]["height"], "64")
+    assert after["s0"] == before["s0"]
+
+
+def test_verify_inputs_compares_content_not_mtime(tmp_path, scans, tiny_weights):
+    out = tmp_path / "r.csv"
+    cfg = PredictConfig(inputs=(str(scans),), out=out, weights=str(tiny_weights), device="cpu", workers=0,
+                        verify_inputs=True)
+    run_predict(cfg)
+    os.utime(scans / "s0.png", ns=(1, 1))  # touched (e.g. copied), same bytes: still done
+    data = bytearray((scans / "s2.png").read_bytes())
+    stat = (scans / "s2.png").stat()
+    data[-20] ^= 0xFF  # one byte changed, size and mtime kept: only the sha256 sees it
+    (scans / "s2.png").write_bytes(bytes(data))
+    os.utime(scans / "s2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    summary = run_predict(cfg)
+    assert summary.resumed == 3  # s0, s1, s3; s2 is predicted again (and now fails: a corrupt PNG)
+    assert _csv(out)["s2"]["status"] == "error"
+
+
+def test_anonymized_ids_keep_no_file_name_and_map_back(tmp_path, scans, tiny_weights):
+    (scans / "DOE_JANE_19700101.png").write_bytes((scans / "s0.png").read_bytes())
+    mapping = tmp_path / "private" / "ids.json"
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.h5"), "-w", str(tiny_weights),
+                              "--anonymize-ids", str(mapping), "-q", "-j", "0"])
+    assert res.exit_code == 1  # bad.png
+    everything = b"".join(p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file())
+    everything += (tmp_path / "r.h5").read_bytes() + res.output.encode()
+    assert b"DOE_JANE" not in everything and str(scans).encode() not in everything
+    with h5py.File(tmp_path / "r.h5") as h5:
+        ids = [s.decode() for s in h5["cases/case_id"][()]]
+        assert set(h5["masks"]) <= set(ids) and all(len(i) == 20 for i in ids)
+        assert np.isnan(h5["cases/source"][()]).all()  # a column with no value at all is stored as NaN
+    table = json.loads(mapping.read_text())["cases"]
+    assert {v["case_id"] for v in table.values()} == {"bad", "DOE_JANE_19700101", "s0", "s1", "s2", "s3"}
+    assert mapping.stat().st_mode & 0o777 == 0o600
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.h5"), "-w", str(tiny_weights),
+                              "--anonymize-ids", str(mapping), "-j", "0"])
+    assert "(5 resumed)" in res.output  # the same mapping gives the same ids

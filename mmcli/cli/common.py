@@ -73,6 +73,15 @@ MaxPixelsOpt = Annotated[
 FailFastOpt = Annotated[
     bool, typer.Option("--fail-fast", help="Stop at the first file that fails (the rest get status skipped).")
 ]
+VerifyInputsOpt = Annotated[
+    bool, typer.Option("--verify-inputs", help="On resume, compare each input's sha256, not only its size and mtime.")
+]
+AnonymizeOpt = Annotated[
+    Path | None,
+    typer.Option("--anonymize-ids", metavar="FILE",
+                 help="Case ids become salted hashes and sources are left out; FILE (kept apart from the outputs) "
+                      "maps them back."),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Start again instead of resuming (by default finished cases are skipped).")
 ]
@@ -91,10 +100,12 @@ ReportOutOpt = Annotated[
 ]
 
 
-def model_run_options(*, fail_fast: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command the options of every command that runs the model, declared once, here.
 
-    The command declares its own parameters and ``**run``; it receives these options in
+    ``batch``: also the options of commands over INPUT... (``--fail-fast``,
+    ``--verify-inputs``, ``--anonymize-ids``). The command declares its own parameters
+    and ``**run``; it receives these options in
     ``run`` (named as the config fields they fill, plus ``quiet``). In ``--help`` they come
     right after the command's required parameters.
     """
@@ -103,7 +114,9 @@ def model_run_options(*, fail_fast: bool = False) -> Callable[[Callable[..., Non
         ("batch_size", BatchSizeOpt, None), ("workers", WorkersOpt, None), ("threshold", ThresholdOpt, 0.5),
         ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
         ("overwrite", OverwriteOpt, False),
-        *([("fail_fast", FailFastOpt, False)] if fail_fast else []), ("quiet", QuietOpt, False),
+        *([("fail_fast", FailFastOpt, False), ("verify_inputs", VerifyInputsOpt, False),
+           ("anonymize_ids", AnonymizeOpt, None)] if batch else []),
+        ("quiet", QuietOpt, False),
     ]
 
     def add(command: Callable[..., None]) -> Callable[..., None]:
@@ -192,10 +205,11 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
     with Ticker(name, total, quiet=quiet) as ticker:
         for row in rows:
             failed = row.get("status") in ("error", "missing")
+            name = row.get("source") or row.get("case_id")  # no source with --anonymize-ids
             if failed:
-                logger.warning("%s: %s", row.get("source"), row.get("error"))
+                logger.warning("%s: %s", name, row.get("error"))
             else:
-                logger.info("%s: %s", row.get("source"), row.get("status"))
+                logger.info("%s: %s", name, row.get("status"))
             ticker.advance(failed=failed)
 
 

@@ -15,7 +15,7 @@ AlphaOpt = Annotated[
 ]
 
 
-@model_run_options(fail_fast=True)
+@model_run_options(batch=True)
 def explain(
     inputs: InputsArg,
     out: folder_out("the maps and the report (explain.csv, saliency/, gradcam/, maps.h5)"),  # type: ignore[valid-type]

@@ -9,7 +9,7 @@ from mmcli.cli.common import HDF5Opt, InputsArg, ReportOutOpt, drive_run, exit_o
 from mmcli.predict import PredictConfig, open_predict
 
 
-@model_run_options(fail_fast=True)
+@model_run_options(batch=True)
 def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, **run: Any) -> None:
     """Predict lung masks and pneumonia probabilities.
 

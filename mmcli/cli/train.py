@@ -11,7 +11,17 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmcli.cli.common import DeviceOpt, PrecisionOpt, QuietOpt, VoiLutOpt, console, exit_on_error, folder_out, say
+from mmcli.cli.common import (
+    DeviceOpt,
+    PrecisionOpt,
+    QuietOpt,
+    VoiLutOpt,
+    console,
+    exit_on_error,
+    folder_out,
+    say,
+    stop_cleanly,
+)
 from mmcli.errors import UsageError
 from mmcli.models.registry import ARCH_PRESETS
 from mmcli.training import VARIANTS, TrainConfig, TrainSummary, run_train
@@ -155,7 +165,8 @@ def train(
             precision=precision, workers=workers, resume=resume,
         )
         show = _Progress(quiet)
-        with show.progress:
+        with stop_cleanly(f"the last finished epoch is kept in {out / 'state.pt'}",
+                          "run the same command with --resume to continue"), show.progress:
             summary = run_train(cfg, on_start=show.on_start, on_step=show.on_step, on_epoch=show.on_epoch,
                                 command=sys.argv)
     if not quiet and summary.is_main:
