@@ -91,3 +91,16 @@ def test_no_worker_outlives_a_killed_parent(tmp_path, many, tiny_weights):
     proc.kill()  # kill -9: no handler runs in the parent
     proc.communicate(timeout=30)
     assert _gone_within(workers, 10), f"workers still alive: {_alive(workers)}"
+
+
+def test_two_runs_started_together_into_one_out(tmp_path, many, tiny_weights):
+    out = tmp_path / "r.csv"
+    procs = [subprocess.Popen([sys.executable, "-m", "mmcli", "predict", str(many), "--out", str(out), "-w",
+                               str(tiny_weights), "-j", "1", "--threshold", threshold],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for threshold in ("0.5", "0.6")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "another mmcli run (pid" in refused and "is writing" in refused and "Traceback" not in refused
