@@ -93,6 +93,29 @@ class RunSummary:
         return {k: getattr(self, k) for k in ("total", "ok", "failed", "skipped", "resumed")}
 
 
+def shard_path(path: Path, shard: tuple[int, int] | None) -> Path:
+    """Where shard K of N of a run into ``path`` goes: ``results.csv`` -> ``results.shard-3-of-8.csv``,
+    a folder ``out`` -> ``out.shard-3-of-8``; ``path`` itself without a shard."""
+    if shard is None:
+        return path
+    tag = f".shard-{shard[0]}-of-{shard[1]}"
+    return path.with_name(path.stem + tag + path.suffix) if path.suffix else path.with_name(path.name + tag)
+
+
+def all_shard_paths(path: Path, shard: tuple[int, int] | None) -> list[Path]:
+    """Every shard's path of a sharded run (to keep them all out of the inputs), or ``[path]``."""
+    return [shard_path(path, (k, shard[1])) for k in range(shard[1])] if shard else [path]
+
+
+def take_shard(files: Sequence[InputFile], shard: tuple[int, int] | None) -> list[InputFile]:
+    """Part K of N of the discovered inputs: every N-th file from the K-th, as nnU-Net splits.
+
+    Discovery sorts the inputs, so every node given the same inputs gets the same parts;
+    case ids come from the whole list, so they are those of a single run.
+    """
+    return list(files) if shard is None else list(files[shard[0] :: shard[1]])
+
+
 def new_row(columns: Sequence[str], file: InputFile, **values: Any) -> dict[str, Any]:
     """A row for ``file`` with every one of ``columns`` present (``None`` where unknown)."""
     row: dict[str, Any] = dict.fromkeys(columns)
@@ -188,6 +211,7 @@ class BatchRun:
         self._lock = RunLock(job.layout.lock, job.layout.report)
         self._lock.acquire()
         try:
+            files = take_shard(files, cfg.shard)
             self.files = list(files) if cfg.anonymize_ids is None else anonymize(files, cfg.anonymize_ids)
             self._sources = {f.case_id: f.path for f in self.files}
             done = {} if cfg.overwrite else self._still_done()

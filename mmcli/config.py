@@ -90,6 +90,7 @@ class BatchConfig(ModelRunConfig):
 
     ``verify_inputs``: a resume also compares each input's sha256 (not only size and
     mtime). ``anonymize_ids``: the file mapping anonymised case ids back to inputs.
+    ``shard``: ``(K, N)``, run only part K of N of the discovered inputs (see :mod:`mmcli.batch`).
     """
 
     inputs: tuple[str, ...]
@@ -97,3 +98,11 @@ class BatchConfig(ModelRunConfig):
     fail_fast: bool = False
     verify_inputs: bool = False
     anonymize_ids: Path | None = None
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shard is not None:
+            k, n = self.shard
+            if not (n >= 1 and 0 <= k < n):
+                raise UsageError(f"--shard K/N needs 0 <= K < N, got {k}/{n}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmcli.batch import BatchRun, Job, RunLayout, label_for, new_row, provenance
+from mmcli.batch import BatchRun, Job, RunLayout, all_shard_paths, label_for, new_row, provenance, shard_path
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
@@ -174,8 +174,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         UsageError: no inputs, no weights, a model without the saliency bridge, another run
             writing the same folder, or an earlier run there with other settings.
     """
-    layout = RunLayout.in_folder(cfg.out, "explain.csv")
-    files = discover_inputs(cfg.inputs, exclude=[layout.folder])
+    layout = RunLayout.in_folder(shard_path(cfg.out, cfg.shard), "explain.csv")
+    files = discover_inputs(cfg.inputs, exclude=all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard))
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
     predictor.require_bridge()
@@ -190,7 +190,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     job = Job(
         name="explain", layout=layout, columns=EXPLAIN_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
-                "alpha": cfg.alpha, "precision": predictor.precision, "device_type": predictor.device.type},
+                "alpha": cfg.alpha, "precision": predictor.precision, "device_type": predictor.device.type,
+                "max_pixels": cfg.max_pixels, "shard": list(cfg.shard) if cfg.shard else None},
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, provenance(ckpt)),
     )

@@ -23,7 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcli.batch import BatchRun, Job, RunLayout, RunSummary, label_for, new_row, provenance
+from mmcli.batch import (
+    BatchRun,
+    Job,
+    RunLayout,
+    RunSummary,
+    all_shard_paths,
+    label_for,
+    new_row,
+    provenance,
+    shard_path,
+)
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
@@ -124,8 +134,9 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         UsageError: no inputs, no weights, another run writing the same report, or an
             earlier run into it with other settings (without ``overwrite``).
     """
-    layout = RunLayout.for_report(cfg.out)
-    files = discover_inputs(cfg.inputs, exclude=[layout.folder, layout.report])
+    layout = RunLayout.for_report(shard_path(cfg.out, cfg.shard))
+    others = [p for r in all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard) for p in (r, r.with_suffix(""))]
+    files = discover_inputs(cfg.inputs, exclude=others)
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
@@ -133,7 +144,8 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
-                "precision": predictor.precision, "device_type": predictor.device.type},
+                "precision": predictor.precision, "device_type": predictor.device.type, "max_pixels": cfg.max_pixels,
+                "shard": list(cfg.shard) if cfg.shard else None},
         settings=asdict(cfg),  # write_json turns paths into strings
         still_done=lambda row: not row.get("mask") or (layout.report.parent / str(row["mask"])).is_file(),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),

@@ -11,7 +11,7 @@ import typer
 import typer.core
 
 from mmcli import __version__
-from mmcli.cli import evaluate, explain, info, predict, train
+from mmcli.cli import evaluate, explain, info, merge, predict, train
 from mmcli.cli.common import setup_logging
 
 _OPTION_TYPE = typer.core.TyperOption.display_type_rich
@@ -60,6 +60,7 @@ app.command("train")(train.train)
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("explain")(explain.explain)
+app.command("merge")(merge.merge)
 app.command("info")(info.info)
 
 

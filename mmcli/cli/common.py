@@ -73,6 +73,26 @@ MaxPixelsOpt = Annotated[
 FailFastOpt = Annotated[
     bool, typer.Option("--fail-fast", help="Stop at the first file that fails (the rest get status skipped).")
 ]
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"3/8"`` -> ``(3, 8)``."""
+    if value is None:
+        return None
+    k, sep, n = value.partition("/")
+    if not (sep and k.strip().isdigit() and n.strip().isdigit()):
+        raise typer.BadParameter(f"expected K/N such as 0/8, got {value!r}")
+    return int(k), int(n)
+
+
+def _check_shard(value: str | None) -> str | None:
+    parse_shard(value)  # a malformed K/N is a usage error before anything runs
+    return value
+
+
+ShardOpt = Annotated[
+    str | None,
+    typer.Option("--shard", metavar="K/N", callback=_check_shard,
+                 help="Run part K of N (0 <= K < N) of the inputs, into <out>.shard-K-of-N; `mmcli merge` joins them."),
+]
 VerifyInputsOpt = Annotated[
     bool, typer.Option("--verify-inputs", help="On resume, compare each input's sha256, not only its size and mtime.")
 ]
@@ -115,7 +135,7 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
         ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
         ("overwrite", OverwriteOpt, False),
         *([("fail_fast", FailFastOpt, False), ("verify_inputs", VerifyInputsOpt, False),
-           ("anonymize_ids", AnonymizeOpt, None)] if batch else []),
+           ("anonymize_ids", AnonymizeOpt, None), ("shard", ShardOpt, None)] if batch else []),
         ("quiet", QuietOpt, False),
     ]
 
@@ -123,6 +143,8 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
         @functools.wraps(command)
         def run_command(*args: Any, **kwargs: Any) -> None:
             kwargs["max_pixels"] = kwargs.get("max_pixels") or None  # 0 on the command line: no limit
+            if "shard" in kwargs:
+                kwargs["shard"] = parse_shard(kwargs["shard"])
             command(*args, **kwargs)
 
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]

@@ -1,0 +1,35 @@
+"""``mmcli merge``: join the reports of a sharded ``predict`` run into one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmcli.cli.common import QuietOpt, ReportOutOpt, exit_on_error, say
+from mmcli.merge import merge_reports
+from mmcli.predict import REPORT_COLUMNS
+
+
+def merge(
+    reports: Annotated[
+        list[Path],
+        typer.Argument(metavar="REPORT", show_default=False,
+                       help="The shard reports of one run: <out>.shard-K-of-N.csv (or .h5), all N of them."),
+    ],
+    out: ReportOutOpt,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge the shard reports of `mmcli predict --shard K/N` into one report.
+
+    The merged report, its masks (<out>/masks/) and run.json are what a single run over
+    all inputs writes. Shards made with other weights or settings are refused, and
+    missing shards are named. Exit code 0 on success, 2 on usage errors.
+    """
+    with exit_on_error():
+        summary = merge_reports(reports, out, columns=REPORT_COLUMNS)
+    if not quiet:
+        c = summary.counts
+        say(f"{summary.shards} shards: {c['ok']} ok, {c['error']} failed, {c['skipped']} skipped "
+            f"-> {summary.report}")
