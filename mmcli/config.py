@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,18 @@ class PreprocessConfig:
 
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia")
+
+# Size presets that apply to every registered model: "base" keeps the paper's widths,
+# "tiny" is for tests and smoke runs (``multimix_tiny`` is ``multimix`` with it).
+ARCH_PRESETS: dict[str, Mapping[str, Any]] = {"base": {}, "tiny": {"widths": (4, 8, 16, 32, 64)}}
+
+
+def arch_overrides(arch: str) -> dict[str, Any]:
+    """Constructor overrides of the size preset ``arch`` (a key of :data:`ARCH_PRESETS`)."""
+    try:
+        return dict(ARCH_PRESETS[arch])
+    except KeyError:
+        raise ValueError(f"Unknown arch {arch!r}. Available: {', '.join(ARCH_PRESETS)}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,6 @@
 import ast
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,3 +140,10 @@ def test_spawned_workers_after_cuda_use(tmp_path, folder, tiny_weights, monkeypa
     for case_id, row in rows["spawn"].items():
         assert row["status"] == "ok"
         assert row["p_pneumonia"] == rows["fork"][case_id]["p_pneumonia"]
+
+
+def test_the_command_line_starts_without_torch():
+    # --help and --version answer at once: torch, numpy and the readers load when a command runs
+    code = "import sys, mmcli.cli; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'pydicom') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -17,7 +17,6 @@ from mmcli.cli.common import (
     say,
     stop_cleanly,
 )
-from mmcli.evaluation import EvaluateConfig, EvaluationRun
 
 
 @model_run_options()
@@ -54,6 +53,8 @@ def evaluate(
     """
     quiet = run.pop("quiet")
     with exit_on_error():
+        from mmcli.evaluation import EvaluateConfig, EvaluationRun  # metrics and plots: only once it runs
+
         cfg = EvaluateConfig(datasets=tuple(datasets), out=out, predictions=predictions, hdf5=hdf5, plots=plots,
                              n_bootstrap=bootstrap, seed=seed, worst=worst, **run)
         run = EvaluationRun(cfg, command=sys.argv)

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from mmcli.cli.common import InputsArg, drive_run, exit_on_error, folder_out, model_run_options
-from mmcli.explain import ExplainConfig, open_explain
 
 AlphaOpt = Annotated[
     float, typer.Option("--alpha", min=0.0, max=1.0, metavar="A", help="Opacity of the hottest overlay pixels.")
@@ -32,5 +31,7 @@ def explain(
     """
     quiet = run.pop("quiet")
     with exit_on_error():
+        from mmcli.explain import ExplainConfig, open_explain  # torch: only once a command runs
+
         cfg = ExplainConfig(inputs=tuple(inputs), out=out, alpha=alpha, **run)
         drive_run("explain", open_explain(cfg, command=sys.argv), quiet=quiet)

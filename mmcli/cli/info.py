@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mmcli.cli.common import exit_on_error
-from mmcli.info import gather_info
 
 
 def info(
@@ -16,6 +15,8 @@ def info(
 ) -> None:
     """Show the version, registered weights, torch, devices, what auto picks, and DICOM decoders."""
     with exit_on_error():
+        from mmcli.info import gather_info  # torch: only once the command runs
+
         data = gather_info()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from mmcli.cli.common import QuietOpt, ReportOutOpt, exit_on_error, say
-from mmcli.merge import merge_reports
-from mmcli.predict import REPORT_COLUMNS
 
 
 def merge(
@@ -28,6 +26,9 @@ def merge(
     missing shards are named. Exit code 0 on success, 2 on usage errors.
     """
     with exit_on_error():
+        from mmcli.merge import merge_reports
+        from mmcli.predict import REPORT_COLUMNS
+
         summary = merge_reports(reports, out, columns=REPORT_COLUMNS)
     if not quiet:
         c = summary.counts

@@ -6,7 +6,6 @@ import sys
 from typing import Any
 
 from mmcli.cli.common import HDF5Opt, InputsArg, ReportOutOpt, drive_run, exit_on_error, model_run_options
-from mmcli.predict import PredictConfig, open_predict
 
 
 @model_run_options(batch=True)
@@ -19,5 +18,7 @@ def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, **run: A
     """
     quiet = run.pop("quiet")
     with exit_on_error():
+        from mmcli.predict import PredictConfig, open_predict  # torch: only once a command runs
+
         cfg = PredictConfig(inputs=tuple(inputs), out=out, hdf5=hdf5, **run)
         drive_run("predict", open_predict(cfg, command=sys.argv), quiet=quiet)

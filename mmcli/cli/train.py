@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,9 +22,12 @@ from mmcli.cli.common import (
     say,
     stop_cleanly,
 )
+from mmcli.config import ARCH_PRESETS
 from mmcli.errors import UsageError
-from mmcli.models.registry import ARCH_PRESETS
-from mmcli.training import VARIANTS, TrainConfig, TrainSummary, run_train
+from mmcli.training.config import VARIANTS, TrainConfig
+
+if TYPE_CHECKING:
+    from mmcli.training import TrainSummary
 
 logger = logging.getLogger("mmcli.cli")
 
@@ -167,6 +170,8 @@ def train(
         show = _Progress(quiet)
         with stop_cleanly(f"the last finished epoch is kept in {out / 'state.pt'}",
                           "run the same command with --resume to continue"), show.progress:
+            from mmcli.training import run_train  # torch: only once a run starts
+
             summary = run_train(cfg, on_start=show.on_start, on_step=show.on_step, on_epoch=show.on_epoch,
                                 command=sys.argv)
     if not quiet and summary.is_main:

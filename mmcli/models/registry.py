@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.models.multimix import MultiMix
 
 __all__ = ["ARCH_PRESETS", "arch_overrides", "create_model", "list_models", "model_kwargs", "register_model"]
@@ -26,11 +27,6 @@ ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
 
 _MODELS: dict[str, ModelFn] = {}
-
-# Size presets that apply to every registered model: "base" keeps the paper's widths,
-# "tiny" is for tests and smoke runs (``multimix_tiny`` is ``multimix`` with it).
-ARCH_PRESETS: dict[str, Mapping[str, Any]] = {"base": {}, "tiny": {"widths": (4, 8, 16, 32, 64)}}
-
 
 def register_model(name: str) -> Callable[[F], F]:
     """Decorator that registers ``fn(**overrides) -> nn.Module`` under ``name``."""
@@ -67,14 +63,6 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"Model {name!r} ({type(model).__name__}) does not expose init_kwargs")
     return dict(kwargs)
-
-
-def arch_overrides(arch: str) -> dict[str, Any]:
-    """Constructor overrides of the size preset ``arch`` (a key of :data:`ARCH_PRESETS`)."""
-    try:
-        return dict(ARCH_PRESETS[arch])
-    except KeyError:
-        raise ValueError(f"Unknown arch {arch!r}. Available: {', '.join(ARCH_PRESETS)}") from None
 
 
 def _entry(name: str) -> ModelFn:

@@ -6,11 +6,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.errors import UsageError
-from mmcli.models.registry import ARCH_PRESETS, arch_overrides
-from mmcli.training.losses import LossWeights
 
-__all__ = ["VARIANTS", "TrainConfig", "Variant"]
+__all__ = ["VARIANTS", "LossWeights", "TrainConfig", "Variant"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights and threshold of the MultiMix objective (paper values by default)."""
+
+    lambda_u: float = 0.25
+    threshold: float = 0.7
+    alpha: float = 5.0
+    beta: float = 0.01
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ logits (except where stated) and computes in float32 whatever the input dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmcli.training.config import LossWeights
 
 __all__ = [
     "LossWeights",
@@ -23,16 +24,6 @@ __all__ = [
     "soft_dice_loss",
     "total_loss",
 ]
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights and threshold of the MultiMix objective (paper values by default)."""
-
-    lambda_u: float = 0.25
-    threshold: float = 0.7
-    alpha: float = 5.0
-    beta: float = 0.01
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
