@@ -1,0 +1,315 @@
+"""Write mmcli's results for one DICOM radiograph back as DICOM: a Segmentation and a Structured Report.
+
+Both objects join the source's study (same StudyInstanceUID, patient and study modules
+copied by highdicom), reference the source image, identify the algorithm (name, version,
+weights name and sha256) and are marked research use (ContentQualification RESEARCH and the
+series description). They are reproducible: the same inputs give a byte-identical file.
+
+* UIDs come from ``generate_uid(entropy_srcs=[source SOPInstanceUID, weights sha256, kind, ...])``.
+* Dates and times (Series, Content, Instance Creation, highdicom's Contribution DateTime) are
+  the source's StudyDate/StudyTime, else its SeriesDate/Time or ContentDate/Time, else
+  19000101 000000: the objects describe that examination; when a run happened belongs in
+  the run manifest.
+
+The source is read without pixel data, so its compression and photometric interpretation do
+not matter; the SEG itself is written uncompressed (Explicit VR Little Endian, 1 bit per pixel).
+No torch here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from mmcli.errors import CaseError
+from mmcli.io.writers import atomic_path
+
+__all__ = ["AlgorithmInfo", "write_dicom_seg", "write_dicom_sr", "LABEL_CODES"]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+SEG_SERIES_NUMBER = 990
+SR_SERIES_NUMBER = 991
+SEG_DESCRIPTION = "mmcli lung mask (research use only)"
+SR_DESCRIPTION = "mmcli findings (research use only)"
+MANUFACTURER = "mmcli"
+_FALLBACK_DATE, _FALLBACK_TIME = "19000101", "000000"
+
+#: Coded values of the predicted label (the SR measurement group's "Finding").
+LABEL_CODES: dict[str, hd.sr.CodedConcept] = {
+    "pneumonia": hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"),
+    "normal": hd.sr.CodedConcept("17621005", "SCT", "Normal"),
+}
+_PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+_QUALITY_FINDING = hd.sr.CodedConcept("111052", "DCM", "Quality Finding")
+_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmInfo:
+    """What made the result: algorithm name and version, and the weights it ran with."""
+
+    name: str = "mmcli"
+    version: str
+    weights_name: str
+    weights_sha256: str
+
+
+def write_dicom_seg(source: Path, mask: np.ndarray, out: Path, *, algorithm: AlgorithmInfo) -> Path:
+    """Write a binary DICOM Segmentation of the lungs of ``source`` to ``out`` and return ``out``.
+
+    ``mask`` is (H, W) bool at the source's native size (H, W = Rows, Columns); one segment
+    "Lung" (SCT 91723000 Anatomical Structure / SCT 39607008 Lung), algorithm type AUTOMATIC.
+    An empty mask still gives one (empty) frame. Raises :class:`CaseError` when it cannot be written.
+    """
+    src = _read_source(source)
+    mask = np.asarray(mask)
+    if mask.shape != (src.Rows, src.Columns):
+        raise CaseError(source, f"mask shape {mask.shape} differs from the DICOM's Rows x Columns "
+                                f"({src.Rows}, {src.Columns})")
+    if mask.dtype != bool:
+        if mask.dtype.kind not in "iuf" or not np.isin(mask, (0, 1)).all():
+            raise CaseError(source, f"mask must be boolean (or 0/1), got {mask.dtype}")
+        mask = mask.astype(bool)
+    date, time = _fixed_datetime(src)
+
+    def build() -> hd.seg.Segmentation:
+        description = hd.seg.SegmentDescription(
+            segment_number=1, segment_label="Lung",
+            segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=codes.SCT.Lung,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=algorithm.name, family=codes.cid7162.ArtificialIntelligence, version=algorithm.version,
+                source=MANUFACTURER,
+                parameters={"weights": algorithm.weights_name, "weights_sha256": algorithm.weights_sha256}),
+            tracking_uid=_uid(src, algorithm, "seg", "segment-1"), tracking_id="mmcli lung",
+        )
+        return hd.seg.Segmentation(
+            source_images=[src], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=_uid(src, algorithm, "seg", "series"), series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=_uid(src, algorithm, "seg", "instance"), instance_number=1,
+            manufacturer=MANUFACTURER, manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version, device_serial_number=algorithm.weights_sha256[:16] or "unknown",
+            omit_empty_frames=False,  # an empty mask is a result too
+            series_description=SEG_DESCRIPTION, content_qualification=hd.ContentQualificationValues.RESEARCH,
+            content_label="LUNG", content_description="Automatic lung segmentation",
+            content_date=date, content_time=time, series_date=date, series_time=time,
+        )
+
+    seg = _build(source, "DICOM SEG", build)
+    # Without a Frame of Reference highdicom 0.28 writes Pixel Measures without Slice Thickness
+    # (valid, CP 1426) but hd.seg.segread() rejects that; the spacing stays in the referenced source
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+        del shared.PixelMeasuresSequence
+    if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
+        seg.PatientOrientation = src.get("PatientOrientation", "")  # Type 2C without a Frame of Reference
+    # highdicom draws the dimension organisation UID at random: fix it for reproducible bytes
+    dim_uid = _uid(src, algorithm, "seg", "dimension")
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = dim_uid
+    for item in seg.get("DimensionIndexSequence", []):
+        item.DimensionOrganizationUID = dim_uid
+    return _save(seg, out, date, time)
+
+
+def write_dicom_sr(
+    source: Path,
+    out: Path,
+    *,
+    p_pneumonia: float | None,
+    label: str | None,
+    lung_area_mm2: float | None,
+    qa_flags: Sequence[str],
+    algorithm: AlgorithmInfo,
+    seg: Path | None = None,
+) -> Path:
+    """Write a TID 1500 Measurement Report (Comprehensive 3D SR) about ``source`` to ``out``.
+
+    One image-level measurement group (TID 1501) holds the pneumonia probability (DCM 122157
+    "Probability", unit UCUM "1" "no units", range 0..1), the label as the group's coded
+    "Finding" (DCM 121071, highdicom's ``finding_type``): SCT 233604007 Pneumonia or SCT 17621005
+    Normal, and each QA flag as a TEXT item "Quality Finding" (DCM 111052). The lung area
+    (SCT 42798000 "Area", UCUM "mm2", finding site SCT Lung) goes in a planar ROI group (TID 1410)
+    that references segment 1 of ``seg`` when a SEG is given, else in the image-level group.
+    Raises :class:`CaseError` when it cannot be written.
+    """
+    src = _read_source(source)
+    if p_pneumonia is not None and not (math.isfinite(p_pneumonia) and 0.0 <= p_pneumonia <= 1.0):
+        raise CaseError(source, f"pneumonia probability {p_pneumonia!r} is not in [0, 1]")
+    if label is not None and label.lower() not in LABEL_CODES:
+        raise CaseError(source, f"label {label!r} has no SR code; known: {', '.join(LABEL_CODES)}")
+    if lung_area_mm2 is not None and not (math.isfinite(lung_area_mm2) and lung_area_mm2 >= 0):
+        raise CaseError(source, f"lung area {lung_area_mm2!r} mm2 is not a non-negative number")
+    seg_ds = _read_seg(seg, src) if seg is not None else None
+    date, time = _fixed_datetime(src)
+
+    def build() -> hd.sr.Comprehensive3DSR:
+        groups = _measurement_groups(src, p_pneumonia, label, lung_area_mm2, qa_flags, algorithm, seg_ds)
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=_uid(src, algorithm, "sr", "device"), name=algorithm.name,
+                manufacturer_name=MANUFACTURER, model_name=algorithm.weights_name),
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=_CHEST_XRAY, imaging_measurements=groups,
+        )
+        return hd.sr.Comprehensive3DSR(
+            evidence=[src] if seg_ds is None else [src, seg_ds], content=report[0],
+            series_instance_uid=_uid(src, algorithm, "sr", "series"), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=_uid(src, algorithm, "sr", "instance"), instance_number=1,
+            manufacturer=MANUFACTURER, is_complete=True,  # complete, but PRELIMINARY and UNVERIFIED
+            series_description=SR_DESCRIPTION, content_qualification=hd.ContentQualificationValues.RESEARCH,
+            content_date=date, content_time=time, series_date=date, series_time=time,
+        )
+
+    return _save(_build(source, "DICOM SR", build), out, date, time)
+
+
+def _measurement_groups(
+    src: pydicom.Dataset, p_pneumonia: float | None, label: str | None, lung_area_mm2: float | None,
+    qa_flags: Sequence[str], algorithm: AlgorithmInfo, seg_ds: pydicom.Dataset | None,
+) -> list[hd.sr.Template]:
+    """The image-level group and, with a SEG, the lung ROI group (see :func:`write_dicom_sr`)."""
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, family=codes.DCM.ArtificialIntelligence,
+        parameters=[f"weights={algorithm.weights_name}", f"weights_sha256={algorithm.weights_sha256}"],
+    )
+    area = None if lung_area_mm2 is None else hd.sr.Measurement(
+        name=codes.SCT.Area, value=float(lung_area_mm2), unit=codes.UCUM.SquareMillimeter,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
+    )
+    measurements = [] if p_pneumonia is None else [
+        hd.sr.Measurement(name=_PROBABILITY, value=float(p_pneumonia), unit=codes.UCUM.NoUnits)]
+    if area is not None and seg_ds is None:
+        measurements.append(area)
+    image_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_uid(src, algorithm, "sr", "image-group"), identifier="mmcli image findings"),
+        finding_type=None if label is None else LABEL_CODES[label.lower()],
+        algorithm_id=algorithm_id,
+        measurements=measurements or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src)],
+    )
+    for flag in qa_flags:
+        image_group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=_QUALITY_FINDING, value=str(flag), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    if seg_ds is None:
+        return [image_group]
+    # not from_segmentation(): highdicom 0.28 looks for the segment number per frame, but
+    # itself puts it in the shared functional groups of a single-frame SEG
+    segment = hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg_ds.SOPClassUID, sop_instance_uid=seg_ds.SOPInstanceUID, frame_number=1,
+        segment_number=1, source_image=hd.sr.SourceImageForSegmentation.from_source_image(src))
+    lung_group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(src, algorithm, "sr", "lung-group"),
+                                                     identifier="mmcli lung"),
+        referenced_segment=segment,
+        finding_type=codes.SCT.Lung,
+        algorithm_id=algorithm_id,
+        measurements=None if area is None else [area],
+    )
+    return [image_group, lung_group]
+
+
+def _read_source(source: Path) -> pydicom.Dataset:
+    """The source header (no pixels), with what highdicom needs present and nothing invalid."""
+    try:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on malformed headers
+        raise CaseError(source, f"cannot read the source DICOM header: {exc}") from None
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
+        if not ds.get(keyword):
+            raise CaseError(source, f"source DICOM has no {keyword}; cannot reference it from a SEG or SR")
+    if int(ds.get("NumberOfFrames") or 1) != 1:
+        raise CaseError(source, f"source DICOM has {ds.NumberOfFrames} frames; only single-frame images are supported")
+    ds = copy.deepcopy(ds)
+    # Type 2 patient/study attributes highdicom reads unconditionally: present, maybe empty
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if not re.fullmatch(r"\d{3}[DWMY]", str(ds.get("PatientAge", "000Y"))):
+        del ds.PatientAge  # e.g. "62": an invalid value would be copied into the new objects
+    if "PixelSpacing" in ds and not _valid_spacing(ds.PixelSpacing):
+        del ds.PixelSpacing  # e.g. a zero spacing: not copied into the SEG's pixel measures
+    return ds
+
+
+def _valid_spacing(value: object) -> bool:
+    try:
+        spacing = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
+    return len(spacing) == 2 and all(math.isfinite(v) and v > 0 for v in spacing)
+
+
+def _read_seg(seg: Path, src: pydicom.Dataset) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(seg, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on malformed headers
+        raise CaseError(seg, f"cannot read the DICOM SEG to reference: {exc}") from None
+    if ds.get("Modality") != "SEG" or ds.get("StudyInstanceUID") != src.StudyInstanceUID:
+        raise CaseError(seg, "not a DICOM SEG of the same study as the source image")
+    return ds
+
+
+def _fixed_datetime(ds: pydicom.Dataset) -> tuple[str, str]:
+    """The source's study (else series, else content) date and time; a fixed value if none."""
+    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"), ("ContentDate", "ContentTime")):
+        date = str(ds.get(date_kw) or "").strip()
+        if len(date) == 8 and date.isdigit():
+            time = str(ds.get(time_kw) or "").strip()
+            return date, time if time[:6].isdigit() and len(time) >= 6 else _FALLBACK_TIME
+    return _FALLBACK_DATE, _FALLBACK_TIME
+
+
+def _uid(src: pydicom.Dataset, algorithm: AlgorithmInfo, kind: str, what: str) -> str:
+    return generate_uid(entropy_srcs=[str(src.SOPInstanceUID), algorithm.weights_sha256, kind, what])
+
+
+def _build(source: Path, what: str, make: Callable[[], _T]) -> _T:
+    """Run highdicom: its errors become this case's CaseError, its warnings DEBUG log lines."""
+    # e.g. "unlikely to represent the intended person name": the source's name is copied as it is
+    with warnings.catch_warnings(record=True) as caught:  # filter local to the block; logged below
+        warnings.simplefilter("always")
+        try:
+            return make()
+        except Exception as exc:  # highdicom raises ValueError, TypeError, AttributeError...
+            raise CaseError(source, f"cannot build the {what}: {type(exc).__name__}: {exc}") from None
+        finally:
+            for note in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+                log.debug("%s: %s: %s", source, what, note)
+
+
+def _save(ds: pydicom.Dataset, out: Path, date: str, time: str) -> Path:
+    """Write ``ds`` atomically, with the dates highdicom takes from the clock fixed to ``date``/``time``."""
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = date + time
+    out = Path(out)
+    try:
+        with atomic_path(out) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+    except OSError as exc:
+        raise CaseError(out, f"cannot write {out.name}: {exc.strerror or exc}") from None
+    return out

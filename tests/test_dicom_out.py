@@ -1,0 +1,195 @@
+"""DICOM SEG and SR writers: round trips through pydicom and highdicom on the real test DICOMs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
+from mmcli.errors import CaseError
+
+DATA = Path(__file__).parent / "data" / "dicom"
+SOURCES = sorted(DATA.glob("*.dcm"))
+ALGORITHM = AlgorithmInfo(version="0.1.0", weights_name="multimix-test", weights_sha256="0123456789abcdef" * 4)
+PNEUMONIA = ("233604007", "SCT")
+NORMAL = ("17621005", "SCT")
+
+
+def _header(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _blob(rows: int, cols: int) -> np.ndarray:
+    """A hand-made (rows, cols) bool mask: two off-centre ellipses and a one-pixel corner."""
+    y, x = np.ogrid[:rows, :cols]
+    left = ((y - rows * 0.45) / (rows * 0.3)) ** 2 + ((x - cols * 0.3) / (cols * 0.12)) ** 2 <= 1
+    right = ((y - rows * 0.5) / (rows * 0.28)) ** 2 + ((x - cols * 0.7) / (cols * 0.13)) ** 2 <= 1
+    mask = left | right
+    mask[0, cols - 1] = True  # catches a transposed or flipped frame
+    return mask
+
+
+def _items(ds: pydicom.Dataset, meaning: str) -> list[pydicom.Dataset]:
+    """All SR content items (any depth) whose concept name means ``meaning``."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeMeaning == meaning:
+            found.append(item)
+        found.extend(_items(item, meaning))
+    return found
+
+
+def _code(item: pydicom.Dataset) -> tuple[str, str]:
+    concept = item.ConceptCodeSequence[0]
+    return concept.CodeValue, concept.CodingSchemeDesignator
+
+
+@pytest.fixture(scope="module", params=SOURCES, ids=[p.name[:16] for p in SOURCES])
+def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    source: Path = request.param
+    out = tmp_path_factory.mktemp("dicom_out")
+    hdr = _header(source)
+    mask = _blob(hdr.Rows, hdr.Columns)
+    seg = write_dicom_seg(source, mask, out / "lung.seg.dcm", algorithm=ALGORITHM)
+    sr = write_dicom_sr(source, out / "findings.sr.dcm", p_pneumonia=0.8125, label="pneumonia", lung_area_mm2=43210.5,
+                        qa_flags=["low_contrast", "lung_touches_border"], algorithm=ALGORITHM, seg=seg)
+    return {"source": source, "hdr": hdr, "mask": mask, "seg": seg, "sr": sr, "out": out}
+
+
+def test_seg_round_trip(written: dict) -> None:
+    hdr, mask = written["hdr"], written["mask"]
+    seg = hd.seg.segread(written["seg"])
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask)
+    assert (seg.Rows, seg.Columns) == (hdr.Rows, hdr.Columns)
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    ref = seg.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == hdr.SeriesInstanceUID
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == hdr.SOPInstanceUID
+    assert seg.StudyInstanceUID == hdr.StudyInstanceUID
+    assert seg.get("PatientID", "") == hdr.get("PatientID", "")
+    assert seg.SeriesInstanceUID != hdr.SeriesInstanceUID and seg.SOPInstanceUID != hdr.SOPInstanceUID
+    assert "research use" in seg.SeriesDescription and seg.ContentQualification == "RESEARCH"
+    assert seg.Manufacturer == "mmcli"
+    assert seg.PatientOrientation == hdr.get("PatientOrientation", "")  # Type 2C: no Frame of Reference
+    assert len(seg.get("PatientAge") or "nnnY") == 4  # an invalid source value ("62") is not copied
+    segment = seg.SegmentSequence[0]
+    assert (segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType) == (1, "Lung", "AUTOMATIC")
+    category, kind = segment.SegmentedPropertyCategoryCodeSequence[0], segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
+    assert (kind.CodeValue, kind.CodingSchemeDesignator) == ("39607008", "SCT")
+    algo = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("mmcli", "0.1.0")
+    assert ALGORITHM.weights_sha256 in algo.AlgorithmParameters and "multimix-test" in algo.AlgorithmParameters
+    assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
+
+
+def test_sr_round_trip(written: dict) -> None:
+    hdr = written["hdr"]
+    seg_uid = _header(written["seg"]).SOPInstanceUID
+    sr = hd.sr.srread(written["sr"])
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == hdr.StudyInstanceUID
+    assert sr.get("PatientID", "") == hdr.get("PatientID", "")
+    assert "research use" in sr.SeriesDescription and sr.Manufacturer == "mmcli"
+    [group] = sr.content.get_image_measurement_groups()
+    assert (group.finding_type.value, group.finding_type.scheme_designator) == PNEUMONIA
+    [prob] = group.get_measurements()
+    assert (prob.name.value, prob.value) == ("122157", 0.8125)
+    assert (prob.unit.value, prob.unit.scheme_designator) == ("1", "UCUM")
+    assert group.source_images[0].referenced_sop_instance_uid == hdr.SOPInstanceUID
+    assert [i.TextValue for i in _items(sr, "Quality Finding")] == ["low_contrast", "lung_touches_border"]
+    assert [i.TextValue for i in _items(sr, "Algorithm Name")] == ["mmcli", "mmcli"]
+    assert {i.TextValue for i in _items(sr, "Algorithm Version")} == {"0.1.0"}
+    [roi] = sr.content.get_planar_roi_measurement_groups()
+    assert roi.referenced_segmentation_frame.referenced_sop_instance_uid == seg_uid
+    [area] = roi.get_measurements()
+    assert (area.name.value, area.value, area.unit.value) == ("42798000", 43210.5, "mm2")
+    evidence = {ref.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == {hdr.SOPInstanceUID, seg_uid}
+
+
+def test_same_inputs_same_bytes(written: dict) -> None:
+    out = written["out"] / "again"
+    seg = write_dicom_seg(written["source"], written["mask"], out / "lung.seg.dcm", algorithm=ALGORITHM)
+    sr = write_dicom_sr(written["source"], out / "findings.sr.dcm", p_pneumonia=0.8125, label="pneumonia",
+                        lung_area_mm2=43210.5, qa_flags=["low_contrast", "lung_touches_border"],
+                        algorithm=ALGORITHM, seg=seg)
+    assert seg.read_bytes() == written["seg"].read_bytes()
+    assert sr.read_bytes() == written["sr"].read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["findings.sr.dcm", "lung.seg.dcm"]  # no temp files left
+
+
+def test_other_weights_other_uids(tmp_path: Path) -> None:
+    source = DATA / "RG1_J2KI.dcm"
+    mask = np.zeros((1955, 1841), np.uint8)  # 0/1 is taken as bool; an empty mask gives one empty frame
+    other = AlgorithmInfo(version="0.1.0", weights_name="other", weights_sha256="f" * 64)
+    a = _header(write_dicom_seg(source, mask, tmp_path / "a.dcm", algorithm=ALGORITHM))
+    b = hd.seg.segread(write_dicom_seg(source, mask, tmp_path / "b.dcm", algorithm=other))
+    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+    assert not b.pixel_array.any() and b.NumberOfFrames == 1
+    assert "PixelMeasuresSequence" not in b.SharedFunctionalGroupsSequence[0]  # source spacing is 0\0
+
+
+def test_sr_without_seg_normal_no_flags(tmp_path: Path) -> None:
+    source = DATA / "cxr.dcm"  # no patient module at all
+    sr = hd.sr.srread(write_dicom_sr(source, tmp_path / "sr.dcm", p_pneumonia=0.03, label="normal",
+                                     lung_area_mm2=51000.0, qa_flags=[], algorithm=ALGORITHM))
+    [group] = sr.content.get_image_measurement_groups()
+    assert (group.finding_type.value, group.finding_type.scheme_designator) == NORMAL
+    measured = sorted((m.name.value, m.value, m.unit.value) for m in group.get_measurements())
+    assert measured == [("122157", 0.03, "1"), ("42798000", 51000.0, "mm2")]
+    assert not sr.content.get_planar_roi_measurement_groups() and not _items(sr, "Quality Finding")
+    assert sr.PatientID == "" and sr.ContentDate == "20160804"
+
+
+def test_sr_with_nothing_known(tmp_path: Path) -> None:
+    source = DATA / "Fake_MONOHR1.dcm"
+    sr = hd.sr.srread(write_dicom_sr(source, tmp_path / "sr.dcm", p_pneumonia=None, label=None,
+                                     lung_area_mm2=None, qa_flags=["unreadable_lungs"], algorithm=ALGORITHM))
+    [group] = sr.content.get_image_measurement_groups()
+    assert group.finding_type is None and not group.get_measurements()
+    assert [i.TextValue for i in _items(sr, "Quality Finding")] == ["unreadable_lungs"]
+
+
+def test_source_without_spacing_or_dates(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "cxr.dcm", stop_before_pixels=True)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
+                    "ContentDate", "ContentTime"):
+        delattr(ds, keyword)
+    ds.save_as(tmp_path / "bare.dcm")
+    mask = _blob(ds.Rows, ds.Columns)
+    seg = hd.seg.segread(write_dicom_seg(tmp_path / "bare.dcm", mask, tmp_path / "seg.dcm", algorithm=ALGORITHM))
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask)
+    assert (seg.ContentDate, seg.ContentTime, seg.InstanceCreationDate) == ("19000101", "000000", "19000101")
+
+
+def test_mask_of_wrong_size_is_a_case_error(tmp_path: Path) -> None:
+    with pytest.raises(CaseError, match=r"Rows x Columns \(1024, 1024\)"):
+        write_dicom_seg(SOURCES[0], np.ones((1024, 1023), bool), tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    with pytest.raises(CaseError, match="boolean"):
+        write_dicom_seg(SOURCES[0], np.full((1024, 1024), 0.5), tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unusable_sources_and_values_are_case_errors(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "Fake_MONOHR1.dcm", stop_before_pixels=True)
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no_uid.dcm", enforce_file_format=False)
+    (tmp_path / "text.dcm").write_text("not a DICOM file")
+    mask = np.zeros((1024, 1024), bool)
+    with pytest.raises(CaseError, match="no SOPInstanceUID"):
+        write_dicom_seg(tmp_path / "no_uid.dcm", mask, tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    with pytest.raises(CaseError, match="cannot read the source DICOM"):
+        write_dicom_seg(tmp_path / "text.dcm", mask, tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    common = {"lung_area_mm2": None, "qa_flags": [], "algorithm": ALGORITHM}
+    with pytest.raises(CaseError, match="not in"):
+        write_dicom_sr(SOURCES[0], tmp_path / "sr.dcm", p_pneumonia=1.5, label=None, **common)
+    with pytest.raises(CaseError, match="no SR code"):
+        write_dicom_sr(SOURCES[0], tmp_path / "sr.dcm", p_pneumonia=0.5, label="covid", **common)
+    with pytest.raises(CaseError, match="not a DICOM SEG"):
+        write_dicom_sr(SOURCES[0], tmp_path / "sr.dcm", p_pneumonia=0.5, label=None, seg=DATA / "cxr.dcm", **common)
