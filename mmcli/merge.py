@@ -43,6 +43,7 @@ __all__ = ["MergeSummary", "merge_reports"]
 
 _HDF5 = (".h5", ".hdf5")
 _VARYING = ("shard",)  # header keys that differ between the shards of one run
+_FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr")  # report columns that name a file of the run
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,12 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
         rows = []
         for shard, row in _interleave(shards):
             row = dict(row)
-            if row.get("mask"):
-                source = shard.report.parent / str(row["mask"])
-                target = folder / "masks" / source.relative_to(shard.folder / "masks")
-                _copy(source, target)
-                row["mask"] = os.path.relpath(target, out.parent)
+            for column in _FILE_COLUMNS:  # files of the case in the shard's folder: the same place in ours
+                if row.get(column):
+                    source = shard.report.parent / str(row[column])
+                    target = folder / source.relative_to(shard.folder)
+                    _copy(source, target)
+                    row[column] = os.path.relpath(target, out.parent)
             rows.append(row)
         if out.suffix.lower() in _HDF5:
             def mask(row: dict[str, Any]) -> np.ndarray | None:

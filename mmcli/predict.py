@@ -40,7 +40,7 @@ from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
-from mmcli.weights import load_weights
+from mmcli.weights import load_weights, weights_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ __all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "ru
 
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label",
-    "lung_fraction", "lung_area_mm2", "height", "width", "mask",
+    "lung_fraction", "lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr",
 )
 HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
@@ -59,9 +59,14 @@ class PredictConfig(BatchConfig):
     """Resolved settings of one ``predict`` run (written to ``run.json``); ``out`` is the report file."""
 
     hdf5: Path | None = None
+    dicom_seg: bool = False
+    dicom_sr: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (self.dicom_seg or self.dicom_sr) and self.anonymize_ids is not None:
+            raise UsageError("--dicom-seg and --dicom-sr cannot be combined with --anonymize-ids: a DICOM object "
+                             "derived from an image carries that image's patient and study")
         if self.out.suffix.lower() not in REPORT_SUFFIXES:
             raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
         if self.hdf5 is not None and self.hdf5.suffix.lower() not in HDF5_SUFFIXES:
@@ -83,6 +88,7 @@ class PredictCase:
     voi_lut: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_pixels: bool = False
+    dicom: DicomOutputs | None = None
 
     def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
         return predictor.predict(images)
@@ -109,7 +115,45 @@ class PredictCase:
             mask_path = self.masks_dir / f"{file.case_id}.png"
             write_mask_png(mask_path, mask)
             row["mask"] = os.path.relpath(mask_path, self.report_dir)
+        if self.dicom is not None and meta.get("format") == "dicom":
+            row.update(self.dicom.write(file, row, mask if pred.mask_logits is not None else None, self.report_dir))
         return row
+
+
+@dataclass(frozen=True)
+class DicomOutputs:
+    """``--dicom-seg`` / ``--dicom-sr``: DICOM objects for each DICOM input, under ``<folder>/dicom/``."""
+
+    folder: Path
+    seg: bool
+    sr: bool
+    weights_name: str
+    weights_sha256: str
+
+    def write(self, file: InputFile, row: dict[str, Any], mask: np.ndarray | None, report_dir: Path,
+              ) -> dict[str, str]:
+        """Write the objects of one case; returns their paths relative to ``report_dir``.
+
+        Raises:
+            CaseError: an object cannot be written (the case then fails with the reason).
+        """
+        from mmcli import __version__
+        from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr  # highdicom: only when asked
+
+        algorithm = AlgorithmInfo(version=__version__, weights_name=self.weights_name,
+                                  weights_sha256=self.weights_sha256)
+        out: dict[str, str] = {}
+        seg = None
+        if self.seg and mask is not None:
+            seg = write_dicom_seg(file.path, mask, self.folder / f"{file.case_id}.seg.dcm", algorithm=algorithm)
+            out["dicom_seg"] = os.path.relpath(seg, report_dir)
+        if self.sr:
+            sr = write_dicom_sr(file.path, self.folder / f"{file.case_id}.sr.dcm", p_pneumonia=row["p_pneumonia"],
+                                label=row["label"], lung_area_mm2=row["lung_area_mm2"],
+                                qa_flags=[f for f in (row.get("qa_flags") or "").split(";") if f],
+                                algorithm=algorithm, seg=seg)
+            out["dicom_sr"] = os.path.relpath(sr, report_dir)
+        return out
 
 
 def _write_reports(cfg: PredictConfig, layout: RunLayout, rows: list[dict[str, Any]], attrs: dict[str, Any],
@@ -139,15 +183,21 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     files = discover_inputs(cfg.inputs, exclude=others)
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
+    dicom = None
+    if cfg.dicom_seg or cfg.dicom_sr:
+        dicom = DicomOutputs(layout.folder / "dicom", cfg.dicom_seg, cfg.dicom_sr, weights_name(ckpt),
+                             ckpt.sha256 or "")
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
-                       cfg.voi_lut, cfg.max_pixels)
+                       cfg.voi_lut, cfg.max_pixels, dicom=dicom)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
                 "precision": predictor.precision, "device_type": predictor.device.type, "max_pixels": cfg.max_pixels,
+                "dicom_seg": cfg.dicom_seg, "dicom_sr": cfg.dicom_sr,
                 "shard": list(cfg.shard) if cfg.shard else None},
         settings=asdict(cfg),  # write_json turns paths into strings
-        still_done=lambda row: not row.get("mask") or (layout.report.parent / str(row["mask"])).is_file(),
+        still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()
+                                   for c in ("mask", "dicom_seg", "dicom_sr") if row.get(c)),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
     )
     return BatchRun(job, files, predictor, cfg, command)

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "MMCLI_WEIGHTS"
 _META_KEY = "mmcli"
+_TENSOR_PREFIX = "_extra."  # tensors that describe the model (e.g. OOD statistics), not its weights
 _PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIRS: tuple[Path, ...] = (_PACKAGE_DIR / "_weights", _PACKAGE_DIR.parent / "weights")
 HOW_TO_GET_WEIGHTS = (
@@ -56,6 +57,7 @@ class Checkpoint:
     mmcli_version: str = __version__
     train_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
 
@@ -147,6 +149,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
+    state.update({_TENSOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()})
     if path.suffix == ".safetensors":
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(ckpt.metadata())})
     else:
@@ -185,7 +188,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None
         raise
     except Exception as err:  # safetensors/pickle raise many types for a bad file
         raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+    tensors = {k[len(_TENSOR_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_TENSOR_PREFIX)]}
     ckpt = _from_metadata(meta, state)
+    ckpt.tensors = tensors
     ckpt.path, ckpt.sha256 = path, sha
     validate_description(ckpt)
     return ckpt
@@ -229,6 +234,16 @@ def resolve_weights(weights: str | os.PathLike[str] | None = None) -> tuple[Path
             f"{HOW_TO_GET_WEIGHTS}."
         )
     return path, None
+
+
+def weights_name(ckpt: Checkpoint) -> str:
+    """The registered name of a checkpoint's file, else the file's name (for provenance)."""
+    found = read_registry()
+    if found is not None and ckpt.path is not None:
+        for name, entry in found[1].get("weights", {}).items():
+            if (found[0] / entry["file"]).resolve() == ckpt.path.resolve():
+                return str(name)
+    return ckpt.path.name if ckpt.path is not None else ckpt.model_name
 
 
 def load_weights(weights: str | os.PathLike[str] | None = None) -> Checkpoint:

@@ -193,3 +193,41 @@ def test_unusable_sources_and_values_are_case_errors(tmp_path: Path) -> None:
         write_dicom_sr(SOURCES[0], tmp_path / "sr.dcm", p_pneumonia=0.5, label="covid", **common)
     with pytest.raises(CaseError, match="not a DICOM SEG"):
         write_dicom_sr(SOURCES[0], tmp_path / "sr.dcm", p_pneumonia=0.5, label=None, seg=DATA / "cxr.dcm", **common)
+
+
+def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights):
+    import csv
+    import shutil
+
+    import highdicom as hd
+    from conftest import save_png8
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+    from mmcli.io.writers import read_mask_png
+
+    scans = tmp_path / "scans"
+    shutil.copytree(DATA, scans)
+    save_png8(scans / "plain.png", 64, 64)
+    out = tmp_path / "r.csv"
+    res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(out), "-w", str(tiny_weights), "-q", "-j", "0",
+                                   "--dicom-seg", "--dicom-sr"])
+    assert res.exit_code == 0, res.output
+    with open(out, newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert rows["plain"]["status"] == "ok" and rows["plain"]["dicom_seg"] == rows["plain"]["dicom_sr"] == ""
+    dicoms = [r for k, r in rows.items() if k != "plain"]
+    assert len(dicoms) == len(list(DATA.glob("*.dcm")))
+    for row in dicoms:
+        seg = hd.seg.segread(tmp_path / row["dicom_seg"])
+        source = pydicom.dcmread(row["source"], stop_before_pixels=True)
+        assert seg.StudyInstanceUID == source.StudyInstanceUID
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
+        assert (seg.Rows, seg.Columns) == (int(row["height"]), int(row["width"]))
+        np.testing.assert_array_equal(seg.pixel_array.astype(bool), read_mask_png(tmp_path / row["mask"]))
+        sr = hd.sr.srread(tmp_path / row["dicom_sr"])
+        assert sr.StudyInstanceUID == source.StudyInstanceUID and "research use" in sr.SeriesDescription
+    res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "a.csv"), "-w", str(tiny_weights),
+                                   "--dicom-seg", "--anonymize-ids", str(tmp_path / "ids.json")])
+    assert res.exit_code == 2 and "cannot be combined with --anonymize-ids" in res.output

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from mmcli.cli.common import HDF5Opt, InputsArg, ReportOutOpt, drive_run, exit_on_error, model_run_options
 
+DicomSegOpt = Annotated[
+    bool, typer.Option("--dicom-seg", help="For each DICOM input, a DICOM Segmentation of the lungs (research use).")
+]
+DicomSrOpt = Annotated[
+    bool, typer.Option("--dicom-sr", help="For each DICOM input, a DICOM Structured Report of the findings.")
+]
+
 
 @model_run_options(batch=True)
-def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, **run: Any) -> None:
+def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, dicom_seg: DicomSegOpt = False,
+            dicom_sr: DicomSrOpt = False, **run: Any) -> None:
     """Predict lung masks and pneumonia probabilities.
 
     Writes one report row per input (status ok/error/skipped) and a lung mask PNG at each
@@ -20,5 +30,5 @@ def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, **run: A
     with exit_on_error():
         from mmcli.predict import PredictConfig, open_predict  # torch: only once a command runs
 
-        cfg = PredictConfig(inputs=tuple(inputs), out=out, hdf5=hdf5, **run)
+        cfg = PredictConfig(inputs=tuple(inputs), out=out, hdf5=hdf5, dicom_seg=dicom_seg, dicom_sr=dicom_sr, **run)
         drive_run("predict", open_predict(cfg, command=sys.argv), quiet=quiet)
