@@ -1,0 +1,341 @@
+"""Per-image quality control: flag inputs that are not upright chest radiographs, and make
+lung masks anatomically plausible (keep the lungs, drop the rest, fill holes) and say when
+they are not.
+
+Pure functions on numpy arrays (numpy and scipy only: no torch, no files, no logging).
+Every number below was measured or fitted on the shared data by ``benchmarks/qa_masks.py``
+and ``benchmarks/qa_flags.py``; rerun those to check or refit them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "INVERTED", "MASK_IMPLAUSIBLE", "MASK_STATS", "NOT_RADIOGRAPH", "ROTATED", "MaskStats",
+    "anatomical_mask", "film_thumbnails", "image_flags", "inversion_features", "mask_flags",
+    "radiograph_stats", "rotation_features", "thumbnail", "upright_features", "upright_scores",
+]
+
+NOT_RADIOGRAPH = "not_radiograph"
+INVERTED = "inverted"
+ROTATED = "rotated"
+MASK_IMPLAUSIBLE = "mask_implausible"
+
+# --- masks -------------------------------------------------------------------------------
+# Share of the frame covered by the lungs: 0.5th..99.5th percentile of the 274 reference
+# masks of seg-in + seg-cross (0.186, 0.555), widened by a quarter of that range at each end.
+LUNG_FRACTION_RANGE = (0.094, 0.648)
+# Largest piece / whole mask: at most 0.649 in the references and 0.695 in raw predictions
+# (benchmarks/qa_masks.py); above 0.8 the smaller lung is under a quarter of the larger one.
+MAX_LARGEST_SHARE = 0.8
+# Projected area of both lung fields on a frontal film, mm^2. A term newborn's lung fields
+# span about 6 x 5 cm each (about 60 cm^2 together); a large adult's about 30 x 17 cm each
+# (about 1000 cm^2). 30..1500 cm^2 leaves a factor 2 on both sides for magnification,
+# premature infants and hyperinflation: outside it the spacing or the mask is wrong.
+LUNG_AREA_MM2_RANGE = (3_000.0, 150_000.0)
+MIN_COMPONENT = 0.005  # a piece below this share of the frame is a speck, not a lung
+_LABEL_GRID = 512  # masks are labelled on a grid at most this big: exact up to 512 px
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Limits :func:`mask_flags` applies; the defaults are the module constants."""
+
+    fraction: tuple[float, float] = LUNG_FRACTION_RANGE
+    max_largest_share: float = MAX_LARGEST_SHARE
+    area_mm2: tuple[float, float] = LUNG_AREA_MM2_RANGE
+    min_component: float = MIN_COMPONENT
+
+
+MASK_STATS = MaskStats()
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """Connected pieces of a mask labelled on a grid of ``f`` x ``f`` pixel cells."""
+
+    labels: np.ndarray  # (h, w) int, 0 = no mask pixel in the cell
+    area: np.ndarray  # (n,) pixels per piece, at full resolution
+    cy: np.ndarray  # (n,) centroid row / H
+    cx: np.ndarray  # (n,) centroid column / W
+    bottom: np.ndarray  # (n,) lowest row reached / H
+    f: int
+
+
+def _cells(m: np.ndarray, f: int, pad: bool = False) -> np.ndarray:
+    """(H, W) bool padded with ``pad`` to multiples of ``f``, viewed as (h, f, w, f) cells."""
+    h, w = -(-m.shape[0] // f), -(-m.shape[1] // f)
+    padded = np.full((h * f, w * f), pad, bool)
+    padded[: m.shape[0], : m.shape[1]] = m
+    return padded.reshape(h, f, w, f)
+
+
+def _parts(m: np.ndarray) -> _Parts:
+    H, W = m.shape
+    f = max(1, math.ceil(max(H, W) / _LABEL_GRID))
+    cells = _cells(m, f)
+    # Two-step sums are several times faster than one sum over two axes.
+    counts = cells.sum(axis=1, dtype=np.int32).sum(axis=2)
+    labels, n = ndi.label(counts > 0, structure=np.ones((3, 3), bool))  # 8-connected pieces
+    idx, wts = labels.ravel(), counts.ravel().astype(np.float64)
+    rows, cols = np.indices(counts.shape)
+    area = np.bincount(idx, wts, n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(idx, wts * ((rows.ravel() + 0.5) * f), n + 1)[1:] / area / H
+        cx = np.bincount(idx, wts * ((cols.ravel() + 0.5) * f), n + 1)[1:] / area / W
+    bottom = np.zeros(n + 1)
+    np.maximum.at(bottom, idx, np.minimum((rows.ravel() + 1) * f, H) / H)
+    return _Parts(labels, area, cy, cx, bottom[1:], f)
+
+
+def _fill_holes(m: np.ndarray, f: int) -> np.ndarray:
+    """Fill background regions that do not reach the border.
+
+    Exact when ``f == 1``. Otherwise a cell is filled only if its coarse background region
+    (cells holding any background pixel, 4-connected) is closed, which never fills a pixel
+    that can reach the border; a hole within ``f`` pixels of the outline may stay open.
+    """
+    bg = _cells(~m, f, pad=True).any(axis=(1, 3))  # the padding lies outside: background
+    labels, _ = ndi.label(bg)
+    edge = np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    holes = (labels > 0) & ~np.isin(labels, edge)
+    if not holes.any():
+        return m
+    full = np.repeat(np.repeat(holes, f, axis=0), f, axis=1)[: m.shape[0], : m.shape[1]]
+    return m | full
+
+
+def anatomical_mask(
+    mask: np.ndarray,
+    *,
+    min_area: float = MIN_COMPONENT,
+    min_rel_largest: float = 0.1,
+    centre_rows: tuple[float, float] = (0.15, 0.85),
+    centre_cols: tuple[float, float] = (0.1, 0.9),
+    min_bottom: float = 0.4,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Keep at most two pieces of a lung mask that can be lungs, and fill their holes.
+
+    A piece can be a lung if it covers at least ``min_area`` of the frame and
+    ``min_rel_largest`` of the largest such piece, its centroid lies within
+    ``centre_rows`` x ``centre_cols`` (fractions of H and W), and it reaches down to at
+    least ``min_bottom`` x H (a blob above the shoulder does not). Of those, the largest
+    is kept, then the largest on the other side of the midline (else the next largest).
+    The kept pieces keep their exact pixels; resolution independent (pieces closer than
+    ``ceil(max(H, W) / 512)`` px count as one).
+
+    Args:
+        mask: (H, W) bool (or 0/1) lung mask.
+
+    Returns:
+        (H, W) bool mask; empty when no piece can be a lung.
+    """
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), not of shape {m.shape}")
+    p = _parts(m)
+    ok = (p.area >= min_area * m.size) & (p.bottom >= min_bottom)
+    ok &= (p.cy >= centre_rows[0]) & (p.cy <= centre_rows[1])
+    ok &= (p.cx >= centre_cols[0]) & (p.cx <= centre_cols[1])
+    cand = np.flatnonzero(ok)
+    if cand.size == 0:
+        return np.zeros_like(m)
+    cand = cand[p.area[cand] >= min_rel_largest * p.area[cand].max()]
+    order = cand[np.argsort(-p.area[cand], kind="stable")]
+    keep = list(order[:1])
+    if order.size > 1:
+        other_side = [i for i in order[1:] if (p.cx[i] < 0.5) != (p.cx[order[0]] < 0.5)]
+        keep.append(other_side[0] if other_side else order[1])
+    lut = np.zeros(p.area.size + 1, bool)
+    lut[np.asarray(keep) + 1] = True
+    kept = _cells(m, p.f) & lut[p.labels][:, None, :, None]
+    out = kept.reshape(kept.shape[0] * p.f, -1)[: m.shape[0], : m.shape[1]]
+    return _fill_holes(out, p.f) if fill_holes else out.copy()
+
+
+def mask_flags(
+    mask: np.ndarray, *, pixel_spacing: tuple[float, float] | None = None, stats: MaskStats = MASK_STATS
+) -> list[str]:
+    """``["mask_implausible"]`` when a (post-processed) lung mask cannot be two lungs, else ``[]``.
+
+    Implausible: the lung share of the frame is outside ``stats.fraction``; or there are
+    not exactly two pieces of at least ``stats.min_component`` of the frame; or the larger
+    piece holds more than ``stats.max_largest_share`` of them; or, with ``pixel_spacing``
+    (row, col) in mm, the lung area in mm^2 is outside ``stats.area_mm2``.
+
+    Args:
+        mask: (H, W) bool mask at the image's own resolution, ideally from
+            :func:`anatomical_mask` (specks below ``stats.min_component`` are ignored).
+    """
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"mask must be a non-empty 2-D (H, W) array, not of shape {m.shape}")
+    total = float(np.count_nonzero(m))
+    pieces = np.sort(_parts(m).area)[::-1]
+    pieces = pieces[pieces >= stats.min_component * m.size]
+    bad = not stats.fraction[0] <= total / m.size <= stats.fraction[1]
+    bad |= pieces.size != 2 or pieces[0] > stats.max_largest_share * pieces.sum()
+    if pixel_spacing is not None:
+        area = total * float(pixel_spacing[0]) * float(pixel_spacing[1])
+        bad |= not stats.area_mm2[0] <= area <= stats.area_mm2[1]
+    return [MASK_IMPLAUSIBLE] if bad else []
+
+
+# --- images ------------------------------------------------------------------------------
+MIN_SIDE = 64  # px: below this on either side nothing about the image can be judged
+# Limits on statistics of the (at most) 256 x 256 box-averaged thumbnail. Real films of all
+# five shared sets (1648) lie well inside them (benchmarks/qa_flags.py prints the ranges).
+MIN_STD = 0.06  # real films >= 0.10: constant, near-constant, fine noise averaged away
+MIN_LAG1 = 0.9  # correlation of neighbouring pixels; real films >= 0.97, white noise ~0
+MIN_ENTROPY = 3.5  # bits, 64-bin histogram; real films >= 4.1: two-tone pages, checkerboards
+LAPLACIAN_RANGE = (0.02, 0.5)  # mean |Laplacian| / std; real 0.04..0.23: gradients, smooth blobs / text
+# "Upright film" logistic model on the 64 x 64 thumbnail, fitted by benchmarks/qa_flags.py
+# (real films against their inversions, turns and inverted turns; pasted from its output).
+# An image is flagged when the correction that makes it look most upright (of the ten in
+# _CORRECTIONS) beats leaving it as it is by more than UPRIGHT_MARGIN.
+UPRIGHT_WEIGHTS = (
+    -10.625, -0.85454, 0.67497, 0.45195, -0.43919, 0.01128, -0.34276, -0.87774,
+    3.3431, 0.12535, -0.81547, -0.60076, 0.14089, 0.10393, -0.67167, -0.71706,
+    0.097358, 0.026472, 0.58161, -0.58537, -0.12215, -0.32819, -0.48757, 0.5458,
+    0.10052, -0.060148, 1.1955, -0.51152, -0.1198, -0.41585, -0.65067, 0.57209,
+    0.12876, -0.11476, 0.13842, -0.73645, 0.088364, 0.2093, -0.47305, 0.24536,
+    -0.11844, -0.22643, -0.74033, -0.33841, 0.49311, 0.62522, 0.10907, -0.81175,
+    -0.13965, -0.08614, -0.96869, -0.61955, 1.0971, 1.4634, 0.26814, -1.0727,
+    -0.05388, -0.16361, 0.1032, 0.55544, 1.6497, 1.7683, 0.79133, -0.37486,
+    -0.18057, -0.61387, 0.40347, 0.63861, 0.53614, 0.51273, 0.49416, 0.36082,
+    -0.42739, -0.82368, -0.87774,
+)
+UPRIGHT_MARGIN = 0.0
+
+
+def _shrink(x: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Box-average (or repeat, when growing) ``axis`` of ``x`` to length ``n``."""
+    size = x.shape[axis]
+    if size <= n:
+        return np.take(x, ((np.arange(n) + 0.5) * size / n).astype(np.intp), axis=axis)
+    k = size // n  # first an integer block sum over all but < k trailing lines: fast
+    m = size // k
+    x = np.take(x, np.arange(m * k), axis=axis) if m * k != size else x
+    shape = x.shape[:axis] + (m, k) + x.shape[axis + 1:]
+    x = x.reshape(shape).sum(axis=axis + 1, dtype=np.float64) / k
+    edges = (np.arange(n + 1) * m) // n
+    return np.add.reduceat(x, edges[:-1], axis=axis) / np.expand_dims(np.diff(edges), 1 - axis)
+
+
+def thumbnail(pixels: np.ndarray, n: int) -> np.ndarray:
+    """(H, W) -> (n, n) float64 box average (aspect not kept, as the shared sets were made)."""
+    return _shrink(_shrink(np.asarray(pixels), n, 0), n, 1)
+
+
+def film_thumbnails(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (n, n) thumbnail, n = min(256, H, W), and the (64, 64) one that flags are judged on."""
+    t = thumbnail(pixels, min(256, *np.shape(pixels)))
+    return t, thumbnail(t, 64)
+
+
+def _zscore(t: np.ndarray) -> np.ndarray:
+    return (t - t.mean()) / max(float(t.std()), 1e-6)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else 1.0
+
+
+def radiograph_stats(t: np.ndarray) -> dict[str, float]:
+    """Statistics of a thumbnail ``t`` (n, n) that separate films from other images."""
+    std = float(t.std())
+    lag1 = 0.5 * (_corr(t[:, 1:], t[:, :-1]) + _corr(t[1:], t[:-1]))
+    hist = np.bincount(np.clip((t * 64).astype(np.intp), 0, 63).ravel(), minlength=64) / t.size
+    hist = hist[hist > 0]
+    lap = 4 * t[1:-1, 1:-1] - t[:-2, 1:-1] - t[2:, 1:-1] - t[1:-1, :-2] - t[1:-1, 2:]
+    return {
+        "std": std, "lag1": lag1, "entropy": float(-(hist * np.log2(hist)).sum()),
+        "laplacian": float(np.abs(lap).mean()) / max(std, 1e-6),
+    }
+
+
+def inversion_features(x64: np.ndarray) -> np.ndarray:
+    """8 features of a (64, 64) thumbnail; each changes sign when the film is inverted.
+
+    Mean z-score of the lung fields, the mediastinum, the bottom band (abdomen), the top
+    band, the top corners and the outer columns; the skewness and the median z-score.
+    """
+    q = _zscore(x64)
+    return np.array([
+        0.5 * (q[16:44, 8:26].mean() + q[16:44, 38:56].mean()), q[12:48, 28:36].mean(),
+        q[54:].mean(), q[:8].mean(), 0.5 * (q[:10, :10].mean() + q[:10, -10:].mean()),
+        0.5 * (q[:, :4].mean() + q[:, -4:].mean()), (q**3).mean(), np.median(q),
+    ])
+
+
+def rotation_features(x64: np.ndarray) -> np.ndarray:
+    """66 features of a (64, 64) thumbnail: the 8 x 8 block means of its z-scores (a
+    template of the upright film), left-right minus top-bottom mirror correlation, skewness."""
+    q = _zscore(x64)
+    blocks = q.reshape(8, 8, 8, 8).mean(axis=(1, 3)).ravel()
+    return np.r_[blocks, _corr(q, q[:, ::-1]) - _corr(q, q[::-1]), (q**3).mean()]
+
+
+def upright_features(x64: np.ndarray) -> np.ndarray:
+    """The 74 features of the upright-film model: inversion and rotation features."""
+    return np.r_[inversion_features(x64), rotation_features(x64)]
+
+
+_TURNS = (
+    ((), lambda q: q), ((ROTATED,), lambda q: np.rot90(q, 1)), ((ROTATED,), lambda q: np.rot90(q, -1)),
+    ((ROTATED,), lambda q: np.rot90(q, 2)), ((ROTATED,), lambda q: q[::-1]),
+)
+# (flags it implies, correction): every turn, with and without undoing an inversion.
+_CORRECTIONS = tuple((f, t) for f, t in _TURNS) + tuple(((INVERTED, *f), t) for f, t in _TURNS)
+
+
+def upright_scores(x64: np.ndarray, weights: tuple[float, ...] | None = None) -> np.ndarray:
+    """(10,) upright-film score of each correction of ``x64`` in ``_CORRECTIONS`` order."""
+    w = np.asarray(UPRIGHT_WEIGHTS if weights is None else weights)
+    feats = [upright_features(np.ascontiguousarray(t(1.0 - x64 if INVERTED in f else x64))) for f, t in _CORRECTIONS]
+    return w[0] + np.asarray(feats) @ w[1:]
+
+
+def image_flags(pixels: np.ndarray, *, height: int, width: int, colour: bool = False) -> list[str]:
+    """Quality flags for one image as read: a subset of ``not_radiograph``, ``inverted``, ``rotated``.
+
+    ``not_radiograph`` (then alone): ``min(height, width) < 64``; ``colour`` (the source
+    had chroma: the reader folds it to grey, so the caller must say); or a thumbnail
+    statistic outside the limits above (constant, noise, two-tone, gradient or text).
+    ``inverted``: a negative film; ``rotated``: turned by 90/180 degrees or upside down;
+    both when the image looks most like an upright film after undoing both.
+
+    Args:
+        pixels: (H, W) float32 in [0, 1], 1 = bright, at any resolution.
+        height, width: the source image's size in pixels (may differ from ``pixels``).
+        colour: whether the source image had colour (chroma).
+
+    Raises:
+        ValueError: ``pixels`` is not 2-D or holds values outside [0, 1] (or NaN).
+    """
+    x = np.asarray(pixels)
+    if x.ndim != 2:
+        raise ValueError(f"pixels must be 2-D (H, W), not of shape {x.shape}")
+    if min(height, width, *x.shape) < MIN_SIDE:
+        return [NOT_RADIOGRAPH]
+    lo, hi = float(x.min()), float(x.max())
+    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+        raise ValueError(f"pixels must lie in [0, 1], found {lo:g}..{hi:g}")
+    t, x64 = film_thumbnails(x)
+    s = radiograph_stats(t)
+    if (
+        colour or s["std"] < MIN_STD or s["lag1"] < MIN_LAG1 or s["entropy"] < MIN_ENTROPY
+        or not LAPLACIAN_RANGE[0] <= s["laplacian"] <= LAPLACIAN_RANGE[1]
+    ):
+        return [NOT_RADIOGRAPH]
+    scores = upright_scores(x64)
+    best = int(np.argmax(scores))
+    return list(_CORRECTIONS[best][0]) if scores[best] - scores[0] > UPRIGHT_MARGIN else []

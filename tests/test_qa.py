@@ -1,0 +1,141 @@
+"""mmcli.qa: mask post-processing and plausibility on hand-made masks, image flags on
+synthetic inputs and on the shipped example radiographs (and their inversions and turns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmcli import qa
+from mmcli.io.readers import read_radiograph
+
+SCANS = Path(__file__).parents[1] / "examples" / "scans"
+
+
+def two_lungs(n: int = 256) -> np.ndarray:
+    """(n, n) bool: two lung-sized rectangles left and right of the midline, 43 % of the frame."""
+    m = np.zeros((n, n), bool)
+    s = n // 256
+    m[60 * s:220 * s, 30 * s:118 * s] = True
+    m[60 * s:220 * s, 138 * s:226 * s] = True
+    return m
+
+
+def flags(x: np.ndarray, colour: bool = False) -> list[str]:
+    return qa.image_flags(x, height=x.shape[0], width=x.shape[1], colour=colour)
+
+
+# --- anatomical_mask -----------------------------------------------------------------------
+
+def test_keeps_the_two_lungs_and_drops_a_speck_and_a_blob_above_the_shoulder():
+    lungs = two_lungs()
+    m = lungs.copy()
+    m[240:243, 5:8] = True  # speck
+    m[0:40, 100:160] = True  # blob above the shoulders, touching the top border (3.7 % of the frame)
+    out = qa.anatomical_mask(m)
+    assert out.dtype == bool and out.shape == m.shape
+    np.testing.assert_array_equal(out, lungs)
+
+
+def test_fills_a_hole_and_keeps_one_big_component():
+    m = np.zeros((256, 256), bool)
+    m[50:220, 40:216] = True
+    m[100:120, 100:130] = False  # hole
+    out = qa.anatomical_mask(m)
+    assert out[50:220, 40:216].all() and out.sum() == 170 * 176
+    assert not qa.anatomical_mask(m, fill_holes=False)[100:120, 100:130].any()
+
+
+def test_prefers_a_piece_on_the_other_side_to_a_second_piece_of_the_same_lung():
+    m = two_lungs()
+    m[60:220, 138:226] = False
+    m[60:140, 138:226] = True  # right lung, upper part (larger)
+    m[150:220, 138:226] = True  # right lung, lower part (split off)
+    m[60:220, 30:118] = False
+    m[80:160, 50:100] = True  # left lung, smaller than both right pieces
+    out = qa.anatomical_mask(m)
+    assert out[100, 70] and out[100, 180]  # both sides kept
+    assert qa._parts(out).area.size == 2
+
+
+def test_is_exact_at_native_size_and_ignores_implausible_only_masks():
+    lungs = two_lungs(2048)
+    m = lungs.copy()
+    m[2000:2010, 20:30] = True
+    np.testing.assert_array_equal(qa.anatomical_mask(m), lungs)
+    blob = np.zeros((256, 256), bool)
+    blob[0:30, 0:30] = True  # corner blob only: nothing is a lung
+    assert not qa.anatomical_mask(blob).any()
+    assert not qa.anatomical_mask(np.zeros((5, 7), bool)).any()
+
+
+# --- mask_flags ----------------------------------------------------------------------------
+
+def test_mask_flags_on_hand_made_masks():
+    good = two_lungs()
+    assert qa.mask_flags(good) == []
+    assert qa.mask_flags(good, pixel_spacing=(1.0, 1.0)) == []  # 282 cm^2
+    small = np.zeros((256, 256), bool)
+    small[100:130, 60:100] = small[100:130, 150:190] = True  # 3.7 % of the frame
+    assert qa.mask_flags(small) == [qa.MASK_IMPLAUSIBLE]
+    huge = np.zeros((256, 256), bool)
+    huge[10:250, 5:125] = huge[10:250, 131:251] = True  # 88 %
+    assert qa.mask_flags(huge) == [qa.MASK_IMPLAUSIBLE]
+    one = np.zeros((256, 256), bool)
+    one[40:230, 30:226] = True  # one lung-sized piece
+    assert qa.mask_flags(one) == [qa.MASK_IMPLAUSIBLE]
+    lopsided = good.copy()
+    lopsided[60:220, 138:226] = False
+    lopsided[100:140, 160:200] = True  # other lung 1/9 of the first
+    assert qa.mask_flags(lopsided) == [qa.MASK_IMPLAUSIBLE]
+    # 28 160 px: 0.1 mm pixels give 2.8 cm^2 (too small), 3 mm ones 2534 cm^2 (too big)
+    assert qa.mask_flags(good, pixel_spacing=(0.1, 0.1)) == [qa.MASK_IMPLAUSIBLE]
+    assert qa.mask_flags(good, pixel_spacing=(3.0, 3.0)) == [qa.MASK_IMPLAUSIBLE]
+    assert qa.mask_flags(good, pixel_spacing=(0.5, 0.5)) == []
+    assert qa.mask_flags(good, stats=qa.MaskStats(fraction=(0.5, 0.9))) == [qa.MASK_IMPLAUSIBLE]
+
+
+# --- image_flags ---------------------------------------------------------------------------
+
+def test_image_flags_exact_rules():
+    rng = np.random.default_rng(0)
+    film = read_radiograph(SCANS / "nih_siim_example.dcm").pixels
+    assert flags(film) == []
+    assert qa.image_flags(film, height=63, width=1024) == [qa.NOT_RADIOGRAPH]  # source side 63 px
+    assert flags(film[:63]) == [qa.NOT_RADIOGRAPH]
+    assert flags(np.full((1, 1), 0.5, np.float32)) == [qa.NOT_RADIOGRAPH]
+    assert flags(np.full((300, 200), 0.7, np.float32)) == [qa.NOT_RADIOGRAPH]  # constant
+    assert flags(np.zeros((256, 256), np.float32)) == [qa.NOT_RADIOGRAPH]
+    assert flags(rng.random((256, 256), dtype=np.float32)) == [qa.NOT_RADIOGRAPH]  # noise
+    assert flags(np.tile(np.linspace(0, 1, 512, dtype=np.float32), (512, 1))) == [qa.NOT_RADIOGRAPH]
+    yy, xx = np.mgrid[:256, :256]
+    assert flags((((yy // 32) + (xx // 32)) % 2).astype(np.float32)) == [qa.NOT_RADIOGRAPH]
+    assert flags(film, colour=True) == [qa.NOT_RADIOGRAPH]
+    with pytest.raises(ValueError):
+        flags(film * 2)
+    with pytest.raises(ValueError):
+        flags(np.zeros((4, 4, 3), np.float32))
+
+
+def test_thumbnail_is_a_box_average():
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_allclose(qa.thumbnail(x, 2), [[2.5, 4.5], [10.5, 12.5]])
+    assert qa.thumbnail(np.ones((2047, 1001)), 256).shape == (256, 256)
+
+
+@pytest.fixture(scope="module")
+def examples() -> dict[str, np.ndarray]:
+    files = sorted(p for p in SCANS.iterdir() if p.suffix in (".jpeg", ".dcm"))
+    return {p.name: read_radiograph(p).pixels for p in files}
+
+
+def test_real_examples_are_not_flagged_and_their_inversions_and_turns_are(examples):
+    assert len(examples) == 5
+    for name, x in examples.items():
+        assert flags(x) == [], name
+        assert flags(1.0 - x) == [qa.INVERTED], name
+        for turned in (np.rot90(x), np.rot90(x, -1), np.rot90(x, 2), x[::-1]):
+            assert flags(np.ascontiguousarray(turned)) == [qa.ROTATED], name
+        assert flags(np.ascontiguousarray(1.0 - np.rot90(x))) == [qa.INVERTED, qa.ROTATED], name
