@@ -161,6 +161,78 @@ def test_jpeg_without_exif_rotation(tmp_path: Path) -> None:
     np.testing.assert_allclose(img.pixels, 128 / 255.0, atol=2 / 255.0)
 
 
+
+# ---------------------------------------------------------------- JPEG decoded at reduced scale
+
+
+def smooth_jpeg(path: Path, mode: str = "L", size: tuple[int, int] = (1600, 1200)) -> Path:
+    """A smooth ``size`` (W, H) radiograph-like JPEG, Pillow quality 95."""
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    grey = np.clip(128 + 90 * np.sin(x / 97.0) * np.cos(y / 131.0), 0, 255).astype(np.uint8)
+    array = grey if mode == "L" else np.stack([grey, np.roll(grey, 5, axis=1), grey // 2 + 60], axis=-1)
+    Image.fromarray(array).save(path, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_jpeg_min_side_decodes_reduced_with_native_size(tmp_path: Path, mode: str) -> None:
+    path = smooth_jpeg(tmp_path / "a.jpg", mode)
+    full = read_radiograph(path)
+    half = read_radiograph(path, min_side=512)  # 1200 // 512 = 2: the DCT decodes at 1/2
+    assert (half.height, half.width, half.format, half.bits) == (1200, 1600, "jpeg", 8)
+    assert (half.scale, half.reduced, full.scale, full.reduced) == (2, True, 1, False)
+    assert half.pixels.dtype == np.float32 and half.pixels.shape == (600, 800)
+    # The codec's 1/2 decode is close to a 2 x 2 mean of the full decode (measured: 0.75 / 255 at most).
+    box = full.pixels.reshape(600, 2, 800, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(half.pixels, box, atol=1.5 / 255, rtol=0)
+    assert half.pixels.min() >= 0.0 and half.pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize("min_side,scale,shape", [
+    (1, 8, (150, 200)), (128, 8, (150, 200)), (256, 4, (300, 400)), (600, 2, (600, 800)), (601, 1, (1200, 1600)),
+])
+def test_jpeg_min_side_keeps_the_shorter_side(tmp_path: Path, min_side: int, scale: int, shape: tuple) -> None:
+    img = read_radiograph(smooth_jpeg(tmp_path / "a.jpg"), min_side=min_side)
+    assert (img.scale, img.pixels.shape, img.height, img.width) == (scale, shape, 1200, 1600)
+    assert min(img.pixels.shape) >= min(min_side, 1200)
+
+
+def test_jpeg_min_side_ceils_odd_sizes(tmp_path: Path) -> None:
+    img = read_radiograph(smooth_jpeg(tmp_path / "a.jpg", size=(1001, 803)), min_side=200)
+    assert (img.scale, img.pixels.shape, img.height, img.width) == (4, (201, 251), 803, 1001)
+
+
+def test_min_side_larger_than_the_image_is_a_full_decode(tmp_path: Path) -> None:
+    path = smooth_jpeg(tmp_path / "a.jpg")
+    full = read_radiograph(path)
+    for min_side in (1201, 5000):
+        img = read_radiograph(path, min_side=min_side)
+        assert (img.scale, img.reduced, img.height, img.width) == (1, False, 1200, 1600)
+        np.testing.assert_array_equal(img.pixels, full.pixels)
+
+
+def test_min_side_leaves_other_formats_alone(tmp_path: Path) -> None:
+    arr = (np.arange(1200 * 1600, dtype=np.uint32) % 251).astype(np.uint8).reshape(1200, 1600)
+    dcm = make_dicom(tmp_path / "a.dcm", arr.astype(np.uint16))
+    files = (png(tmp_path / "a.png", arr), png(tmp_path / "a.tif", arr), dcm)
+    for path in files:
+        plain, small = read_radiograph(path), read_radiograph(path, min_side=256)
+        assert (small.scale, small.reduced, small.height, small.width) == (1, False, 1200, 1600)
+        np.testing.assert_array_equal(small.pixels, plain.pixels)
+    dicom = read_radiograph(MONO2, min_side=256)  # JPEG inside DICOM: not reduced (yet)
+    assert (dicom.scale, dicom.pixels.shape) == (1, (1024, 1024))
+
+
+def test_min_side_budget_counts_native_pixels(tmp_path: Path) -> None:
+    path = smooth_jpeg(tmp_path / "a.jpg")
+    with pytest.raises(ReadError, match=r"image of 1600 x 1200 pixels exceeds the 1\.919999 MP limit$"):
+        read_radiograph(path, max_pixels=1600 * 1200 - 1, min_side=256)  # decoded would be 300 x 400
+    assert read_radiograph(path, max_pixels=1600 * 1200, min_side=256).pixels.shape == (300, 400)
+    for bad in (0, -1, 1.5, True, "512"):
+        with pytest.raises(UsageError, match="min_side"):
+            read_radiograph(path, min_side=bad)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- real DICOM files
 
 

@@ -30,6 +30,13 @@ class Radiograph:
     warnings pydicom or Pillow gave while reading (``"Category: message"``), which
     are also logged at DEBUG. ``eq=False`` because array equality has no single
     truth value; compare ``pixels`` explicitly.
+
+    ``height`` and ``width`` are always the NATIVE size declared by the file (what a
+    lung mask must be written at). ``scale`` is 1 when ``pixels`` is that native grid;
+    a JPEG read with ``min_side`` may instead be decoded at 1/2, 1/4 or 1/8 scale by
+    the codec (DCT scaling), and then ``pixels`` is ``(ceil(height / scale),
+    ceil(width / scale))`` and ``reduced`` is true. Use ``pixels.shape`` for the decoded
+    grid and ``height``/``width`` for the native one.
     """
 
     pixels: np.ndarray
@@ -41,6 +48,12 @@ class Radiograph:
     spacing_source: str | None = None
     photometric: str | None = None
     warnings: tuple[str, ...] = ()
+    scale: int = 1
+
+    @property
+    def reduced(self) -> bool:
+        """Whether ``pixels`` was decoded below the native size (``scale > 1``)."""
+        return self.scale > 1
 
 
 def check_budget(path: Path, width: int, height: int, limit: int | None, frames: int = 1, samples: int = 1) -> None:

@@ -54,7 +54,8 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
 
 
 def read_radiograph(
-    path: str | os.PathLike[str], *, voi_lut: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], *, voi_lut: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
 ) -> Radiograph:
     """Read one single-frame grey radiograph.
 
@@ -65,24 +66,30 @@ def read_radiograph(
         max_pixels: refuse, from the header and before decoding, images of more pixels
             (width x height x frames x samples). It stands in for Pillow's own bomb limit
             during the call; None: no limit of ours, ``PIL.Image.MAX_IMAGE_PIXELS`` applies.
+            Always checked against the native size, also when ``min_side`` reduces the decode.
+        min_side: for a (non-DICOM) JPEG, let the codec decode at 1/2, 1/4 or 1/8 scale
+            (``Image.draft``), the largest that keeps the decoded shorter side >= ``min_side``;
+            nearly free, and all a model of input size S needs is about ``2 * S``. Other
+            formats, and JPEGs too small to shrink, are decoded at native size as with None.
 
     Returns:
-        A :class:`Radiograph` with float32 ``(H, W)`` pixels in [0, 1]. Library warnings
-        are logged at DEBUG and kept in ``Radiograph.warnings``, never shown raw.
+        A :class:`Radiograph` with float32 pixels in [0, 1], ``(H, W)`` native unless
+        ``Radiograph.reduced`` (``height``/``width`` are native in every case). Library
+        warnings are logged at DEBUG and kept in ``Radiograph.warnings``, never shown raw.
 
     Raises:
         ReadError: the only error a file can cause (missing, empty, over ``max_pixels``,
             truncated or corrupt, not an image, multi-frame or colour...); the reason says which.
-        UsageError: ``max_pixels`` is not a positive integer or None.
+        UsageError: ``max_pixels`` or ``min_side`` is not a positive integer or None.
     """
-    bad_budget = isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1
-    if max_pixels is not None and bad_budget:
-        raise UsageError(f"max_pixels must be a positive integer or None, not {max_pixels!r}")
+    for name, value in (("max_pixels", max_pixels), ("min_side", min_side)):
+        if value is not None and not _positive_int(value):
+            raise UsageError(f"{name} must be a positive integer or None, not {value!r}")
     path = Path(path)
     with warnings.catch_warnings(record=True) as caught:  # filter local to the block; logged below
         warnings.simplefilter("always")
         try:
-            rad = _read(path, voi_lut=voi_lut, max_pixels=max_pixels)
+            rad = _read(path, voi_lut=voi_lut, max_pixels=max_pixels, min_side=min_side)
         except ReadError:
             raise
         except MemoryError:
@@ -98,12 +105,16 @@ def read_radiograph(
     return dataclasses.replace(rad, warnings=notes) if notes else rad
 
 
-def _read(path: Path, *, voi_lut: bool, max_pixels: int | None) -> Radiograph:
+def _positive_int(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
+def _read(path: Path, *, voi_lut: bool, max_pixels: int | None, min_side: int | None) -> Radiograph:
     _check_file(path)
     if is_dicom(path):
         return read_dicom(path, voi_lut=voi_lut, force=False, max_pixels=max_pixels)
     try:
-        return _read_pillow(path, max_pixels)
+        return _read_pillow(path, max_pixels, min_side)
     except _NotAnImage:
         if path.suffix.lower() in _DICOM_SUFFIXES:
             # Some writers omit the 128-byte preamble; accept those only with pixel data.
@@ -165,7 +176,7 @@ def _pillow_limit_lifted() -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = _LIFT["saved"]
 
 
-def _read_pillow(path: Path, max_pixels: int | None) -> Radiograph:
+def _read_pillow(path: Path, max_pixels: int | None, min_side: int | None) -> Radiograph:
     """Decode a non-DICOM image with Pillow (no EXIF rotation) and fold it to grey."""
     with contextlib.nullcontext() if max_pixels is None else _pillow_limit_lifted():
         try:
@@ -177,10 +188,25 @@ def _read_pillow(path: Path, max_pixels: int | None) -> Radiograph:
         except Exception as exc:  # Pillow's header parsers raise many types on broken files
             raise ReadError(path, f"cannot open image: {exc}") from None
         with img:
-            return _decode_pillow(img, path, max_pixels)
+            return _decode_pillow(img, path, max_pixels, min_side)
 
 
-def _decode_pillow(img: Image.Image, path: Path, max_pixels: int | None) -> Radiograph:
+def _draft(img: Image.Image, min_side: int | None) -> int:
+    """Ask the JPEG codec for a reduced decode whose shorter side stays >= ``min_side``.
+
+    Pillow's ``draft`` picks the largest DCT scale 1/s (s in 8, 4, 2, 1) with
+    s <= min(W // w, H // h), so asking for (min_side, min_side) keeps both decoded sides
+    >= min_side. The mode is left as it is: grey comes from the same conversion as a full
+    decode. Returns s (1: native decode).
+    """
+    if min_side is None or img.format != "JPEG":
+        return 1
+    width, _ = img.size
+    result = img.draft(img.mode, (int(min_side), int(min_side)))
+    return 1 if result is None else max(1, round(width / result[1][2]))
+
+
+def _decode_pillow(img: Image.Image, path: Path, max_pixels: int | None, min_side: int | None) -> Radiograph:
     fmt = (img.format or "unknown").lower()
     width, height = img.size
     check_budget(path, width, height, max_pixels)
@@ -189,6 +215,7 @@ def _decode_pillow(img: Image.Image, path: Path, max_pixels: int | None) -> Radi
         check_budget(path, width, height, max_pixels, n_frames)
         if n_frames > 1:
             raise ReadError(path, f"multi-frame images are not supported ({n_frames} frames)")
+        scale = _draft(img, min_side)  # after the budget: that counts native pixels
         img.load()  # decode now, so truncated files fail here
     except (ReadError, MemoryError):
         raise
@@ -204,8 +231,10 @@ def _decode_pillow(img: Image.Image, path: Path, max_pixels: int | None) -> Radi
         raise ReadError(path, f"cannot convert {img.mode!r} image to grey: {exc}") from None
     pixels = np.ascontiguousarray(grey, dtype=np.float32)
     np.clip(pixels, 0.0, 1.0, out=pixels)
-    log.debug("read %s image %dx%d (%d bits)", fmt, pixels.shape[1], pixels.shape[0], bits)
-    return Radiograph(pixels, pixels.shape[0], pixels.shape[1], fmt, bits)
+    log.debug("read %s image %dx%d (%d bits) decoded at 1/%d", fmt, width, height, bits, scale)
+    if scale == 1:
+        return Radiograph(pixels, pixels.shape[0], pixels.shape[1], fmt, bits)
+    return Radiograph(pixels, height, width, fmt, bits, scale=scale)  # the native size, from the header
 
 
 # Lookup tables give the same float32 values as dividing in float64, several times faster
