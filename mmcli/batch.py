@@ -83,6 +83,7 @@ class RunSummary:
     resumed: int
     seconds: float
     reports: list[Path]
+    flagged: int = 0  # ok cases that quality control flagged (their qa_flags column says why)
 
     @property
     def report(self) -> Path | None:
@@ -90,7 +91,7 @@ class RunSummary:
         return self.reports[0] if self.reports else None
 
     def counts(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("total", "ok", "failed", "skipped", "resumed")}
+        return {k: getattr(self, k) for k in ("total", "ok", "flagged", "failed", "skipped", "resumed")}
 
 
 def shard_path(path: Path, shard: tuple[int, int] | None) -> Path:
@@ -283,8 +284,9 @@ class BatchRun:
                    for f in self.files]
         reports = self.job.write_reports(ordered)
         statuses = Counter(r["status"] for r in ordered)
+        flagged = sum(r["status"] == "ok" and bool(r.get("qa_flags")) for r in ordered)
         summary = RunSummary(len(self.files), statuses["ok"], statuses["error"], statuses["skipped"], self.resumed,
-                             time.perf_counter() - self.started, reports)
+                             time.perf_counter() - self.started, reports, flagged)
         command, settings = self.command, dict(self.job.settings)
         if self.cfg.anonymize_ids is not None:  # names given on the command line may be patients' names
             command, settings["inputs"] = None, f"{len(settings['inputs'])} input(s): see the --anonymize-ids file"

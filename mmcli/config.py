@@ -71,7 +71,9 @@ class ModelRunConfig:
 
     ``batch_size`` and ``workers`` of ``None`` take the device's defaults
     (:mod:`mmcli.runtime`); ``weights`` of ``None`` the default weights; ``max_pixels``
-    of ``None`` lifts mmcli's own pixel budget (Pillow's limit then applies).
+    of ``None`` lifts mmcli's own pixel budget (Pillow's limit then applies); ``qa`` is the
+    quality-control policy (:mod:`mmcli.quality`); ``raw_masks`` keeps the network's own mask
+    instead of the anatomical one (:func:`mmcli.qa.anatomical_mask`).
     """
 
     weights: str | None = None
@@ -82,9 +84,13 @@ class ModelRunConfig:
     threshold: float = 0.5
     voi_lut: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    qa: str = "warn"
+    raw_masks: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.qa not in ("warn", "refuse", "off"):
+            raise UsageError(f"--qa must be warn, refuse or off, got {self.qa!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.batch_size is not None and self.batch_size < 1:

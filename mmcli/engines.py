@@ -52,6 +52,7 @@ class CaseTask(Protocol):
 
     voi_lut: bool
     max_pixels: int | None  # the reader's pixel budget
+    qa: str  # the quality-control policy (mmcli.quality); "off": no checks
     keep_pixels: bool  # whether :meth:`finish` needs the native pixels (``item["pixels"]``)
 
     def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
@@ -77,8 +78,8 @@ def _finish_safely(task: CaseTask, file: InputFile, item: dict[str, Any], pred: 
 
 
 def _read(files: Sequence[InputFile], task: CaseTask, pre: PreprocessConfig) -> list[dict[str, Any]]:
-    return [load_case(f, pre, index=i, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels, max_pixels=task.max_pixels)
-            for i, f in enumerate(files)]
+    return [load_case(f, pre, index=i, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels, max_pixels=task.max_pixels,
+                      image_qa=task.qa != "off") for i, f in enumerate(files)]
 
 
 def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTask) -> list[dict[str, Any]]:
@@ -100,7 +101,7 @@ def iter_rows_loader(
     """Decode in DataLoader workers, run the model on batches here, finish cases in a thread."""
     loader = DataLoader(
         RadiographDataset(files, predictor.preprocess, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels,
-                          max_pixels=task.max_pixels),
+                          max_pixels=task.max_pixels, image_qa=task.qa != "off"),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
         worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
         pin_memory=predictor.device.type == "cuda",

@@ -43,12 +43,13 @@ from mmcli.io.writers import (
     write_hdf5,
     write_json,
 )
+from mmcli.quality import UNCERTAIN
 
 logger = logging.getLogger(__name__)
 
 SEG_COLUMNS = ("dice", "jaccard", "precision", "recall", "ssim", "ahd", "hd95", "ahd_mm", "hd95_mm")
 CASE_COLUMNS: tuple[str, ...] = (
-    "dataset", "case_id", "source", "status", "error", "true_label", "label", "p_pneumonia",
+    "dataset", "case_id", "source", "status", "error", "true_label", "label", "p_pneumonia", "qa_flags",
     *SEG_COLUMNS, "height", "width", "pred_mask", "true_mask",
 )
 
@@ -148,7 +149,7 @@ def evaluate_case(ref: Reference, pred: dict[str, Any] | None, voi_lut: bool = F
                true_mask=str(ref.mask) if ref.mask else None)
     if pred is None:
         return {**row, "status": "missing", "error": "no prediction for this image in the predictions report"}
-    row.update(label=pred.get("label"), p_pneumonia=pred.get("p_pneumonia"),
+    row.update(label=pred.get("label"), p_pneumonia=pred.get("p_pneumonia"), qa_flags=pred.get("qa_flags"),
                height=pred.get("height"), width=pred.get("width"))
     if pred.get("status") != "ok":
         return {**row, "status": "error", "error": pred.get("error") or "prediction failed"}
@@ -211,7 +212,7 @@ class EvaluationRun:
             inputs=tuple(str(r.path) for r in self.refs), out=self.out / "predictions.csv", weights=cfg.weights,
             device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
             workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, max_pixels=cfg.max_pixels,
-            overwrite=cfg.overwrite,
+            qa=cfg.qa, raw_masks=cfg.raw_masks, overwrite=cfg.overwrite,
         ), command=command)
 
     def cases(self) -> Iterator[dict[str, Any]]:
@@ -240,7 +241,8 @@ class EvaluationRun:
             "settings": asdict(cfg),  # write_json turns paths into strings
             "command": self.command,
             "datasets": {
-                name: summarise_dataset([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed)
+                name: summarise_with_qa([r for r in rows if r["dataset"] == name], folder, cfg.n_bootstrap, cfg.seed,
+                                        cfg.threshold)
                 for folder, name in zip(self.folders, self.names, strict=True)
             },
         })
@@ -316,7 +318,27 @@ def _write_plots(out: Path, rows: list[dict[str, Any]], names: list[str], cfg: E
     return written
 
 
-def summarise_dataset(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int, seed: int) -> dict[str, Any]:
+def summarise_with_qa(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int, seed: int,
+                      threshold: float = 0.5) -> dict[str, Any]:
+    """:func:`summarise_dataset` of every case, plus quality control: how many evaluated cases
+    were flagged (by flag), and the same summary without them (``without_flagged``)."""
+    out = summarise_dataset(rows, folder, n_bootstrap, seed, threshold)
+    ok = [r for r in rows if r["status"] == "ok"]
+    flagged = [r for r in ok if r.get("qa_flags")]
+    by_flag: dict[str, int] = {}
+    for r in flagged:
+        for flag in str(r["qa_flags"]).split(";"):
+            by_flag[flag] = by_flag.get(flag, 0) + 1
+    out["qa"] = {"flagged": len(flagged), "share": len(flagged) / len(ok) if ok else None,
+                 "by_flag": dict(sorted(by_flag.items()))}
+    if flagged:
+        out["without_flagged"] = summarise_dataset([r for r in rows if not r.get("qa_flags")], folder,
+                                                   n_bootstrap, seed, threshold)
+    return out
+
+
+def summarise_dataset(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int, seed: int,
+                      threshold: float = 0.5) -> dict[str, Any]:
     """Counts, classification metrics (with the majority baseline) and segmentation means of one dataset.
 
     The predicted label is the report's ``label`` column (the threshold of the predict run).
@@ -332,7 +354,9 @@ def summarise_dataset(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int
     if labelled:
         positive = CLASS_NAMES[-1]
         y = np.array([r["true_label"] == positive for r in labelled], dtype=int)
-        yhat = np.array([r["label"] == positive for r in labelled], dtype=int)
+        # a label quality control made "uncertain" is scored by the probability it would have had
+        yhat = np.array([float(r["p_pneumonia"]) >= threshold if r["label"] == UNCERTAIN else r["label"] == positive
+                         for r in labelled], dtype=int)
         p = np.array([float(r["p_pneumonia"]) for r in labelled])
         out["classification"] = {
             "n": len(labelled), "n_pneumonia": int(y.sum()),
@@ -362,6 +386,29 @@ def _fmt(m: dict[str, Any], key: str = "value") -> str:
     if key == "value" and m.get("ci_low") is not None:
         text += f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
     return text
+
+
+def _qa_markdown(sets: dict[str, Any]) -> list[str]:
+    """Quality control: flagged share per dataset, and the headline metrics with and without them."""
+    if not any("qa" in d for d in sets.values()):
+        return []
+    lines = ["## Quality control", "",
+             "Evaluated cases that quality control flagged (`qa_flags`), and the headline metrics on every "
+             "evaluated case and on the unflagged ones only.", "",
+             "| dataset | flagged | by flag | accuracy | accuracy unflagged | ROC AUC | ROC AUC unflagged | Dice | "
+             "Dice unflagged |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in sets.items():
+        qa = d.get("qa", {})
+        share = f"{qa['flagged']} ({qa['share']:.1%})" if qa.get("share") is not None else "n/a"
+        flags = ", ".join(f"{k} {v}" for k, v in qa.get("by_flag", {}).items()) or "-"
+        rest = d.get("without_flagged", d)
+        cells = []
+        for key, metric in (("classification", "accuracy"), ("classification", "roc_auc"), ("segmentation", "dice")):
+            for part in (d, rest):
+                m = part.get(key, {}).get("metrics", {}).get(metric)
+                cells.append(_fmt(m) if m else "n/a")
+        lines.append(f"| {name} | {share} | {flags} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_markdown(path: Path, summary: dict[str, Any], plots: Sequence[str]) -> None:
@@ -402,6 +449,7 @@ def write_markdown(path: Path, summary: dict[str, Any], plots: Sequence[str]) ->
         for col in SEG_COLUMNS:
             lines.append(f"| {col} | " + " | ".join(_fmt(g["metrics"][col]) for g in seg.values()) + " |")
         lines += ["| empty predictions | " + " | ".join(str(g["empty_predictions"]) for g in seg.values()) + " |", ""]
+    lines += _qa_markdown(sets)
     if plots:
         lines += ["## Figures", "", *(f"![{Path(p).stem}]({p})" for p in plots), ""]
     with atomic_path(path) as tmp:

@@ -41,6 +41,7 @@ from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.writers import atomic_path, write_csv
+from mmcli.quality import apply_policy, case_flags, lung_mask
 from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPLAIN_COLUMNS", "ExplainCase", "ExplainConfig", "mass_inside", "open_explain"]
 
 EXPLAIN_COLUMNS: tuple[str, ...] = (
-    "case_id", "source", "status", "error", "p_pneumonia", "label", "saliency_in_lungs", "gradcam_in_lungs",
+    "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags", "saliency_in_lungs", "gradcam_in_lungs",
     "lung_fraction", "height", "width", "saliency_png", "gradcam_png",
 )
 VIEWS = ("saliency", "gradcam")
@@ -84,6 +85,8 @@ class ExplainCase:
     alpha: float = 0.6
     voi_lut: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    qa: str = "warn"
+    raw_masks: bool = False
     keep_pixels: bool = True  # overlays are drawn on the pixels the model saw
 
     def png(self, view: str, case_id: str) -> Path:
@@ -103,7 +106,7 @@ class ExplainCase:
 
         assert pred.saliency is not None and pred.gradcam is not None and pred.probabilities is not None
         maps = {"saliency": pred.saliency[k, 0].numpy(), "gradcam": pred.gradcam[k, 0].numpy()}
-        lungs = pred.mask_logits[k, 0].numpy() >= 0  # type: ignore[index]
+        lungs = lung_mask(pred.mask_logits[k, 0].numpy() >= 0, self.raw_masks)  # type: ignore[index]
         pixels = item["pixels"]
         p = float(pred.probabilities[k, -1])
         height, width = pixels.shape
@@ -118,6 +121,8 @@ class ExplainCase:
             with atomic_path(path) as tmp:
                 Image.fromarray(heatmap_overlay(pixels, native, alpha=self.alpha)).save(tmp, format="PNG")
             row[f"{view}_png"] = os.path.relpath(path, self.folder)
+        grid_meta = {**item["meta"], "pixel_spacing": None}  # the lungs here are on the model grid
+        apply_policy(row, case_flags(grid_meta, lungs, pred, k, self.qa), self.qa)
         with atomic_path(self.partial(file.case_id)) as tmp, open(tmp, "wb") as f:
             np.savez(f, **maps)
         return row
@@ -179,7 +184,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     ckpt = load_weights(cfg.weights)
     predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
     predictor.require_bridge()
-    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels)
+    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels,
+                       cfg.qa, cfg.raw_masks)
     have_maps = _old_map_ids(layout.folder / "maps.h5") if not cfg.overwrite else set()
 
     def still_done(row: Mapping[str, Any]) -> bool:
@@ -191,7 +197,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         name="explain", layout=layout, columns=EXPLAIN_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
                 "alpha": cfg.alpha, "precision": predictor.precision, "device_type": predictor.device.type,
-                "max_pixels": cfg.max_pixels, "shard": list(cfg.shard) if cfg.shard else None},
+                "max_pixels": cfg.max_pixels, "shard": list(cfg.shard) if cfg.shard else None, "qa": cfg.qa,
+                "raw_masks": cfg.raw_masks, "ood": predictor.ood is not None},
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, provenance(ckpt)),
     )

@@ -10,14 +10,18 @@ model grid and divided by its maximum).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mmcli.config import PreprocessConfig
 from mmcli.errors import UsageError
+from mmcli.ood import OODStats
 from mmcli.runtime import Precision, apply_precision_policy, autocast, resolve_device, resolve_precision
 from mmcli.weights import Checkpoint
 
@@ -37,12 +41,17 @@ class BatchPrediction:
         mask_logits: ``(B, 1, S, S)`` lung-mask logits, or ``None`` without a decoder.
         saliency: ``(B, 1, S, S)`` the bridge's saliency map, or ``None`` without a bridge.
         gradcam: ``(B, 1, S, S)`` Grad-CAM in [0, 1] (only from :meth:`Predictor.explain`).
+        ood_distance: ``(B,)`` distance of each image's features from the training images'
+            (see :mod:`mmcli.ood`), or ``None`` when the weights carry no statistics.
+        ood_threshold: the distance above which an image is out of distribution.
     """
 
     probabilities: torch.Tensor | None
     mask_logits: torch.Tensor | None
     saliency: torch.Tensor | None
     gradcam: torch.Tensor | None = None
+    ood_distance: torch.Tensor | None = None
+    ood_threshold: float | None = None
 
 
 class Predictor:
@@ -61,6 +70,7 @@ class Predictor:
         apply_precision_policy(self.device, self.precision)
         self.model = checkpoint.build_model().to(self.device).eval()
         self.temperature = float(checkpoint.temperature)
+        self.ood = OODStats.from_checkpoint(checkpoint.tensors, checkpoint.extra)
         logger.info("model %s on %s (%s)", checkpoint.model_name, self.device, self.precision)
 
     @property
@@ -91,11 +101,30 @@ class Predictor:
             images: ``(B, 1, S, S)`` preprocessed images (see :func:`mmcli.data.transforms.preprocess`).
         """
         x = images.to(self.device, non_blocking=True)
-        with torch.no_grad(), autocast(self.device, self.precision):
+        with self._bottleneck() as captured, torch.no_grad(), autocast(self.device, self.precision):
             out = self.model(x)
         masks = out.seg_logits.float().cpu() if out.seg_logits is not None else None
         sal = out.saliency.float().cpu() if out.saliency is not None else None
-        return BatchPrediction(self._probabilities(out.cls_logits), masks, sal)
+        return BatchPrediction(self._probabilities(out.cls_logits), masks, sal, **self._ood(captured))
+
+    @contextlib.contextmanager
+    def _bottleneck(self) -> Iterator[list[torch.Tensor]]:
+        """Capture the bottleneck of the forward pass (the classifier's input), for the OOD distance."""
+        captured: list[torch.Tensor] = []
+        if self.ood is None:
+            yield captured
+            return
+        hook = self.model.encoder[-1].register_forward_hook(lambda _m, _i, output: captured.append(output))
+        try:
+            yield captured
+        finally:
+            hook.remove()
+
+    def _ood(self, captured: list[torch.Tensor]) -> dict[str, Any]:
+        if self.ood is None or not captured:
+            return {}
+        features = captured[-1].detach().float().mean(dim=(2, 3))
+        return {"ood_distance": self.ood.distance(features), "ood_threshold": self.ood.threshold}
 
     def explain(self, images: torch.Tensor) -> BatchPrediction:
         """Predict a batch and add Grad-CAM on the last encoder stage, from one forward pass.
@@ -118,11 +147,12 @@ class Predictor:
                 (grad,) = torch.autograd.grad(target, features)
         finally:
             hook.remove()
+        ood = self._ood(captured)
         grad, features = grad.float(), features.detach().float()
         cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         cam = cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(_EPS)
         return BatchPrediction(
             self._probabilities(out.cls_logits), out.seg_logits.detach().float().cpu(),
-            out.saliency.float().cpu(), cam.cpu(),
+            out.saliency.float().cpu(), cam.cpu(), **ood,
         )

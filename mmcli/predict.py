@@ -40,6 +40,7 @@ from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
+from mmcli.quality import apply_policy, case_flags, lung_mask
 from mmcli.weights import load_weights, weights_name
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "run_predict"]
 
 REPORT_COLUMNS: tuple[str, ...] = (
-    "case_id", "source", "status", "error", "p_pneumonia", "label",
+    "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags",
     "lung_fraction", "lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr",
 )
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -87,6 +88,8 @@ class PredictCase:
     class_names: tuple[str, ...]
     voi_lut: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    qa: str = "warn"
+    raw_masks: bool = False
     keep_pixels: bool = False
     dicom: DicomOutputs | None = None
 
@@ -97,7 +100,7 @@ class PredictCase:
         return new_row(REPORT_COLUMNS, file, status="error", error=reason)
 
     def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
-        """Label, mask at native resolution (from ``(1, S, S)`` logits), areas, mask file."""
+        """Label, mask at native resolution (from ``(1, S, S)`` logits), areas, mask file, QA flags."""
         meta = item["meta"]
         height, width = int(meta["height"]), int(meta["width"])
         row = new_row(REPORT_COLUMNS, file, status="ok", height=height, width=width)
@@ -105,8 +108,9 @@ class PredictCase:
             prob = float(pred.probabilities[k, -1])
             row["p_pneumonia"] = round(prob, 6)
             row["label"] = label_for(prob, self.threshold, self.class_names)
+        mask = None
         if pred.mask_logits is not None:
-            mask = mask_to_native(pred.mask_logits[k], height, width).numpy()
+            mask = lung_mask(mask_to_native(pred.mask_logits[k], height, width).numpy(), self.raw_masks)
             lung_pixels = int(mask.sum())
             row["lung_fraction"] = round(lung_pixels / mask.size, 6)
             spacing = meta.get("pixel_spacing")
@@ -115,8 +119,9 @@ class PredictCase:
             mask_path = self.masks_dir / f"{file.case_id}.png"
             write_mask_png(mask_path, mask)
             row["mask"] = os.path.relpath(mask_path, self.report_dir)
-        if self.dicom is not None and meta.get("format") == "dicom":
-            row.update(self.dicom.write(file, row, mask if pred.mask_logits is not None else None, self.report_dir))
+        apply_policy(row, case_flags(meta, mask, pred, k, self.qa), self.qa)
+        if self.dicom is not None and meta.get("format") == "dicom" and row["status"] == "ok":
+            row.update(self.dicom.write(file, row, mask, self.report_dir))
         return row
 
 
@@ -129,6 +134,7 @@ class DicomOutputs:
     sr: bool
     weights_name: str
     weights_sha256: str
+    labels: tuple[str, ...] = ("normal", "pneumonia")  # the findings a report can state
 
     def write(self, file: InputFile, row: dict[str, Any], mask: np.ndarray | None, report_dir: Path,
               ) -> dict[str, str]:
@@ -149,7 +155,8 @@ class DicomOutputs:
             out["dicom_seg"] = os.path.relpath(seg, report_dir)
         if self.sr:
             sr = write_dicom_sr(file.path, self.folder / f"{file.case_id}.sr.dcm", p_pneumonia=row["p_pneumonia"],
-                                label=row["label"], lung_area_mm2=row["lung_area_mm2"],
+                                label=row["label"] if row["label"] in self.labels else None,  # not "uncertain"
+                                lung_area_mm2=row["lung_area_mm2"],
                                 qa_flags=[f for f in (row.get("qa_flags") or "").split(";") if f],
                                 algorithm=algorithm, seg=seg)
             out["dicom_sr"] = os.path.relpath(sr, report_dir)
@@ -188,12 +195,13 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         dicom = DicomOutputs(layout.folder / "dicom", cfg.dicom_seg, cfg.dicom_sr, weights_name(ckpt),
                              ckpt.sha256 or "")
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
-                       cfg.voi_lut, cfg.max_pixels, dicom=dicom)
+                       cfg.voi_lut, cfg.max_pixels, cfg.qa, cfg.raw_masks, dicom=dicom)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
                 "precision": predictor.precision, "device_type": predictor.device.type, "max_pixels": cfg.max_pixels,
-                "dicom_seg": cfg.dicom_seg, "dicom_sr": cfg.dicom_sr,
+                "dicom_seg": cfg.dicom_seg, "dicom_sr": cfg.dicom_sr, "qa": cfg.qa, "raw_masks": cfg.raw_masks,
+                "ood": predictor.ood is not None,
                 "shard": list(cfg.shard) if cfg.shard else None},
         settings=asdict(cfg),  # write_json turns paths into strings
         still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()

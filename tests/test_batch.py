@@ -50,7 +50,9 @@ def test_predict_and_explain_agree(tmp_path, scans, tiny_weights):
             assert row["label"] == expl[case_id]["label"]
     for name in ("p", "e"):  # both run.json files come from one writer
         manifest = json.loads((tmp_path / name / "run.json").read_text())
-        assert manifest["counts"] == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "resumed": 0}
+        counts = {k: v for k, v in manifest["counts"].items() if k != "flagged"}
+        assert counts == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "resumed": 0}
+        assert 0 <= manifest["counts"]["flagged"] <= 4
         assert manifest["precision"] == "fp32" and manifest["provenance"]["model"] == "multimix_tiny"
 
 

@@ -87,8 +87,10 @@ def test_predict_end_to_end(tmp_path, scans, tiny_weights):
     assert "empty" in errors["empty"] and "truncated" in errors["truncated"].lower()
     ok = df[df.status == "ok"].set_index("case_id")
     assert ((ok.p_pneumonia >= 0) & (ok.p_pneumonia <= 1)).all()
-    assert set(ok.label) <= {"normal", "pneumonia"}
-    assert (ok.label == np.where(ok.p_pneumonia >= 0.5, "pneumonia", "normal")).all()
+    assert set(ok.label) <= {"normal", "pneumonia", "uncertain"}  # synthetic images may be flagged
+    assert ok[ok.label == "uncertain"].qa_flags.notna().all()
+    sure = ok[ok.label != "uncertain"]
+    assert (sure.label == np.where(sure.p_pneumonia >= 0.5, "pneumonia", "normal")).all()
     # masks at native resolution, fraction consistent with the mask file
     for _, row in ok.iterrows():
         mask = np.asarray(Image.open(out.parent / row["mask"])) > 0
@@ -99,7 +101,8 @@ def test_predict_end_to_end(tmp_path, scans, tiny_weights):
     assert ok.loc["IM0001", "lung_area_mm2"] == pytest.approx(spacing_area, rel=1e-4)
     assert np.isnan(ok.loc["a/x", "lung_area_mm2"])
     manifest = json.loads((out.parent / "results" / "run.json").read_text())
-    assert manifest["counts"] == {"total": 8, "ok": 5, "failed": 3, "skipped": 0, "resumed": 0}
+    flagged = int(ok.qa_flags.notna().sum())
+    assert manifest["counts"] == {"total": 8, "ok": 5, "flagged": flagged, "failed": 3, "skipped": 0, "resumed": 0}
     assert manifest["provenance"]["weights_sha256"]
     # no patient identifier anywhere in the outputs
     for f in out.parent.rglob("*"):

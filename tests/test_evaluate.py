@@ -122,6 +122,37 @@ def test_evaluate_hand_made_predictions(tmp_path, datasets):
     assert metrics["accuracy"]["baseline"] == pytest.approx(2 / 3)  # always pneumonia: 2 of 3
     dice = json.loads((out / "summary.json").read_text())["datasets"]["seg"]["segmentation"]["metrics"]["dice"]
     assert dice["value"] == pytest.approx((1 + 2 / 3) / 2)
+    assert json.loads((out / "summary.json").read_text())["datasets"]["cls"]["qa"] == {
+        "flagged": 0, "share": 0.0, "by_flag": {}}
+
+
+def test_evaluate_reports_quality_control(tmp_path, datasets):
+    _, cls = datasets
+    rows = [
+        {"source": cls / "c0.png", "status": "ok", "p_pneumonia": 0.2, "label": "normal"},
+        {"source": cls / "c1.png", "status": "ok", "p_pneumonia": 0.9, "label": "pneumonia"},
+        {"source": cls / "c2.png", "status": "ok", "p_pneumonia": 0.4, "label": "uncertain",
+         "qa_flags": "inverted;out_of_distribution"},
+        {"source": cls / "c3.png", "status": "ok", "p_pneumonia": 0.3, "label": "normal",
+         "qa_flags": "out_of_distribution"},
+    ]
+    columns = ["case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags", "mask"]
+    with open(tmp_path / "r.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({"case_id": str(r["source"].stem), **r} for r in rows)
+    out = tmp_path / "report"
+    res = _run(["evaluate", cls, "--predictions", tmp_path / "r.csv", "--out", out, "--bootstrap", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())["datasets"]["cls"]
+    assert summary["qa"] == {"flagged": 2, "share": 0.5, "by_flag": {"inverted": 1, "out_of_distribution": 2}}
+    # the uncertain c2 (truly pneumonia) is scored by its probability: 0.4, normal, wrong
+    assert summary["classification"]["metrics"]["accuracy"]["value"] == pytest.approx(3 / 4)
+    assert summary["without_flagged"]["classification"]["n"] == 2
+    assert summary["without_flagged"]["classification"]["metrics"]["accuracy"]["value"] == 1.0
+    by_id = {r["case_id"]: r for r in _rows(out / "per_case.csv")}
+    assert by_id["c2"]["qa_flags"] == "inverted;out_of_distribution"
+    assert "## Quality control" in (out / "summary.md").read_text()
 
 
 def test_evaluate_usage_errors(tmp_path, datasets):

@@ -65,6 +65,16 @@ ThresholdOpt = Annotated[
 VoiLutOpt = Annotated[
     bool, typer.Option("--voi-lut/--no-voi-lut", help="Apply the DICOM VOI LUT or window before scaling.")
 ]
+QAOpt = Annotated[
+    str,
+    typer.Option("--qa", metavar="warn|refuse|off",
+                 help="Quality control: warn (flag; doubtful images labelled uncertain), refuse (flagged cases fail), "
+                      "off."),
+]
+RawMasksOpt = Annotated[
+    bool, typer.Option("--raw-masks", help="Keep the network's own lung mask (default: at most two plausible lungs, "
+                                          "holes filled).")
+]
 MaxPixelsOpt = Annotated[
     int,
     typer.Option("--max-pixels", min=0, metavar="N",
@@ -132,7 +142,8 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
     shared: list[tuple[str, Any, Any]] = [
         ("weights", WeightsOpt, None), ("device", DeviceOpt, "auto"), ("precision", PrecisionOpt, "auto"),
         ("batch_size", BatchSizeOpt, None), ("workers", WorkersOpt, None), ("threshold", ThresholdOpt, 0.5),
-        ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
+        ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS), ("qa", QAOpt, "warn"),
+        ("raw_masks", RawMasksOpt, False),
         ("overwrite", OverwriteOpt, False),
         *([("fail_fast", FailFastOpt, False), ("verify_inputs", VerifyInputsOpt, False),
            ("anonymize_ids", AnonymizeOpt, None), ("shard", ShardOpt, None)] if batch else []),
@@ -270,7 +281,8 @@ def drive_run(name: str, run: Any, *, quiet: bool) -> None:
         follow_rows(name, run, len(run.todo), quiet=quiet)
     summary = run.summary
     if not quiet:
-        say(f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+        flagged = f" ({summary.flagged} flagged by quality control)" if summary.flagged else ""
+        say(f"{summary.ok} ok{flagged}, {summary.failed} failed, {summary.skipped} skipped "
             f"({summary.resumed} resumed) in {summary.seconds:.1f} s -> {summary.report}")
     if summary.failed:
         raise typer.Exit(1)

@@ -14,6 +14,7 @@ from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError
 from mmcli.io.discover import InputFile
 from mmcli.io.readers import read_radiograph
+from mmcli.qa import image_flags
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +29,31 @@ class RadiographDataset(Dataset[dict[str, Any]]):
 
     def __init__(
         self, files: Sequence[InputFile], cfg: PreprocessConfig, *, voi_lut: bool = False, keep_pixels: bool = False,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS, image_qa: bool = False,
     ) -> None:
         self.files = list(files)
         self.cfg = cfg
         self.voi_lut = voi_lut
         self.keep_pixels = keep_pixels
         self.max_pixels = max_pixels
+        self.image_qa = image_qa
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return load_case(self.files[index], self.cfg, index=index, voi_lut=self.voi_lut, keep_pixels=self.keep_pixels,
-                         max_pixels=self.max_pixels)
+                         max_pixels=self.max_pixels, image_qa=self.image_qa)
 
 
 def load_case(
     file: InputFile, cfg: PreprocessConfig, *, index: int = 0, voi_lut: bool = False, keep_pixels: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS, image_qa: bool = False,
 ) -> dict[str, Any]:
     """Read and preprocess one file; a failure is returned as the item's ``error``, never raised.
 
     ``max_pixels`` is the reader's pixel budget, checked from the header before decoding.
+    ``image_qa`` adds ``meta["image_flags"]``, :func:`mmcli.qa.image_flags` of the pixels read.
 
     Returns:
         ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``,
@@ -65,6 +68,9 @@ def load_case(
             "pixel_spacing": rad.pixel_spacing,
             "format": rad.format,
         }
+        if image_qa:
+            item["meta"]["image_flags"] = image_flags(rad.pixels, height=rad.height, width=rad.width,
+                                                      colour=getattr(rad, "colour", False))
         item["image"] = preprocess(rad.pixels, cfg)
         if keep_pixels:
             item["pixels"] = rad.pixels

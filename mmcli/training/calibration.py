@@ -14,6 +14,8 @@ from torch import Tensor
 
 from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
+from mmcli.data.transforms import normalize
+from mmcli.ood import bottleneck_features, fit_ood
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
 from mmcli.weights import load_checkpoint, save_checkpoint
@@ -77,3 +79,35 @@ def calibrate_checkpoint(
     ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after}
     save_checkpoint(ckpt, path)
     return t, before, after
+
+
+def table_features(model: torch.nn.Module, table: ImageTable, positions: list[int], pre: PreprocessConfig, *,
+                   batch_size: int, device: torch.device) -> Tensor:
+    """``(N, C)`` bottleneck features (see :mod:`mmcli.ood`) of the table's images at ``positions``."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(positions), batch_size):
+        idx = torch.as_tensor(positions[start : start + batch_size])
+        chunks.append(bottleneck_features(model, normalize(table.images[idx], pre).to(device)).cpu())
+    return torch.cat(chunks)
+
+
+def store_ood_stats(path: Path, table: ImageTable, fit: list[int], validation: list[int], pre: PreprocessConfig,
+                    *, batch_size: int, device: torch.device) -> dict[str, float] | None:
+    """Fit out-of-distribution statistics on the training images ``fit`` and their threshold on the
+    ``validation`` images (never trained on), and store them in the checkpoint at ``path``.
+
+    Returns the stored metadata, or None when there are too few images (then nothing is stored).
+    """
+    if len(fit) < 2 or not validation:
+        return None
+    ckpt = load_checkpoint(path)
+    model = ckpt.build_model().to(device)
+    opts = {"batch_size": batch_size, "device": device}
+    stats = fit_ood(table_features(model, table, fit, pre, **opts), table_features(model, table, validation, pre,
+                                                                                   **opts))
+    tensors, meta = stats.to_checkpoint()
+    ckpt.tensors = {**ckpt.tensors, **tensors}
+    ckpt.extra = {**ckpt.extra, "ood": {**meta, "fitted_on": "training split", "threshold_on": "validation split"}}
+    save_checkpoint(ckpt, path)
+    return meta

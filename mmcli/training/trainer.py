@@ -33,7 +33,7 @@ from mmcli.errors import UsageError
 from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
-from mmcli.training.calibration import calibrate_checkpoint
+from mmcli.training.calibration import calibrate_checkpoint, store_ood_stats
 from mmcli.training.config import TrainConfig
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders
 from mmcli.training.distributed import (
@@ -264,6 +264,18 @@ class Trainer:
     def stopped_early(self) -> bool:
         return self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
 
+    def fit_ood(self) -> dict[str, float] | None:
+        """Store out-of-distribution statistics in last and best: training images fit them, the
+        validation images fix their threshold (see :mod:`mmcli.ood`). Returns best's, or None."""
+        if not self.dist.is_main:
+            return None
+        s = self.splits
+        fit = sorted(set(s.seg_labelled) | set(s.seg_unlabelled) | set(s.cls_labelled) | set(s.cls_unlabelled))
+        validation = sorted(set(s.val_seg) | set(s.val_cls))
+        opts = {"batch_size": self.cfg.batch_size, "device": self.device}
+        store_ood_stats(self.out / "last.safetensors", self.table, fit, validation, self.pre, **opts)
+        return store_ood_stats(self.out / "best.safetensors", self.table, fit, validation, self.pre, **opts)
+
     def calibrate(self) -> tuple[float, float | None, float | None]:
         """Fit and store temperatures in last and best (see :func:`calibrate_checkpoint`).
 
@@ -317,6 +329,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         if on_epoch is not None:
             on_epoch(row)
     temperature, ece_before, ece_after = trainer.calibrate()
+    ood = trainer.fit_ood()
     barrier(trainer.dist)
     summary = TrainSummary(
         out=trainer.out, epochs_run=trainer.epoch, best_epoch=trainer.best_epoch, best_score=trainer.best_score,
@@ -327,7 +340,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
-        "ece_before": ece_before, "ece_after": ece_after, "seconds": round(time.time() - started, 1),
+        "ece_before": ece_before, "ece_after": ece_after, "ood": ood, "seconds": round(time.time() - started, 1),
         "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
     })
     if main:

@@ -1,0 +1,70 @@
+"""What quality control does to a case's row: the ``--qa`` policy, one rule for every command.
+
+The flags come from :mod:`mmcli.qa` (the image, the mask) and :mod:`mmcli.ood` (the
+features); this module only decides what a flagged case becomes:
+
+* ``warn`` (default): the outputs are written and ``qa_flags`` lists the flags (``;``
+  separated). A case flagged ``not_radiograph``, ``inverted`` or ``rotated`` gets the label
+  ``uncertain``: the model has no grounds for a finding on such an image.
+* ``refuse``: a case with any flag gets status ``error``, the flags as its reason and no
+  label (exit code 1, as for any failed case).
+* ``off``: no checks, no flags (the mask is still post-processed unless ``--raw-masks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from mmcli.qa import INVERTED, NOT_RADIOGRAPH, ROTATED, anatomical_mask, mask_flags
+
+__all__ = ["NO_GROUNDS", "OUT_OF_DISTRIBUTION", "QA_POLICIES", "UNCERTAIN", "apply_policy", "case_flags",
+           "is_flagged", "lung_mask"]
+
+QA_POLICIES: tuple[str, ...] = ("warn", "refuse", "off")
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+NO_GROUNDS = (NOT_RADIOGRAPH, INVERTED, ROTATED)
+"""Flags that leave the model no grounds for a label."""
+UNCERTAIN = "uncertain"
+
+
+def lung_mask(raw: np.ndarray, raw_masks: bool) -> np.ndarray:
+    """The mask a case reports: the anatomical one (at most two plausible lungs, holes filled),
+    or the network's own with ``--raw-masks``."""
+    return raw if raw_masks else anatomical_mask(raw)
+
+
+def case_flags(meta: dict[str, Any], mask: np.ndarray | None, pred: Any, k: int, policy: str) -> list[str]:
+    """Every flag of case ``k`` of a batch: the image's (``meta["image_flags"]``), the mask's, and
+    ``out_of_distribution`` where the weights carry feature statistics (``pred.ood_distance``)."""
+    if policy == "off":
+        return []
+    flags = list(meta.get("image_flags", ()))
+    if mask is not None:
+        flags += mask_flags(mask, pixel_spacing=meta.get("pixel_spacing"))
+    if pred.ood_distance is not None and float(pred.ood_distance[k]) > pred.ood_threshold:
+        flags.append(OUT_OF_DISTRIBUTION)
+    return flags
+
+
+def apply_policy(row: dict[str, Any], flags: Iterable[str], policy: str) -> dict[str, Any]:
+    """Set ``row``'s ``qa_flags`` and, as ``policy`` says, its label or status (in place; returned)."""
+    if policy == "off":
+        row["qa_flags"] = None
+        return row
+    found = list(dict.fromkeys(flags))
+    row["qa_flags"] = ";".join(found) or None
+    if not found:
+        return row
+    if policy == "refuse":
+        row.update(status="error", error=f"refused by quality control: {';'.join(found)}", label=None)
+    elif any(flag in NO_GROUNDS for flag in found) and row.get("label") is not None:
+        row["label"] = UNCERTAIN
+    return row
+
+
+def is_flagged(row: dict[str, Any]) -> bool:
+    """Whether a row carries any quality-control flag."""
+    return bool(row.get("qa_flags"))

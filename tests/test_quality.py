@@ -1,0 +1,86 @@
+"""The --qa policy end to end: flags in every per-case output, uncertain labels, refusals."""
+
+import csv
+
+import numpy as np
+import pytest
+from conftest import DATA, save_png8
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmcli.cli import app
+from mmcli.quality import apply_policy
+
+runner = CliRunner()
+EXAMPLES = DATA.parent.parent / "examples" / "scans"
+
+
+@pytest.fixture()
+def scans(tmp_path):
+    root = tmp_path / "scans"
+    root.mkdir()
+    film = next(p for p in sorted(EXAMPLES.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    Image.open(film).convert("L").save(root / "film.png")
+    grey = np.asarray(Image.open(root / "film.png"))
+    Image.fromarray(255 - grey).save(root / "negative.png")  # an inverted film
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(root / "grey.png")  # not a radiograph
+    save_png8(root / "tiny.png", 40, 40)  # under 64 px
+    return root
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
+
+
+def test_warn_flags_and_labels_doubtful_images_uncertain(tmp_path, scans, tiny_weights):
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
+                              "-j", "0"])
+    assert res.exit_code == 0, res.output
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["grey"]["qa_flags"].split(";")[0] == "not_radiograph" and rows["grey"]["label"] == "uncertain"
+    assert rows["tiny"]["qa_flags"].startswith("not_radiograph") and rows["tiny"]["label"] == "uncertain"
+    assert "inverted" in rows["negative"]["qa_flags"].split(";") and rows["negative"]["label"] == "uncertain"
+    assert "inverted" not in rows["film"]["qa_flags"] and "not_radiograph" not in rows["film"]["qa_flags"]
+    assert all(r["status"] == "ok" and r["p_pneumonia"] for r in rows.values())  # outputs are still written
+    assert "flagged by quality control" in res.output
+
+
+def test_refuse_fails_flagged_cases_and_off_checks_nothing(tmp_path, scans, tiny_weights):
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
+                              "-j", "0", "-q", "--qa", "refuse"])
+    assert res.exit_code == 1
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["grey"]["status"] == "error"
+    assert rows["grey"]["error"].startswith("refused by quality control: not_radiograph")
+    assert rows["negative"]["status"] == "error" and rows["negative"]["label"] == ""
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "off.csv"), "-w", str(tiny_weights),
+                              "-j", "0", "-q", "--qa", "off"])
+    assert res.exit_code == 0
+    rows = _rows(tmp_path / "off.csv")
+    assert all(r["qa_flags"] == "" and r["label"] in ("normal", "pneumonia") for r in rows.values())
+    res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "x.csv"), "--qa", "maybe"])
+    assert res.exit_code == 2 and "--qa must be warn, refuse or off" in res.output
+
+
+def test_explain_reports_the_same_flags(tmp_path, scans, tiny_weights):
+    runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights), "-q"])
+    runner.invoke(app, ["explain", str(scans), "--out", str(tmp_path / "e"), "-w", str(tiny_weights), "-q"])
+    pred, expl = _rows(tmp_path / "r.csv"), _rows(tmp_path / "e" / "explain.csv")
+    for case_id in ("grey", "tiny", "negative"):  # image flags are the same; mask flags are judged per grid
+        image_flags = {"not_radiograph", "inverted", "rotated"}
+        assert set(pred[case_id]["qa_flags"].split(";")) & image_flags == \
+            set(expl[case_id]["qa_flags"].split(";")) & image_flags
+        assert expl[case_id]["label"] == "uncertain"
+
+
+def test_the_policy_on_hand_made_rows():
+    assert apply_policy({"label": "normal"}, [], "warn") == {"label": "normal", "qa_flags": None}
+    assert apply_policy({"label": "normal"}, ["mask_implausible"], "warn") == {
+        "label": "normal", "qa_flags": "mask_implausible"}  # the image itself is fine: the label stands
+    assert apply_policy({"label": "pneumonia"}, ["rotated", "rotated"], "warn") == {
+        "label": "uncertain", "qa_flags": "rotated"}
+    assert apply_policy({"label": "pneumonia", "status": "ok"}, ["out_of_distribution"], "refuse") == {
+        "label": None, "qa_flags": "out_of_distribution", "status": "error",
+        "error": "refused by quality control: out_of_distribution"}
+    assert apply_policy({"label": "normal"}, ["inverted"], "off") == {"label": "normal", "qa_flags": None}
