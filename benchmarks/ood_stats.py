@@ -28,7 +28,7 @@ import torch
 
 from mmcli.data.transforms import preprocess
 from mmcli.io.readers import read_radiograph
-from mmcli.ood import SHRINKAGE, bottleneck_features, fit_ood
+from mmcli.ood import FALSE_ALARM, SHRINKAGE, bottleneck_features, fit_ood
 from mmcli.weights import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--weights", type=Path, default=ROOT / "weights" / "multimix-cxr-v1.safetensors")
     ap.add_argument("--holdout", type=Path, default=ROOT / "docs" / "results" / "holdout.csv")
-    ap.add_argument("--false-alarm", type=float, nargs="+", default=[0.01, 0.02, 0.05])
-    ap.add_argument("--shrinkage", type=float, nargs="+", default=[0.01, 0.05, SHRINKAGE, 0.3, 0.6])
+    ap.add_argument("--false-alarm", type=float, nargs="+", default=[FALSE_ALARM, 0.01, 0.05])
+    ap.add_argument("--shrinkage", type=float, nargs="+", default=[SHRINKAGE, 0.03, 0.1])
     ap.add_argument("--write", action="store_true",
                     help=f"store the statistics (shrinkage {SHRINKAGE}, the first --false-alarm) in --weights")
     ap.add_argument("--json", type=Path, help="also write the figures here")

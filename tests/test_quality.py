@@ -25,6 +25,8 @@ def scans(tmp_path):
     Image.fromarray(255 - grey).save(root / "negative.png")  # an inverted film
     Image.fromarray(np.full((300, 300), 128, np.uint8)).save(root / "grey.png")  # not a radiograph
     save_png8(root / "tiny.png", 40, 40)  # under 64 px
+    rgb = np.stack([grey, np.roll(grey, 60, axis=1), 255 - grey], axis=2)  # a film's shapes, in colour
+    Image.fromarray(rgb).save(root / "photo.jpg", quality=90)
     return root
 
 
@@ -41,6 +43,7 @@ def test_warn_flags_and_labels_doubtful_images_uncertain(tmp_path, scans, tiny_w
     assert rows["grey"]["qa_flags"].split(";")[0] == "not_radiograph" and rows["grey"]["label"] == "uncertain"
     assert rows["tiny"]["qa_flags"].startswith("not_radiograph") and rows["tiny"]["label"] == "uncertain"
     assert "inverted" in rows["negative"]["qa_flags"].split(";") and rows["negative"]["label"] == "uncertain"
+    assert rows["photo"]["qa_flags"].startswith("not_radiograph") and rows["photo"]["label"] == "uncertain"
     assert "inverted" not in rows["film"]["qa_flags"] and "not_radiograph" not in rows["film"]["qa_flags"]
     assert all(r["status"] == "ok" and r["p_pneumonia"] for r in rows.values())  # outputs are still written
     assert "flagged by quality control" in res.output

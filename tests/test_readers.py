@@ -679,3 +679,16 @@ def test_peak_memory_of_large_inputs(tmp_path: Path) -> None:
         assert row["result"] == [height, width, 1.0], row
         assert max(row["grown_mb"], row["maxrss_grown_mb"]) < 1536, row
         print(f"{Path(path).name}: peak resident growth {row['grown_mb']:.0f} MB in {row['seconds']:.1f} s")
+
+
+def test_colour_is_told_from_grey_saved_as_rgb(tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    grey = (np.linspace(0, 255, 200 * 150).reshape(150, 200)).astype(np.uint8)
+    PILImage.fromarray(grey).convert("RGB").save(tmp_path / "grey.jpg", quality=90)  # chroma noise only
+    rgb = np.stack([grey, np.roll(grey, 40, axis=1), 255 - grey], axis=2)
+    PILImage.fromarray(rgb).save(tmp_path / "photo.jpg", quality=90)
+    PILImage.fromarray(grey).save(tmp_path / "plain.png")
+    assert read_radiograph(tmp_path / "grey.jpg").colour is False
+    assert read_radiograph(tmp_path / "photo.jpg").colour is True
+    assert read_radiograph(tmp_path / "plain.png").colour is False

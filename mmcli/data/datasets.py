@@ -70,7 +70,7 @@ def load_case(
         }
         if image_qa:
             item["meta"]["image_flags"] = image_flags(rad.pixels, height=rad.height, width=rad.width,
-                                                      colour=getattr(rad, "colour", False))
+                                                      colour=rad.colour)
         item["image"] = preprocess(rad.pixels, cfg)
         if keep_pixels:
             item["pixels"] = rad.pixels

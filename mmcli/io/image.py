@@ -49,6 +49,7 @@ class Radiograph:
     photometric: str | None = None
     warnings: tuple[str, ...] = ()
     scale: int = 1
+    colour: bool = False  # the file held colour (chroma), folded to grey here: a photograph, not a film
 
     @property
     def reduced(self) -> bool:

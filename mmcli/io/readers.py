@@ -231,10 +231,26 @@ def _decode_pillow(img: Image.Image, path: Path, max_pixels: int | None, min_sid
         raise ReadError(path, f"cannot convert {img.mode!r} image to grey: {exc}") from None
     pixels = np.ascontiguousarray(grey, dtype=np.float32)
     np.clip(pixels, 0.0, 1.0, out=pixels)
+    colour = _has_chroma(img)
     log.debug("read %s image %dx%d (%d bits) decoded at 1/%d", fmt, width, height, bits, scale)
     if scale == 1:
-        return Radiograph(pixels, pixels.shape[0], pixels.shape[1], fmt, bits)
-    return Radiograph(pixels, height, width, fmt, bits, scale=scale)  # the native size, from the header
+        return Radiograph(pixels, pixels.shape[0], pixels.shape[1], fmt, bits, colour=colour)
+    return Radiograph(pixels, height, width, fmt, bits, scale=scale, colour=colour)  # native size, from the header
+
+
+CHROMA_LIMIT = 8 / 255
+"""Mean spread between the R, G and B of a pixel above which an image holds colour. Grey
+films saved as RGB JPEG differ by chroma noise of 1-2 levels; a photograph by tens."""
+
+
+def _has_chroma(img: Image.Image) -> bool:
+    """Whether a colour-mode image holds real colour (judged on a small copy: cheap)."""
+    if img.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return False
+    small = img.convert("RGB")
+    small.thumbnail((128, 128))
+    rgb = np.asarray(small, dtype=np.float32) / 255.0
+    return bool((rgb.max(axis=2) - rgb.min(axis=2)).mean() > CHROMA_LIMIT)
 
 
 # Lookup tables give the same float32 values as dividing in float64, several times faster
