@@ -29,6 +29,7 @@ from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import WeightsError
 from mmcli.io.identity import file_sha256
+from mmcli.io.writers import _FILE_MODE
 from mmcli.models import create_model, list_models, model_kwargs
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(ckpt.metadata())})
     else:
         torch.save({_META_KEY: ckpt.metadata(), "state_dict": state}, tmp)
+    os.chmod(tmp, _FILE_MODE)  # as any file this program writes: what the umask allows
     os.replace(tmp, path)
     return file_sha256(path)
 
