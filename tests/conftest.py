@@ -53,3 +53,12 @@ def save_png16(path: Path, height: int, width: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((radiograph_like(height, width, seed) * 65535).astype(np.uint16)).save(path)
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from test_train_data import make_folders
 from typer.testing import CliRunner
 
@@ -17,13 +16,7 @@ runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|[\r\x07]")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
