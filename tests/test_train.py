@@ -255,3 +255,32 @@ def test_resume_treats_a_setting_the_old_run_lacks_as_its_default(folders, tmp_p
     old = {k: v for k, v in cfg.to_dict().items() if k != "voi_lut"}  # a run from before --voi-lut existed
     assert cfg.differences(old) == []
     assert _cfg(folders, tmp_path / "run", voi_lut=True).differences(old) == ["voi_lut"]
+
+
+def test_init_starts_from_a_checkpoint_and_records_it(folders, tmp_path):
+    first = run_train(_cfg(folders, tmp_path / "a", epochs=1))
+    base = load_checkpoint(first.out / "best.safetensors")
+    second = run_train(_cfg(folders, tmp_path / "b", epochs=1, init=str(first.out / "best.safetensors"),
+                            lr=0.0))  # no learning: the weights stay those it started from
+    after = load_checkpoint(second.out / "last.safetensors")
+    for key, value in base.state_dict.items():
+        assert torch.equal(after.state_dict[key], value), key
+    assert after.extra["init"] == {"weights": str(first.out / "best.safetensors"),
+                                   "file": str(first.out / "best.safetensors"), "sha256": base.sha256}
+    with pytest.raises(UsageError, match="is not this run's"):
+        run_train(_cfg(folders, tmp_path / "c", epochs=1, variant="unet", init=str(first.out / "best.safetensors")))
+
+
+def test_unlabelled_data_feeds_both_unlabelled_streams(folders, tmp_path):
+    from conftest import save_png8
+
+    site = tmp_path / "site"
+    for i in range(3):
+        save_png8(site / f"u{i}.png", 64, 64, seed=50 + i)
+    (site / "labels.csv").write_text("file,label\nu0.png,pneumonia\n")  # ignored: these are unlabelled
+    run_train(_cfg(folders, tmp_path / "run", epochs=1, unlabelled_data=(str(site),)))
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv")
+    mine = splits[splits.source == str(site)]
+    assert len(mine) == 3 and set(mine.split) == {"train"}
+    assert set(mine.seg_role) == {"unlabelled"} and set(mine.cls_role) == {"unlabelled"}
+    assert mine.label.isna().all() and (mine.has_mask == 0).all()

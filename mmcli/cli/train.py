@@ -101,6 +101,13 @@ def train(
     out: folder_out("the run: checkpoints, history, splits, run.json"),  # type: ignore[valid-type]
     seg_data: Annotated[list[Path] | None, typer.Option(
         "--seg-data", metavar="DIR", help="Folder of images with masks/<stem>.png (repeatable).")] = None,
+    unlabelled_data: Annotated[list[Path] | None, typer.Option(
+        "--unlabelled-data", metavar="DIR",
+        help="Folder of images with no labels at all, for the semi-supervised streams of both tasks "
+             "(repeatable): how a site adapts the model to its own films.")] = None,
+    init: Annotated[str | None, typer.Option(
+        "--init", metavar="FILE|NAME", help="Start from these weights (a checkpoint or a registered name) instead "
+                                            "of random ones; the new checkpoint records them.")] = None,
     cls_data: Annotated[list[Path] | None, typer.Option(
         "--cls-data", metavar="DIR", help="Folder of images with labels.csv (file,label) (repeatable).")] = None,
     variant: Annotated[str, typer.Option(
@@ -160,6 +167,7 @@ def train(
     with exit_on_error():
         cfg = TrainConfig(
             out=str(out), seg_data=tuple(map(str, seg_data or ())), cls_data=tuple(map(str, cls_data or ())),
+            unlabelled_data=tuple(map(str, unlabelled_data or ())), init=init,
             variant=variant, arch=arch, seg_labels=_budget(seg_labels, "--seg-labels"),  # type: ignore[arg-type]
             cls_labels=_budget(cls_labels, "--cls-labels"), val_fraction=val_fraction, seed=seed, epochs=epochs,
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,

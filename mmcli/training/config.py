@@ -67,6 +67,8 @@ class TrainConfig:
     out: str
     seg_data: tuple[str, ...] = ()
     cls_data: tuple[str, ...] = ()
+    unlabelled_data: tuple[str, ...] = ()
+    init: str | None = None
     variant: str = "multimix"
     arch: Literal["base", "tiny"] = "base"
     seg_labels: int | None = None

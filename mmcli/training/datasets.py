@@ -56,8 +56,12 @@ class Sample:
     patient: str | None = None
 
 
-def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names: Sequence[str]) -> list[Sample]:
+def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names: Sequence[str],
+                 unlabelled_dirs: Sequence[Path] = ()) -> list[Sample]:
     """All images of the folders (recursive, :mod:`mmcli.data.folders`), masks from seg folders, labels from cls.
+
+    Images of ``unlabelled_dirs`` come with neither (a masks/ folder or labels.csv there is
+    ignored): they feed the unlabelled streams of both tasks, e.g. a site's own films.
 
     An image found through several folders is one sample (by resolved path) that keeps its
     first folder as ``source`` and takes a mask, label or patient id from any of them.
@@ -69,9 +73,9 @@ def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names
     Raises:
         InputError: a folder is missing or holds no image, or a label is unknown.
     """
-    seg, cls = [Path(d) for d in seg_dirs], [Path(d) for d in cls_dirs]
+    seg, cls, free = [Path(d) for d in seg_dirs], [Path(d) for d in cls_dirs], [Path(d) for d in unlabelled_dirs]
     found: dict[Path, Sample] = {}
-    for root in dict.fromkeys(seg + cls):
+    for root in dict.fromkeys(seg + cls + free):
         for image in scan_dataset(root, masks=root in seg, labels=root in cls):
             old = found.get(image.path, Sample(image.path, str(root)))
             found[image.path] = Sample(

@@ -44,7 +44,7 @@ from mmcli.training.distributed import (
     shutdown,
 )
 from mmcli.training.step import evaluate, make_batch, train_step
-from mmcli.weights import Checkpoint, save_checkpoint
+from mmcli.weights import Checkpoint, load_weights, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Trainer:
         self.model_kwargs = model_kwargs(self.variant.model, **cfg.model_overrides())
         torch.manual_seed(cfg.seed)
         self.model = create_model(self.variant.model, **self.model_kwargs).to(self.device)
+        self.init = self._init_from(cfg.init) if cfg.init else None  # a resume then loads its own state
         broadcast_parameters(self.model, self.dist)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -113,7 +114,8 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        samples = scan_folders([Path(d) for d in cfg.seg_data], [Path(d) for d in cfg.cls_data], self.class_names)
+        samples = scan_folders([Path(d) for d in cfg.seg_data], [Path(d) for d in cfg.cls_data], self.class_names,
+                               [Path(d) for d in cfg.unlabelled_data])
         table, failures = load_table(samples, cfg.image_size, cfg.workers, voi_lut=cfg.voi_lut)
         for i, reason in failures:
             logger.warning("skipped %s: %s", samples[i].path, reason)
@@ -137,6 +139,22 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             write_csv(self.out / "splits.csv", self.splits.rows(self.samples, self.class_names), SPLIT_COLUMNS)
 
+    def _init_from(self, weights: str) -> dict[str, Any]:
+        """Start from the weights of a checkpoint (a file or a registered name) instead of random ones.
+
+        Raises:
+            UsageError: the checkpoint's model or arguments differ from this run's.
+        """
+        ckpt = load_weights(weights)
+        if ckpt.model_name != self.variant.model or ckpt.model_kwargs != self.model_kwargs:
+            raise UsageError(f"--init {weights}: its model {ckpt.model_name!r} {ckpt.model_kwargs} is not this "
+                             f"run's {self.variant.model!r} {self.model_kwargs} (choose the matching --variant/--arch)")
+        if ckpt.preprocess.image_size != self.pre.image_size:
+            raise UsageError(f"--init {weights}: made for --image-size {ckpt.preprocess.image_size}, this run uses "
+                             f"{self.pre.image_size}")
+        self.model.load_state_dict(ckpt.state_dict)
+        return {"weights": str(weights), "file": str(ckpt.path), "sha256": ckpt.sha256}
+
     def counts(self) -> dict[str, int]:
         s = self.splits
         return {"images": len(self.samples), "unreadable": len(self.failures), "val_seg": len(s.val_seg),
@@ -152,7 +170,8 @@ class Trainer:
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             preprocess=self.pre, class_names=self.class_names, temperature=temperature,
             train_config=self.cfg.to_dict(),
-            extra={"variant": self.cfg.variant, "epoch": self.epoch, "split_seed": self.cfg.seed},
+            extra={"variant": self.cfg.variant, "epoch": self.epoch, "split_seed": self.cfg.seed,
+                   **({"init": self.init} if self.init else {})},
         )
 
     def _save_state(self) -> None:
