@@ -114,11 +114,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write and chosen is not None:
-        tensors, meta = chosen.to_checkpoint()
-        ckpt.tensors = {**ckpt.tensors, **tensors}
-        ckpt.extra = {**ckpt.extra, "ood": {
-            **meta, "fitted_on": "training patients of docs/results/holdout.csv",
-            "threshold_on": "half of its held-out patients (sha1 of set:patient even)"}}
+        chosen.attach(ckpt, fitted_on="training patients of docs/results/holdout.csv",
+                      threshold_on="half of its held-out patients (sha1 of set:patient even)")
         sha = save_checkpoint(ckpt, args.weights)
         print(f"wrote the statistics into {args.weights}: sha256 {sha}")
 

@@ -37,11 +37,11 @@ from mmcli.config import BatchConfig
 from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.inference import Predictor
-from mmcli.io.discover import InputFile
+from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
 from mmcli.runtime import default_batch_size, default_workers
-from mmcli.weights import Checkpoint
+from mmcli.weights import Checkpoint, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,27 @@ class Job:
     write_reports: Callable[[list[dict[str, Any]]], list[Path]]
 
 
+def open_inputs(cfg: BatchConfig, exclude: Sequence[Path]) -> tuple[list[InputFile], Predictor]:
+    """Discover ``cfg``'s inputs, leaving out ``exclude`` (every shard's outputs), and load the model.
+
+    Raises:
+        UsageError: no inputs, or weights that cannot be found, verified or loaded.
+    """
+    files = discover_inputs(cfg.inputs, exclude=exclude)
+    return files, Predictor(load_weights(cfg.weights), device=cfg.device, precision=cfg.precision)
+
+
+def resume_header(cfg: BatchConfig, predictor: Predictor, **extra: Any) -> dict[str, Any]:
+    """The settings a resume must match: the weights, how the model runs and what a case's
+    outputs depend on, plus the command's own (``extra``)."""
+    return {
+        "weights_sha256": predictor.checkpoint.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
+        "precision": predictor.precision, "device_type": predictor.device.type, "max_pixels": cfg.max_pixels,
+        "qa": cfg.qa, "raw_masks": cfg.raw_masks, "ood": predictor.ood is not None,
+        "shard": list(cfg.shard) if cfg.shard else None, **extra,
+    }
+
+
 def _without_paths(row: dict[str, Any], path: Path) -> dict[str, Any]:
     """The row without its input's path, also where a reason quotes it (``--anonymize-ids``)."""
     error = row.get("error")
@@ -185,11 +206,11 @@ class BatchRun:
 
     Args:
         job: what the command runs.
-        files: the discovered inputs, in report order.
+        files: the discovered inputs, in report order (all shards: the run takes its own).
         predictor: the loaded model.
-        overwrite: ignore an earlier run into the same place instead of resuming it.
-        fail_fast: stop at the first failed case.
-        batch_size, workers: ``None`` takes :mod:`mmcli.runtime`'s defaults for the device.
+        cfg: the run's settings: ``overwrite``, ``fail_fast``, ``batch_size`` and ``workers``
+            (``None``: :mod:`mmcli.runtime`'s defaults for the device), ``shard``,
+            ``anonymize_ids``, ``verify_inputs``.
         command: the command line, recorded in ``run.json``.
 
     Raises:
@@ -202,7 +223,7 @@ class BatchRun:
     ) -> None:
         self.started = time.perf_counter()
         self.job, self.predictor, self.cfg = job, predictor, cfg
-        self.fail_fast, self.command = cfg.fail_fast, list(command) if command is not None else None
+        self.command = list(command) if command is not None else None
         device = predictor.device
         self.workers = default_workers(device) if cfg.workers is None else cfg.workers
         in_processes = device.type == "cpu" and self.workers > 0
@@ -264,7 +285,7 @@ class BatchRun:
                 self.rows[row["case_id"]] = row
                 journal.append({**row, FINGERPRINT: fingerprint(self._sources[row["case_id"]], self.cfg.verify_inputs)})
                 yield row
-                if self.fail_fast and row["status"] == "error":
+                if self.cfg.fail_fast and row["status"] == "error":
                     break
         finally:
             results.close()

@@ -77,9 +77,14 @@ def _finish_safely(task: CaseTask, file: InputFile, item: dict[str, Any], pred: 
         return task.failed(file, f"{type(err).__name__}: {err}")
 
 
+def _read_options(task: CaseTask) -> dict[str, Any]:
+    """How a task's files are read (:func:`mmcli.data.datasets.load_case`'s options), for both engines."""
+    return {"voi_lut": task.voi_lut, "keep_pixels": task.keep_pixels, "max_pixels": task.max_pixels,
+            "image_qa": task.qa != "off"}
+
+
 def _read(files: Sequence[InputFile], task: CaseTask, pre: PreprocessConfig) -> list[dict[str, Any]]:
-    return [load_case(f, pre, index=i, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels, max_pixels=task.max_pixels,
-                      image_qa=task.qa != "off") for i, f in enumerate(files)]
+    return [load_case(f, pre, index=i, **_read_options(task)) for i, f in enumerate(files)]
 
 
 def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTask) -> list[dict[str, Any]]:
@@ -100,8 +105,7 @@ def iter_rows_loader(
 ) -> Iterator[dict[str, Any]]:
     """Decode in DataLoader workers, run the model on batches here, finish cases in a thread."""
     loader = DataLoader(
-        RadiographDataset(files, predictor.preprocess, voi_lut=task.voi_lut, keep_pixels=task.keep_pixels,
-                          max_pixels=task.max_pixels, image_qa=task.qa != "off"),
+        RadiographDataset(files, predictor.preprocess, **_read_options(task)),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
         worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
         pin_memory=predictor.device.type == "cuda",

@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +207,9 @@ class EvaluationRun:
     def _open_predict(self, command: Sequence[str] | None) -> Any:
         from mmcli.predict import PredictConfig, open_predict  # torch only when the model runs
 
-        cfg = self.cfg
-        return open_predict(PredictConfig(
-            inputs=tuple(str(r.path) for r in self.refs), out=self.out / "predictions.csv", weights=cfg.weights,
-            device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
-            workers=cfg.workers, threshold=cfg.threshold, voi_lut=cfg.voi_lut, max_pixels=cfg.max_pixels,
-            qa=cfg.qa, raw_masks=cfg.raw_masks, overwrite=cfg.overwrite,
-        ), command=command)
+        shared = {f.name: getattr(self.cfg, f.name) for f in fields(ModelRunConfig)}  # every model-run setting
+        return open_predict(PredictConfig(inputs=tuple(str(r.path) for r in self.refs),
+                                          out=self.out / "predictions.csv", **shared), command=command)
 
     def cases(self) -> Iterator[dict[str, Any]]:
         """Evaluate each referenced image (running the predictions first if still to do)."""

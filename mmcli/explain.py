@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmcli.batch import BatchRun, Job, RunLayout, all_shard_paths, label_for, new_row, provenance, shard_path
+from mmcli import batch
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
-from mmcli.io.discover import InputFile, discover_inputs
+from mmcli.io.discover import InputFile
 from mmcli.io.writers import atomic_path, write_csv
 from mmcli.quality import apply_policy, case_flags, lung_mask
-from mmcli.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class ExplainCase:
         return predictor.explain(images)
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
-        return new_row(EXPLAIN_COLUMNS, file, status="error", error=reason)
+        return batch.new_row(EXPLAIN_COLUMNS, file, status="error", error=reason)
 
     def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
         from mmcli.plots import heatmap_overlay
@@ -110,9 +109,9 @@ class ExplainCase:
         pixels = item["pixels"]
         p = float(pred.probabilities[k, -1])
         height, width = pixels.shape
-        row = new_row(EXPLAIN_COLUMNS, file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
-                      label=label_for(p, self.threshold, self.class_names),
-                      lung_fraction=round(float(lungs.mean()), 6))
+        row = batch.new_row(EXPLAIN_COLUMNS, file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
+                            label=batch.label_for(p, self.threshold, self.class_names),
+                            lung_fraction=round(float(lungs.mean()), 6))
         for view, heat in maps.items():
             row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
             native = F.interpolate(torch.from_numpy(heat)[None, None], size=(height, width),
@@ -164,7 +163,7 @@ def _write_maps(task: ExplainCase, maps: Path, rows: list[dict[str, Any]], attrs
     shutil.rmtree(task.folder / ".partial", ignore_errors=True)  # every map is in maps.h5 now
 
 
-def _write_reports(task: ExplainCase, layout: RunLayout, rows: list[dict[str, Any]], attrs: dict[str, Any],
+def _write_reports(task: ExplainCase, layout: batch.RunLayout, rows: list[dict[str, Any]], attrs: dict[str, Any],
                    ) -> list[Path]:
     write_csv(layout.report, rows, EXPLAIN_COLUMNS)
     maps = layout.folder / "maps.h5"
@@ -172,17 +171,16 @@ def _write_reports(task: ExplainCase, layout: RunLayout, rows: list[dict[str, An
     return [layout.report, maps]
 
 
-def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) -> BatchRun:
+def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) -> batch.BatchRun:
     """Discover the inputs, load the model and get the run ready: iterate over it to explain.
 
     Raises:
         UsageError: no inputs, no weights, a model without the saliency bridge, another run
             writing the same folder, or an earlier run there with other settings.
     """
-    layout = RunLayout.in_folder(shard_path(cfg.out, cfg.shard), "explain.csv")
-    files = discover_inputs(cfg.inputs, exclude=all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard))
-    ckpt = load_weights(cfg.weights)
-    predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
+    layout = batch.RunLayout.in_folder(batch.shard_path(cfg.out, cfg.shard), "explain.csv")
+    files, predictor = batch.open_inputs(cfg, exclude=batch.all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard))
+    ckpt = predictor.checkpoint
     predictor.require_bridge()
     task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels,
                        cfg.qa, cfg.raw_masks)
@@ -193,14 +191,11 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         return all(task.png(v, case_id).is_file() for v in VIEWS) and (
             case_id in have_maps or task.partial(case_id).is_file())
 
-    job = Job(
+    job = batch.Job(
         name="explain", layout=layout, columns=EXPLAIN_COLUMNS, task=task,
-        header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
-                "alpha": cfg.alpha, "precision": predictor.precision, "device_type": predictor.device.type,
-                "max_pixels": cfg.max_pixels, "shard": list(cfg.shard) if cfg.shard else None, "qa": cfg.qa,
-                "raw_masks": cfg.raw_masks, "ood": predictor.ood is not None},
+        header=batch.resume_header(cfg, predictor, alpha=cfg.alpha),
         settings=asdict(cfg), still_done=still_done,
-        write_reports=lambda rows: _write_reports(task, layout, rows, provenance(ckpt)),
+        write_reports=lambda rows: _write_reports(task, layout, rows, batch.provenance(ckpt)),
     )
-    return BatchRun(job, files, predictor, cfg, command)
+    return batch.BatchRun(job, files, predictor, cfg, command)
 

@@ -101,17 +101,18 @@ class Predictor:
             images: ``(B, 1, S, S)`` preprocessed images (see :func:`mmcli.data.transforms.preprocess`).
         """
         x = images.to(self.device, non_blocking=True)
-        with self._bottleneck() as captured, torch.no_grad(), autocast(self.device, self.precision):
+        with self._bottleneck(self.ood is not None) as captured, torch.no_grad(), autocast(self.device, self.precision):
             out = self.model(x)
         masks = out.seg_logits.float().cpu() if out.seg_logits is not None else None
         sal = out.saliency.float().cpu() if out.saliency is not None else None
         return BatchPrediction(self._probabilities(out.cls_logits), masks, sal, **self._ood(captured))
 
     @contextlib.contextmanager
-    def _bottleneck(self) -> Iterator[list[torch.Tensor]]:
-        """Capture the bottleneck of the forward pass (the classifier's input), for the OOD distance."""
+    def _bottleneck(self, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+        """Capture the bottleneck of the forward pass (the classifier's input): ``(B, w4, S/16, S/16)``,
+        still in the graph when it has one (Grad-CAM, the OOD distance). Nothing when not ``enabled``."""
         captured: list[torch.Tensor] = []
-        if self.ood is None:
+        if not enabled:
             yield captured
             return
         hook = self.model.encoder[-1].register_forward_hook(lambda _m, _i, output: captured.append(output))
@@ -137,16 +138,11 @@ class Predictor:
         """
         self.require_bridge()
         x = images.to(self.device, non_blocking=True)
-        captured: list[torch.Tensor] = []
-        hook = self.model.encoder[-1].register_forward_hook(lambda _m, _i, output: captured.append(output))
-        try:
-            with torch.enable_grad(), autocast(self.device, self.precision):
-                out = self.model(x)
-                features = captured[-1]  # (B, w4, S/16, S/16), still in the graph
-                target = out.cls_logits.max(dim=1).values.sum()
-                (grad,) = torch.autograd.grad(target, features)
-        finally:
-            hook.remove()
+        with self._bottleneck() as captured, torch.enable_grad(), autocast(self.device, self.precision):
+            out = self.model(x)
+            features = captured[-1]
+            target = out.cls_logits.max(dim=1).values.sum()
+            (grad,) = torch.autograd.grad(target, features)
         ood = self._ood(captured)
         grad, features = grad.float(), features.detach().float()
         cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))

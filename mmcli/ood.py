@@ -68,6 +68,15 @@ class OODStats:
         """The tensors and the metadata entry that store these statistics in a checkpoint."""
         return {"ood.mean": self.mean, "ood.precision": self.precision}, {"threshold": self.threshold, **self.info}
 
+    def attach(self, ckpt: Any, **notes: str) -> dict[str, Any]:
+        """Store these statistics in the :class:`mmcli.weights.Checkpoint` ``ckpt`` (save it after),
+        with ``notes`` on where they came from; returns the metadata entry."""
+        tensors, meta = self.to_checkpoint()
+        meta = {**meta, **notes}
+        ckpt.tensors = {**ckpt.tensors, **tensors}
+        ckpt.extra = {**ckpt.extra, "ood": meta}
+        return meta
+
     @classmethod
     def from_checkpoint(cls, tensors: dict[str, Tensor], extra: dict[str, Any]) -> OODStats | None:
         """The statistics a checkpoint holds, or None (weights made before they existed).

@@ -31,17 +31,19 @@ from mmcli.batch import (
     all_shard_paths,
     label_for,
     new_row,
+    open_inputs,
     provenance,
+    resume_header,
     shard_path,
 )
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
-from mmcli.io.discover import InputFile, discover_inputs
+from mmcli.io.discover import InputFile
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
 from mmcli.quality import apply_policy, case_flags, lung_mask
-from mmcli.weights import load_weights, weights_name
+from mmcli.weights import weights_name
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +189,8 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     """
     layout = RunLayout.for_report(shard_path(cfg.out, cfg.shard))
     others = [p for r in all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard) for p in (r, r.with_suffix(""))]
-    files = discover_inputs(cfg.inputs, exclude=others)
-    ckpt = load_weights(cfg.weights)
-    predictor = Predictor(ckpt, device=cfg.device, precision=cfg.precision)
+    files, predictor = open_inputs(cfg, exclude=others)
+    ckpt = predictor.checkpoint
     dicom = None
     if cfg.dicom_seg or cfg.dicom_sr:
         dicom = DicomOutputs(layout.folder / "dicom", cfg.dicom_seg, cfg.dicom_sr, weights_name(ckpt),
@@ -198,11 +199,7 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
                        cfg.voi_lut, cfg.max_pixels, cfg.qa, cfg.raw_masks, dicom=dicom)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
-        header={"weights_sha256": ckpt.sha256, "threshold": cfg.threshold, "voi_lut": cfg.voi_lut,
-                "precision": predictor.precision, "device_type": predictor.device.type, "max_pixels": cfg.max_pixels,
-                "dicom_seg": cfg.dicom_seg, "dicom_sr": cfg.dicom_sr, "qa": cfg.qa, "raw_masks": cfg.raw_masks,
-                "ood": predictor.ood is not None,
-                "shard": list(cfg.shard) if cfg.shard else None},
+        header=resume_header(cfg, predictor, dicom_seg=cfg.dicom_seg, dicom_sr=cfg.dicom_sr),
         settings=asdict(cfg),  # write_json turns paths into strings
         still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()
                                    for c in ("mask", "dicom_seg", "dicom_sr") if row.get(c)),

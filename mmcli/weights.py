@@ -29,7 +29,7 @@ from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import WeightsError
 from mmcli.io.identity import file_sha256
-from mmcli.io.writers import _FILE_MODE
+from mmcli.io.writers import atomic_path
 from mmcli.models import create_model, list_models, model_kwargs
 
 logger = logging.getLogger(__name__)
@@ -143,20 +143,17 @@ def _from_metadata(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Chec
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
     """Write ``ckpt`` as safetensors (``.safetensors``) or a weights-only ``.pt``.
 
-    The file is written to a temporary name and renamed, so a crash never leaves a
-    half-written checkpoint. Returns the file's sha256.
+    The file is written atomically (:func:`mmcli.io.writers.atomic_path`), so a crash never
+    leaves a half-written checkpoint. Returns the file's sha256.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
     state.update({_TENSOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()})
-    if path.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(ckpt.metadata())})
-    else:
-        torch.save({_META_KEY: ckpt.metadata(), "state_dict": state}, tmp)
-    os.chmod(tmp, _FILE_MODE)  # as any file this program writes: what the umask allows
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            save_file(state, str(tmp), metadata={_META_KEY: json.dumps(ckpt.metadata())})
+        else:
+            torch.save({_META_KEY: ckpt.metadata(), "state_dict": state}, tmp)
     return file_sha256(path)
 
 

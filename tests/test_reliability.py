@@ -86,12 +86,12 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_finishes(tmp_path, scans, t
 
 
 def test_an_unexpected_error_is_one_line_unless_verbose(tmp_path, scans, tiny_weights, monkeypatch):
-    import mmcli.predict
+    import mmcli.batch
 
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody expected")
 
-    monkeypatch.setattr(mmcli.predict, "discover_inputs", broken)
+    monkeypatch.setattr(mmcli.batch, "discover_inputs", broken)
     res = _run("predict", scans, "--out", tmp_path / "r.csv", "-w", tiny_weights)
     assert res.exit_code == 1
     assert _one_error_line(res) == ("Error: unexpected RuntimeError: something nobody expected "

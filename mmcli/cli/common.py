@@ -8,7 +8,6 @@ for ``explain``, ``evaluate`` and ``train``, which write several reports.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import signal
@@ -77,7 +76,7 @@ RawMasksOpt = Annotated[
 ]
 MaxPixelsOpt = Annotated[
     int,
-    typer.Option("--max-pixels", min=0, metavar="N",
+    typer.Option("--max-pixels", min=0, metavar="N", callback=lambda value: value or None,  # 0: no limit
                  help="Refuse images over N pixels (width x height x frames), checked before decoding; 0: no limit."),
 ]
 FailFastOpt = Annotated[
@@ -93,14 +92,9 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
-def _check_shard(value: str | None) -> str | None:
-    parse_shard(value)  # a malformed K/N is a usage error before anything runs
-    return value
-
-
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--shard", metavar="K/N", callback=_check_shard,
+    typer.Option("--shard", metavar="K/N", callback=parse_shard,  # the command receives (K, N)
                  help="Run part K of N (0 <= K < N) of the inputs, into <out>.shard-K-of-N; `mmcli merge` joins them."),
 ]
 VerifyInputsOpt = Annotated[
@@ -151,21 +145,14 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
     ]
 
     def add(command: Callable[..., None]) -> Callable[..., None]:
-        @functools.wraps(command)
-        def run_command(*args: Any, **kwargs: Any) -> None:
-            kwargs["max_pixels"] = kwargs.get("max_pixels") or None  # 0 on the command line: no limit
-            if "shard" in kwargs:
-                kwargs["shard"] = parse_shard(kwargs["shard"])
-            command(*args, **kwargs)
-
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
         added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
                  for name, annotation, default in shared]
         required = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is p.empty]
         optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not p.empty]
-        run_command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
-        run_command.__annotations__ = {p.name: p.annotation for p in run_command.__signature__.parameters.values()}
-        return run_command
+        command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
 
     return add
 

@@ -106,8 +106,6 @@ def store_ood_stats(path: Path, table: ImageTable, fit: list[int], validation: l
     opts = {"batch_size": batch_size, "device": device}
     stats = fit_ood(table_features(model, table, fit, pre, **opts), table_features(model, table, validation, pre,
                                                                                    **opts))
-    tensors, meta = stats.to_checkpoint()
-    ckpt.tensors = {**ckpt.tensors, **tensors}
-    ckpt.extra = {**ckpt.extra, "ood": {**meta, "fitted_on": "training split", "threshold_on": "validation split"}}
+    meta = stats.attach(ckpt, fitted_on="training split", threshold_on="validation split")
     save_checkpoint(ckpt, path)
     return meta
