@@ -18,7 +18,7 @@ from mmcli.errors import UsageError
 from mmcli.models import create_model
 from mmcli.models.registry import ARCH_PRESETS
 from mmcli.training import VARIANTS, TrainConfig, run_train
-from mmcli.training.calibration import calibrate_checkpoint, fit_temperature
+from mmcli.training.calibration import T_RANGE, calibrate_checkpoint, choose_temperature, fit_temperature
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
@@ -127,7 +127,7 @@ def test_validation_and_calibration_numbers_are_those_of_mmcli_metrics(tmp_path)
     path = tmp_path / "m.safetensors"
     save_checkpoint(Checkpoint(model_name="multimix_tiny", model_kwargs=model.init_kwargs,
                                state_dict=model.state_dict(), preprocess=pre), path)
-    t, before, after = calibrate_checkpoint(path, table, val, pre, **opts)
+    t, before, after, _ = calibrate_checkpoint(path, table, val, pre, **opts, min_cases=0, min_per_class=0)
     assert before == pytest.approx(M.expected_calibration_error(torch.softmax(logits, 1).numpy(), y), abs=1e-12)
     assert after == pytest.approx(M.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), y), abs=1e-12)
 
@@ -284,3 +284,59 @@ def test_unlabelled_data_feeds_both_unlabelled_streams(folders, tmp_path):
     assert len(mine) == 3 and set(mine.split) == {"train"}
     assert set(mine.seg_role) == {"unlabelled"} and set(mine.cls_role) == {"unlabelled"}
     assert mine.label.isna().all() and (mine.has_mask == 0).all()
+
+
+def test_calibration_keeps_temperature_1_on_a_small_validation_split():
+    logits = torch.tensor([[3.0, -3.0], [-3.0, 3.0]] * 14)  # 28 images: under 30
+    labels = torch.tensor([0, 1] * 14)
+    t, before, after, kept = choose_temperature(logits, labels)
+    assert t == 1.0 and after == before and "28 images, fewer than 30" in kept
+    logits, labels = torch.cat([logits, logits[:4]]), torch.cat([labels, torch.zeros(4, dtype=torch.long)])
+    labels[1:28:2][:11] = 0  # 32 images, 3 of class 1
+    t, _, _, kept = choose_temperature(logits, labels)
+    assert t == 1.0 and "3 images of a class, fewer than 5" in kept
+
+
+def test_calibration_keeps_temperature_1_when_the_fit_does_not_lower_the_ece():
+    # Two groups already calibrated (confidence 0.8 right 80 % of the time, 0.6 right 60 %): ECE 0,
+    # and T = 1 is where the NLL is least, so no temperature can lower the ECE.
+    z8, z6 = math.log(0.8 / 0.2), math.log(0.6 / 0.4)
+    logits, labels = [], []
+    for z, right in ((z8, 20), (z6, 15)):
+        for k in range(25):
+            predicted = k % 2
+            logits.append([z / 2, -z / 2] if predicted == 0 else [-z / 2, z / 2])
+            labels.append(predicted if k < right else 1 - predicted)
+    logits, labels = torch.tensor(logits), torch.tensor(labels)
+    t, before, after, kept = choose_temperature(logits, labels)
+    assert before == pytest.approx(0.0, abs=1e-6)
+    assert t == 1.0 and after == before and "did not lower the validation ECE" in kept
+
+
+def test_calibration_fits_a_bounded_temperature_that_lowers_the_ece():
+    torch.manual_seed(0)
+    true_logits = torch.randn(400, 2) * 2
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1)[:, 0]
+    t, before, after, kept = choose_temperature(true_logits * 3, labels)
+    assert kept is None and t == pytest.approx(3.0, rel=0.2) and after < before
+    # Labels that contradict every prediction would want T -> 0 (flip): the fit stops at the bound.
+    assert fit_temperature(torch.tensor([[5.0, -5.0], [-5.0, 5.0]] * 20), torch.tensor([1, 0] * 20)) == (
+        pytest.approx(T_RANGE[1], rel=1e-6))
+
+
+def test_run_json_records_sampling_site_augmentation_and_calibration(folders, tmp_path):
+    seg, cls = folders
+    run_train(_cfg(folders, tmp_path / "r", cls_data=(str(cls), str(seg)), balance_sources=True,
+                   site_aug=("gamma", "rotate")))
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["config"]["site_aug"] == ["gamma", "rotate"] and run["config"]["balance_sources"] is True
+    assert run["site_augment"] == {"gamma": {"p": 0.3, "range": [-0.4, 0.4], "unit": "log of the gamma exponent"},
+                                   "rotate": {"p": 0.3, "range": [-10.0, 10.0], "unit": "degrees"}}
+    # seg images have no labels: they are unlabelled classification images next to cls's
+    assert run["sampling"]["cls_u"] == {str(seg): 1.0}
+    assert set(run["sampling"]["seg_u"]) == {str(cls)}
+    # 2 validation labels: too few to fit a temperature
+    assert run["temperature"] == 1.0 and "fewer than 30" in run["temperature_kept_at_1"]
+    assert load_checkpoint(tmp_path / "r" / "best.safetensors").extra["calibration_kept"].startswith("validation")
+    with pytest.raises(UsageError, match="--site-aug: unknown sharpen"):
+        _cfg(folders, tmp_path / "x", site_aug=("sharpen",))

@@ -1,4 +1,6 @@
-"""Training data: folder scanning, budgets, stratification, splits, augmentations."""
+"""Training data: folder scanning, budgets, stratification, splits, sampling, augmentations."""
+
+import math
 
 import numpy as np
 import pytest
@@ -11,8 +13,17 @@ from mmcli.data.transforms import normalize, preprocess
 from mmcli.errors import InputError
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import read_mask_png
-from mmcli.training.augment import STRONG_OPS, strong_augment, weak_augment
-from mmcli.training.datasets import Sample, epoch_batches, load_table, make_splits, scan_folders, stratified_pick
+from mmcli.training.augment import STRONG_OPS, _gamma, _window, site_augment, strong_augment, weak_augment
+from mmcli.training.config import SITE_OPS
+from mmcli.training.datasets import (
+    Sample,
+    epoch_batches,
+    load_table,
+    make_splits,
+    scan_folders,
+    source_rates,
+    stratified_pick,
+)
 
 
 def make_folders(root, n_seg=6, n_cls=8, size=(80, 72)):
@@ -271,3 +282,65 @@ def test_split_patient_in_both_tasks_leaves_training():
     assert len(val_patients) == 4
     assert not {samples[i].patient for i in train} & val_patients
     assert len(train) == 20 - 2 * 4
+
+
+def test_balanced_batches_draw_every_source_at_the_same_rate():
+    pool = list(range(100))
+    sources = ["big"] * 90 + ["small"] * 10
+    got = epoch_batches(pool, 50, 4, torch.Generator().manual_seed(0), sources=sources)
+    assert got.shape == (50, 4)
+    assert ((got >= 90).sum(1) == 2).all()  # every batch: two of each source
+    small = torch.bincount(got[got >= 90] - 90, minlength=10)
+    assert (small == 10).all()  # shuffled passes over the small source: each image 10 times
+    big = torch.bincount(got[got < 90], minlength=90)
+    assert big.min() >= 1 and big.max() <= 2
+    assert torch.equal(got, epoch_batches(pool, 50, 4, torch.Generator().manual_seed(0), sources=sources))
+    one = epoch_batches(pool, 5, 4, torch.Generator().manual_seed(3), sources=["a"] * 100)
+    assert torch.equal(one, epoch_batches(pool, 5, 4, torch.Generator().manual_seed(3)))
+    assert source_rates(pool, sources, balanced=True) == {"big": 0.5, "small": 0.5}
+    assert source_rates(pool, sources, balanced=False) == {"big": 0.9, "small": 0.1}
+
+
+def test_site_augment_without_ops_is_the_identity_and_names_are_checked():
+    x = torch.rand(3, 1, 16, 16)
+    out, masks = site_augment(x, torch.Generator().manual_seed(0), (), masks=x)
+    assert out is x and masks is x
+    with pytest.raises(ValueError, match="unknown site augmentation"):
+        site_augment(x, torch.Generator(), ("sharpen",))
+
+
+def test_site_window_and_gamma_values():
+    ramp = torch.linspace(0, 1, 101).view(1, 1, 1, 101)
+    got = _window(ramp, 0.2, 0.5)  # 20 % clipped, half at each end
+    want = ((ramp - 0.1) / 0.8).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-6) and got[..., :11].max() == 0 and got[..., 90:].min() > 1 - 1e-6
+    assert torch.allclose(_gamma(ramp, math.log(2.0)), ramp**2, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SITE_OPS))
+def test_each_site_op_hits_at_its_probability_and_keeps_the_range(name):
+    n = 200  # at the model's 256 x 256, where blur and edge radii are defined
+    x = torch.rand(n, 1, 256, 256, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    masks = (x > 0.5).float()
+    out, m = site_augment(x, torch.Generator().manual_seed(5), (name,), masks=masks)
+    changed = (out - x).flatten(1).abs().amax(1) > 1e-4
+    p = SITE_OPS[name].p
+    assert abs(int(changed.sum()) - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    assert out.min() >= 0 and out.max() <= 1
+    mask_moved = (m != masks).flatten(1).any(1)
+    if SITE_OPS[name].geometric:
+        assert set(m.unique().tolist()) <= {0.0, 1.0} and not mask_moved[~changed].any()
+    else:
+        assert not mask_moved.any()
+
+
+def test_site_geometry_moves_masks_with_images():
+    x = torch.zeros(8, 1, 64, 64)
+    x[..., 16:48, 10:30] = 1.0
+    out, m = site_augment(x, torch.Generator().manual_seed(1), ("rotate", "scale"), masks=x.clone())
+    moved = (m != x).flatten(1).any(1)
+    assert moved.any()
+    agree = ((out >= 0.5).float() == m).float().mean()
+    assert agree > 0.99
+    again, _ = site_augment(x, torch.Generator().manual_seed(1), ("rotate", "scale"))
+    assert torch.equal(out, again)  # the same draws with or without masks

@@ -24,7 +24,7 @@ from mmcli.cli.common import (
 )
 from mmcli.config import ARCH_PRESETS
 from mmcli.errors import UsageError
-from mmcli.training.config import VARIANTS, TrainConfig
+from mmcli.training.config import SITE_OPS, VARIANTS, TrainConfig
 
 if TYPE_CHECKING:
     from mmcli.training import TrainSummary
@@ -38,6 +38,16 @@ def _budget(value: str, flag: str) -> int | None:
     if not value.isdigit():
         raise UsageError(f"{flag} takes a number or 'all', got {value!r}")
     return int(value)
+
+
+def _site_ops(value: str) -> tuple[str, ...]:
+    """--site-aug: a comma-separated list of op names, ``all`` or ``none``."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return tuple(SITE_OPS)
+    if names in ([], ["none"]):
+        return ()
+    return tuple(dict.fromkeys(names))
 
 
 def _fmt(value: Any) -> str:
@@ -91,6 +101,8 @@ def _summary_line(summary: TrainSummary) -> str:
     calib = ""
     if summary.ece_before is not None:
         calib = f"; temperature {summary.temperature:.3f}, ECE {summary.ece_before:.4f} -> {summary.ece_after:.4f}"
+        if summary.calibration_kept:
+            calib += f" (kept at 1: {summary.calibration_kept})"
     stop = " (stopped early)" if summary.stopped_early else ""
     return (f"{summary.epochs_run} epoch(s){stop}; best epoch {summary.best_epoch} score "
             f"{_fmt(summary.best_score)}{calib} -> {summary.out / 'best.safetensors'}")
@@ -146,6 +158,14 @@ def train(
         "--beta", min=0.0, metavar="X", help="Weight of the foreground-KL consistency.")] = 0.01,
     hflip: Annotated[bool, typer.Option(
         "--hflip/--no-hflip", help="Random horizontal flips (they swap laterality: off by default).")] = False,
+    site_aug: Annotated[str, typer.Option(
+        "--site-aug", metavar="OPS",
+        help=f"Site-shift augmentations, comma-separated: {','.join(SITE_OPS)}, or all, or none "
+             "(probabilities and ranges: README, and run.json of the run).")] = "none",
+    balance_sources: Annotated[bool, typer.Option(
+        "--balance-sources/--no-balance-sources",
+        help="Draw every stream from its source folders at equal rates, not in proportion to their "
+             "sizes (the rates go into run.json).")] = False,
     patience: Annotated[int | None, typer.Option(
         "--patience", min=0, metavar="N", help="Stop after N epochs without a better score; 0: never.")] = 10,
     calibrate: Annotated[bool, typer.Option(
@@ -172,7 +192,8 @@ def train(
             cls_labels=_budget(cls_labels, "--cls-labels"), val_fraction=val_fraction, seed=seed, epochs=epochs,
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,
             threshold=_pseudo_threshold(ctx, pseudo_threshold, threshold), lambda_u=lambda_u, alpha=alpha,
-            beta=beta, hflip=hflip, patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,
+            beta=beta, hflip=hflip, site_aug=_site_ops(site_aug), balance_sources=balance_sources,
+            patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,
             precision=precision, workers=workers, resume=resume,
         )
         show = _Progress(quiet)

@@ -13,18 +13,27 @@ image padded by reflection of 1/8 of its size on each side (a translation of up 
 Strong (RandAugment-style, MULTIMIX.md): two ops drawn uniformly per image from
 :data:`STRONG_OPS`, each applied with probability 0.5 at a random magnitude. Geometric
 ops fill with black (0) and are applied to masks with nearest-neighbour sampling.
+
+Site shift (:data:`SITE_OPS`, opt-in with ``mmcli train --site-aug``): what differs
+between hospitals' films: windowing, gamma, edge enhancement, blur, detector noise, small
+rotations and magnification. Each op named is applied to each image on its own with its
+probability, at a value drawn uniformly from its range. Linear brightness and contrast
+are not among them: the per-image min..max normalisation undoes them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["STRONG_OPS", "weak_augment", "strong_augment"]
+from mmcli.training.config import SITE_OPS
+
+__all__ = ["STRONG_OPS", "site_augment", "strong_augment",
+           "weak_augment"]
 
 _SHARPEN = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
 
@@ -198,6 +207,104 @@ def strong_augment(
                 y = _warp(y, theta, "nearest") if y is not None else None
             else:
                 x = STRONG_OPS[name](x, mags[i][k], signs[i][k]).clamp(0, 1)  # type: ignore[call-arg]
+        out_images.append(x.clamp(0, 1))
+        if y is not None:
+            out_masks.append(y)
+    return torch.cat(out_images), (torch.cat(out_masks) if masks is not None else None)
+
+
+# ---- site shift: (1, 1, H, W) in [0, 1] and a value v from the op's range ----
+
+
+def _window(x: Tensor, v: float, split: float) -> Tensor:
+    """Clip a share ``v`` (< 1) of the intensity range, a share ``split`` of it at the dark end, and rescale."""
+    lo, hi = x.amin(), x.amax()
+    unit = (x - lo) / (hi - lo).clamp_min(1e-6)
+    return ((unit - v * split) / (1 - v)).clamp(0, 1)
+
+
+def _gamma(x: Tensor, v: float) -> Tensor:
+    return x.clamp_min(0).pow(math.exp(v))
+
+
+def _blur_kernel(sigma: float, like: Tensor) -> Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    k = _blur_kernel(sigma, x)
+    r = (k.numel() - 1) // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def _blur(x: Tensor, v: float) -> Tensor:
+    return _gaussian_blur(x, v * x.shape[-1] / 256)
+
+
+def _edge_enhance(x: Tensor, v: float) -> Tensor:
+    """Unsharp masking (large radius), the processing many radiography systems apply."""
+    smooth = _gaussian_blur(x, 8.0 * x.shape[-1] / 256)
+    return x + v * (x - smooth)
+
+
+
+_SITE_PHOTO: dict[str, Callable[[Tensor, float], Tensor]] = {"gamma": _gamma, "edges": _edge_enhance,
+                                                               "blur": _blur}
+
+
+def site_augment(
+    images: Tensor, gen: torch.Generator, ops: Sequence[str], *, masks: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Site-shift augmentation: each op of ``ops`` (names of :data:`SITE_OPS`) on each image with its probability.
+
+    Args:
+        images: (B, 1, H, W) in [0, 1].
+        gen: CPU generator that supplies every random draw.
+        ops: the ops to use; none gives the inputs back unchanged.
+        masks: (B, 1, H, W) or None; rotations and scale changes move them too (nearest neighbour).
+
+    Returns:
+        Images (B, 1, H, W) in [0, 1], and the masks.
+    """
+    unknown = [o for o in ops if o not in SITE_OPS]
+    if unknown:
+        raise ValueError(f"unknown site augmentation(s) {unknown}: use {', '.join(SITE_OPS)}")
+    if not ops:
+        return images, masks
+    b = images.shape[0]
+    names = [n for n in SITE_OPS if n in ops]
+    # One draw per image and op, used or not, so each op's randomness does not depend on the others.
+    hit = (_rand(gen, b, len(names), 2)).tolist()
+    out_images, out_masks = [], []
+    for i in range(b):
+        x = images[i : i + 1]
+        y = masks[i : i + 1] if masks is not None else None
+        angle, zoom = 0.0, 1.0
+        for k, name in enumerate(names):
+            op = SITE_OPS[name]
+            if hit[i][k][0] >= op.p:
+                continue
+            v = op.low + (op.high - op.low) * hit[i][k][1]
+            if name == "rotate":
+                angle = v
+            elif name == "scale":
+                zoom = v
+            elif name == "noise":
+                x = x + v * torch.randn(x.shape, generator=gen).to(x)
+            elif name == "window":  # given a hit, draw / p is uniform in [0, 1): the split between the ends
+                x = _window(x, v, hit[i][k][0] / op.p)
+            else:
+                x = _SITE_PHOTO[name](x, v)
+            x = x.clamp(0, 1)
+        if angle or zoom != 1.0:
+            a = math.radians(angle)
+            theta = [[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0], [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]]
+            x = _warp(x, theta, "bilinear")
+            y = _warp(y, theta, "nearest") if y is not None else None
         out_images.append(x.clamp(0, 1))
         if y is not None:
             out_masks.append(y)

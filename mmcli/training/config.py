@@ -9,7 +9,7 @@ from typing import Any, Literal
 from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.errors import UsageError
 
-__all__ = ["VARIANTS", "LossWeights", "TrainConfig", "Variant"]
+__all__ = ["SITE_OPS", "VARIANTS", "LossWeights", "SiteOp", "TrainConfig", "Variant", "site_augment_record"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,38 @@ class Variant:
         return tuple(k for k, on in wanted.items() if on)
 
 
+@dataclass(frozen=True)
+class SiteOp:
+    """One site-shift augmentation: applied with probability ``p`` at a value from ``low..high``.
+
+    ``unit`` says what the value is. ``geometric`` ops move masks too.
+    """
+
+    p: float
+    low: float
+    high: float
+    unit: str
+    geometric: bool = False
+
+
+SITE_OPS: dict[str, SiteOp] = {
+    "window": SiteOp(0.3, 0.0, 0.3, "share of the intensity range clipped"),
+    "gamma": SiteOp(0.3, -0.4, 0.4, "log of the gamma exponent"),
+    "edges": SiteOp(0.3, 0.0, 1.0, "unsharp-mask gain (radius 8 px at 256)"),
+    "blur": SiteOp(0.3, 0.3, 1.5, "Gaussian sigma in px at 256"),
+    "noise": SiteOp(0.3, 0.0, 0.04, "Gaussian noise sigma (image range 1)"),
+    "rotate": SiteOp(0.3, -10.0, 10.0, "degrees", geometric=True),
+    "scale": SiteOp(0.3, 0.85, 1.15, "magnification", geometric=True),
+}
+"""The site-shift ops, in the order they are applied, with their probabilities and ranges."""
+
+
+def site_augment_record(ops: tuple[str, ...] | list[str]) -> dict[str, dict[str, object]]:
+    """What ``ops`` do, for run.json: each op's probability, range and unit."""
+    return {name: {"p": op.p, "range": [op.low, op.high], "unit": op.unit}
+            for name, op in SITE_OPS.items() if name in ops}
+
+
 VARIANTS: dict[str, Variant] = {
     "unet": Variant("unet", seg=True, cls=False),
     "enc": Variant("enc", seg=False, cls=True),
@@ -61,7 +93,9 @@ class TrainConfig:
     ``seg_labels``/``cls_labels`` None means all labels. ``patience`` None disables early
     stopping. ``steps_per_epoch`` None means one pass over the largest labelled pool.
     ``arch`` names a size preset of the model registry (:data:`mmcli.models.registry.ARCH_PRESETS`):
-    ``tiny`` for tests and smoke runs.
+    ``tiny`` for tests and smoke runs. ``site_aug`` names the site-shift augmentations of
+    :data:`mmcli.training.augment.SITE_OPS` used on the labelled streams and the strong view;
+    ``balance_sources`` draws every stream from its source folders at equal rates.
     """
 
     out: str
@@ -87,6 +121,8 @@ class TrainConfig:
     alpha: float = 5.0
     beta: float = 0.01
     hflip: bool = False
+    site_aug: tuple[str, ...] = ()
+    balance_sources: bool = False
     patience: int | None = 10
     calibrate: bool = True
     voi_lut: bool = False
@@ -113,6 +149,9 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
+        unknown = [o for o in self.site_aug if o not in SITE_OPS]
+        if unknown:
+            raise UsageError(f"--site-aug: unknown {', '.join(unknown)}: use {', '.join(SITE_OPS)} or all")
         if not 64 <= self.image_size <= 1024 or self.image_size % 16:
             raise UsageError(f"--image-size must be a multiple of 16 in 64..1024 (what a checkpoint may declare), "
                              f"got {self.image_size}")

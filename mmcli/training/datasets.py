@@ -38,7 +38,7 @@ from mmcli.io.readers import read_radiograph
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageTable", "Sample", "Splits", "epoch_batches", "load_table", "make_splits", "scan_folders",
-           "stratified_pick"]
+           "source_rates", "stratified_pick"]
 
 
 @dataclass(frozen=True)
@@ -275,11 +275,40 @@ def load_table(
     return ImageTable(images, masks, has_mask, labels), errors
 
 
-def epoch_batches(pool: Sequence[int], steps: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """(steps, batch_size) positions from ``pool``: shuffled passes over it, as many as needed."""
+def _passes(pool: Sequence[int], need: int, gen: torch.Generator) -> torch.Tensor:
+    """``need`` positions from ``pool``: shuffled passes over it, as many as needed."""
+    chunks = [torch.randperm(len(pool), generator=gen) for _ in range(-(-need // len(pool)))]
+    return torch.as_tensor(list(pool), dtype=torch.long)[torch.cat(chunks)[:need]]
+
+
+def epoch_batches(pool: Sequence[int], steps: int, batch_size: int, gen: torch.Generator, *,
+                  sources: Sequence[str] | None = None) -> torch.Tensor:
+    """(steps, batch_size) positions from ``pool``: shuffled passes over it, as many as needed.
+
+    With ``sources`` (the source of every entry of ``pool``), every source is drawn at the same
+    rate whatever its size: the slots go round the sources in an order shuffled anew every
+    round, and each source fills its slots with shuffled passes over its own images. So
+    among any ``k`` consecutive slots (``k`` sources) each source has one.
+    """
     if not pool:
         raise InputError("an active training stream has no images")
     need = steps * batch_size
-    chunks = [torch.randperm(len(pool), generator=gen) for _ in range(-(-need // len(pool)))]
-    order = torch.cat(chunks)[:need]
-    return torch.as_tensor(list(pool), dtype=torch.long)[order].reshape(steps, batch_size)
+    if sources is None or len(set(sources)) < 2:
+        return _passes(pool, need, gen).reshape(steps, batch_size)
+    names = sorted(set(sources))
+    rounds = -(-need // len(names))
+    slot_source = torch.cat([torch.randperm(len(names), generator=gen) for _ in range(rounds)])[:need]
+    out = torch.empty(need, dtype=torch.long)
+    for k, name in enumerate(names):
+        slots = torch.nonzero(slot_source == k).flatten()
+        members = [p for p, s in zip(pool, sources, strict=True) if s == name]
+        out[slots] = _passes(members, len(slots), gen)
+    return out.reshape(steps, batch_size)
+
+
+def source_rates(pool: Sequence[int], sources: Sequence[str], *, balanced: bool) -> dict[str, float]:
+    """The share of a stream's draws that each source gets (rounded to 4 places), for run.json."""
+    names = sorted(set(sources))
+    if balanced:
+        return {n: round(1 / len(names), 4) for n in names}
+    return {n: round(sum(s == n for s in sources) / len(pool), 4) for n in names}

@@ -21,7 +21,7 @@ from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
 from mmcli.runtime import autocast
-from mmcli.training.augment import strong_augment, weak_augment
+from mmcli.training.augment import site_augment, strong_augment, weak_augment
 from mmcli.training.config import Variant
 from mmcli.training.datasets import ImageTable
 from mmcli.training.losses import (
@@ -65,28 +65,35 @@ class StepBatch:
 
 
 def make_batch(
-    table: ImageTable, index: dict[str, Tensor], gen: torch.Generator, pre: PreprocessConfig, *, hflip: bool
+    table: ImageTable, index: dict[str, Tensor], gen: torch.Generator, pre: PreprocessConfig, *, hflip: bool,
+    site_ops: tuple[str, ...] = (),
 ) -> StepBatch:
     """Augment and normalise one step's images.
 
     Args:
         index: positions (B,) into ``table`` for the pools ``seg_l``, ``seg_u``, ``cls_l``,
             ``cls_u`` that are active; ``cls_u`` gives both the weak and the strong view.
+        site_ops: site-shift augmentations (:func:`mmcli.training.augment.site_augment`) for the
+            labelled streams and the strong view; the weak views that set pseudo labels and
+            the consistency target stay as they are.
     """
     b = StepBatch()
     if "seg_l" in index:
         i = index["seg_l"]
-        x, m = weak_augment(table.images[i], gen, masks=table.masks[i].float(), hflip=hflip)
+        x, m = site_augment(table.images[i], gen, site_ops, masks=table.masks[i].float())
+        x, m = weak_augment(x, gen, masks=m, hflip=hflip)
         b.seg_l, b.seg_l_masks = normalize(x, pre), m
     if "seg_u" in index:
         b.seg_u = normalize(weak_augment(table.images[index["seg_u"]], gen, hflip=hflip)[0], pre)
     if "cls_l" in index:
         i = index["cls_l"]
-        b.cls_l, b.cls_l_labels = normalize(weak_augment(table.images[i], gen, hflip=hflip)[0], pre), table.labels[i]
+        x = site_augment(table.images[i], gen, site_ops)[0]
+        b.cls_l, b.cls_l_labels = normalize(weak_augment(x, gen, hflip=hflip)[0], pre), table.labels[i]
     if "cls_u" in index:
         u = table.images[index["cls_u"]]
         b.cls_weak = normalize(weak_augment(u, gen, hflip=hflip)[0], pre)
-        b.cls_strong = normalize(strong_augment(weak_augment(u, gen, hflip=hflip)[0], gen)[0], pre)
+        strong = strong_augment(weak_augment(site_augment(u, gen, site_ops)[0], gen, hflip=hflip)[0], gen)[0]
+        b.cls_strong = normalize(strong, pre)
     return b
 
 

@@ -34,8 +34,8 @@ from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
 from mmcli.training.calibration import calibrate_checkpoint, store_ood_stats
-from mmcli.training.config import TrainConfig
-from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders
+from mmcli.training.config import TrainConfig, site_augment_record
+from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
 from mmcli.training.distributed import (
     all_reduce_gradients,
     barrier,
@@ -71,6 +71,7 @@ class TrainSummary:
     temperature: float = 1.0
     ece_before: float | None = None
     ece_after: float | None = None
+    calibration_kept: str | None = None  # why the temperature stayed 1, when it did
     history: list[dict[str, Any]] = field(default_factory=list)
     is_main: bool = True  # False in the other processes of a torchrun job
 
@@ -155,6 +156,14 @@ class Trainer:
         self.model.load_state_dict(ckpt.state_dict)
         return {"weights": str(weights), "file": str(ckpt.path), "sha256": ckpt.sha256}
 
+    def _sources(self, pool: list[int]) -> list[str]:
+        return [self.samples[i].source for i in pool]
+
+    def sampling(self) -> dict[str, dict[str, float]]:
+        """Each stream's share of draws per source folder (see :func:`epoch_batches`), for run.json."""
+        return {k: source_rates(pool, self._sources(pool), balanced=self.cfg.balance_sources)
+                for k, pool in self.pools.items()}
+
     def counts(self) -> dict[str, int]:
         s = self.splits
         return {"images": len(self.samples), "unreadable": len(self.failures), "val_seg": len(s.val_seg),
@@ -216,13 +225,15 @@ class Trainer:
         torch.manual_seed(_seed(cfg.seed, self.epoch, 0, rank))
         sampler = torch.Generator().manual_seed(_seed(cfg.seed, self.epoch, 1))
         # All processes draw the same global batches; each takes its own slice of them.
-        index = {k: epoch_batches(pool, self.steps, cfg.batch_size * world, sampler)[:, rank::world]
+        index = {k: epoch_batches(pool, self.steps, cfg.batch_size * world, sampler,
+                                  sources=self._sources(pool) if cfg.balance_sources else None)[:, rank::world]
                  for k, pool in self.pools.items()}
         gen = torch.Generator().manual_seed(_seed(cfg.seed, self.epoch, 2, rank))
         self.model.train()
         totals: dict[str, float] = {}
         for step in range(self.steps):
-            batch = make_batch(self.table, {k: v[step] for k, v in index.items()}, gen, self.pre, hflip=cfg.hflip)
+            batch = make_batch(self.table, {k: v[step] for k, v in index.items()}, gen, self.pre, hflip=cfg.hflip,
+                               site_ops=cfg.site_aug)
             loss, stats = train_step(self.model, batch.to(self.device), self.variant, cfg.loss_weights,
                                      autocast(self.device, self.precision))
             self.optimizer.zero_grad(set_to_none=True)
@@ -295,14 +306,16 @@ class Trainer:
         store_ood_stats(self.out / "last.safetensors", self.table, fit, validation, self.pre, **opts)
         return store_ood_stats(self.out / "best.safetensors", self.table, fit, validation, self.pre, **opts)
 
-    def calibrate(self) -> tuple[float, float | None, float | None]:
+    def calibrate(self) -> tuple[float, float | None, float | None, str | None]:
         """Fit and store temperatures in last and best (see :func:`calibrate_checkpoint`).
 
-        Returns the best checkpoint's temperature and ECE before and after (None without a
-        classifier or validation labels, or with ``calibrate`` off).
+        Returns the best checkpoint's temperature, ECE before and after (None without a
+        classifier or validation labels, or with ``calibrate`` off) and why it stayed 1.
         """
-        if not (self.model.cls_head and self.splits.val_cls and self.cfg.calibrate and self.dist.is_main):
-            return 1.0, None, None
+        if not (self.model.cls_head and self.cfg.calibrate and self.dist.is_main):
+            return 1.0, None, None, None if self.cfg.calibrate else "--no-calibrate"
+        if not self.splits.val_cls:
+            return 1.0, None, None, "no validation labels"
         opts = {"batch_size": self.cfg.batch_size, "device": self.device, "precision": self.precision}
         calibrate_checkpoint(self.out / "last.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
         return calibrate_checkpoint(self.out / "best.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
@@ -336,7 +349,9 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "command": command, "config": cfg.to_dict(), "device": str(trainer.device), "precision": trainer.precision,
         "model_name": trainer.variant.model, "model_kwargs": trainer.model_kwargs,
         "preprocess": trainer.pre.to_dict(), "class_names": list(trainer.class_names),
-        "counts": trainer.counts(), "unreadable": trainer.failures, "world_size": trainer.dist.world,
+        "counts": trainer.counts(), "sampling": trainer.sampling(),
+        "site_augment": site_augment_record(cfg.site_aug), "unreadable": trainer.failures,
+        "world_size": trainer.dist.world,
         "status": "running",
     }
     if main:
@@ -347,19 +362,20 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
         if on_epoch is not None:
             on_epoch(row)
-    temperature, ece_before, ece_after = trainer.calibrate()
+    temperature, ece_before, ece_after, kept = trainer.calibrate()
     ood = trainer.fit_ood()
     barrier(trainer.dist)
     summary = TrainSummary(
         out=trainer.out, epochs_run=trainer.epoch, best_epoch=trainer.best_epoch, best_score=trainer.best_score,
         stopped_early=trainer.stopped_early, temperature=temperature, ece_before=ece_before, ece_after=ece_after,
-        history=trainer.history, is_main=main,
+        calibration_kept=kept, history=trainer.history, is_main=main,
     )
     manifest.update({
         "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
-        "ece_before": ece_before, "ece_after": ece_after, "ood": ood, "seconds": round(time.time() - started, 1),
+        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept, "ood": ood,
+        "seconds": round(time.time() - started, 1),
         "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
     })
     if main:
