@@ -4,8 +4,8 @@ A :class:`CaseTask` says what one case produces (``predict``: a report row and a
 ``explain``: a row and saliency maps); the engines say where the work runs:
 
 * :func:`iter_rows_loader`: a DataLoader decodes in worker processes while the model
-  runs batched in the main process (GPUs; or everything on the main process with
-  ``workers=0``).
+  runs batched in the main process and a pool of processes finishes the cases (GPUs; or
+  everything on the main process with ``workers=0``).
 * :func:`iter_rows_processes`: on a CPU, each worker process owns a core and runs the
   whole chain (read, preprocess, model on a small batch, mask back to native size, mask
   file) single-threaded. Decoding and inference then never fight over the same cores,
@@ -22,6 +22,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 from collections import deque
@@ -37,6 +38,7 @@ from mmcli.config import PreprocessConfig
 from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, worker_init
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
+from mmcli.runtime import usable_cores
 from mmcli.weights import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class CaseTask(Protocol):
     qa: str  # the quality-control policy (mmcli.quality); "off": no checks
     keep_pixels: bool  # whether :meth:`finish` needs the native pixels (``item["pixels"]``)
 
-    def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
-        """The model's outputs for a batch ``(B, 1, S, S)``."""
+    def run_model(self, predictor: Predictor, images: torch.Tensor,
+                  native_sizes: Sequence[tuple[int, int]] | None = None) -> BatchPrediction:
+        """The model's outputs for a batch ``(B, 1, S, S)``; with ``native_sizes`` (``(H, W)`` per
+        image) masks may come back at native size too (:attr:`BatchPrediction.native_masks`)."""
         ...
 
     def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
@@ -101,31 +105,113 @@ def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTa
 
 
 def iter_rows_loader(
-    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int
+    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int,
+    finishers: int | None = None, native_masks: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Decode in DataLoader workers, run the model on batches here, finish cases in a thread."""
+    """Decode in DataLoader workers, run the model on batches here, finish cases beside it.
+
+    Beside a GPU (or any device but the CPU) the masks come back from the device at native
+    size as packed bits, and cases are finished (mask post-processing, quality control,
+    PNG and DICOM writing) in ``finishers`` processes (default :func:`default_finishers`),
+    so that neither the device nor the decoders wait for one writer. On the CPU, and with
+    ``finishers=0``, one thread of this process finishes them. A finishing process that dies
+    costs nothing: the pool is restarted and that case is finished in this process.
+    ``native_masks`` (default: off the CPU) says whether masks come back at native size.
+    """
+    on_device = predictor.device.type != "cpu" if native_masks is None else native_masks
+    n_finish = (default_finishers(predictor.device, workers) if finishers is None else finishers)
     loader = DataLoader(
         RadiographDataset(files, predictor.preprocess, **_read_options(task)),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
         worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
         pin_memory=predictor.device.type == "cuda",
     )
-    pending: deque[Future[dict[str, Any]]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-write") as pool:
+    finisher = _Finisher(task, n_finish)
+    pending: deque[tuple[InputFile, Future[dict[str, Any]], Any]] = deque()
+    window = max(2 * batch_size, 4 * n_finish)
+    try:
         for batch in loader:
-            pred = task.run_model(predictor, batch["images"]) if batch["images"] is not None else None
+            pred = None
+            if batch["images"] is not None:
+                sizes = [(int(batch["items"][pos]["meta"]["height"]), int(batch["items"][pos]["meta"]["width"]))
+                         for pos in batch["ok"]] if on_device else None
+                pred = task.run_model(predictor, batch["images"], sizes)
             for pos, item in enumerate(batch["items"]):
                 file = files[item["index"]]
                 if item["error"] is not None:  # queued behind earlier cases: rows come in input order
                     failed: Future[dict[str, Any]] = Future()
                     failed.set_result(task.failed(file, item["error"]))
-                    pending.append(failed)
+                    pending.append((file, failed, None))
                     continue
-                pending.append(pool.submit(_finish_safely, task, file, item, pred, batch["ok"].index(pos)))
-            while pending and (pending[0].done() or len(pending) > 2 * batch_size):
-                yield pending.popleft().result()
+                pending.append(finisher.submit(file, item, pred.case(batch["ok"].index(pos))))  # type: ignore[union-attr]
+            while pending and (pending[0][1].done() or len(pending) > window):
+                yield finisher.result(*pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield finisher.result(*pending.popleft())
+    finally:
+        finisher.shutdown()
+
+
+def default_finishers(device: torch.device, decoders: int) -> int:
+    """Processes that finish cases beside a device: the cores the decoders leave (at least 1); 0 on a CPU."""
+    return 0 if device.type == "cpu" else max(1, usable_cores() - decoders)
+
+
+class _Finisher:
+    """Finish cases in a thread (``processes=0``) or in a pool of processes that die with this one."""
+
+    def __init__(self, task: CaseTask, processes: int) -> None:
+        self.task, self.processes = task, processes
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
+        if not self.processes:
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcli-finish")
+        # spawn: this process holds a CUDA context and the DataLoader's threads, which a fork would copy
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_finisher, initargs=(os.getpid(), self.task))
+
+    def submit(self, file: InputFile, item: dict[str, Any], one: BatchPrediction,
+               ) -> tuple[InputFile, Future[dict[str, Any]], Any]:
+        work = (file, item, one)
+        if not self.processes:
+            return file, self.pool.submit(_finish_safely, self.task, file, item, one, 0), work
+        blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)  # plain bytes: no shared-memory handles
+        try:
+            return file, self.pool.submit(_finish_blob, blob), work
+        except BrokenProcessPool:
+            self._restart()
+            return file, self.pool.submit(_finish_blob, blob), work
+
+    def result(self, file: InputFile, fut: Future[dict[str, Any]], work: Any) -> dict[str, Any]:
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            logger.warning("%s: a finishing process died; finishing this case here", file.path)
+            self._restart()
+            return _finish_safely(self.task, *work, 0)
+
+    def _restart(self) -> None:
+        if getattr(self.pool, "_broken", False):
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_FINISHER: dict[str, Any] = {}
+
+
+def _init_finisher(parent: int, task: CaseTask) -> None:
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+    _FINISHER["task"] = task
+
+
+def _finish_blob(blob: bytes) -> dict[str, Any]:
+    file, item, one = pickle.loads(blob)
+    return _finish_safely(_FINISHER["task"], file, item, one, 0)
 
 
 _WORKER: dict[str, Any] = {}

@@ -94,8 +94,9 @@ class ExplainCase:
     def partial(self, case_id: str) -> Path:
         return self.folder / ".partial" / f"{case_id}.npz"
 
-    def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
-        return predictor.explain(images)
+    def run_model(self, predictor: Predictor, images: torch.Tensor,
+                  native_sizes: Sequence[tuple[int, int]] | None = None) -> BatchPrediction:
+        return predictor.explain(images)  # its maps stay on the model grid: native sizes are not needed
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
         return batch.new_row(EXPLAIN_COLUMNS, file, status="error", error=reason)

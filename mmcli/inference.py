@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mmcli.config import PreprocessConfig
+from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.ood import OODStats
 from mmcli.runtime import Precision, apply_precision_policy, autocast, resolve_device, resolve_precision
@@ -44,6 +46,9 @@ class BatchPrediction:
         ood_distance: ``(B,)`` distance of each image's features from the training images'
             (see :mod:`mmcli.ood`), or ``None`` when the weights carry no statistics.
         ood_threshold: the distance above which an image is out of distribution.
+        native_masks: per image, its mask at native size as packed bits (``np.packbits`` of
+            the row-major ``(H, W)`` mask), made on the device by :meth:`Predictor.predict`
+            when it was given the native sizes; read one with :meth:`native_mask`.
     """
 
     probabilities: torch.Tensor | None
@@ -52,6 +57,34 @@ class BatchPrediction:
     gradcam: torch.Tensor | None = None
     ood_distance: torch.Tensor | None = None
     ood_threshold: float | None = None
+    native_masks: list[tuple[np.ndarray, int, int]] | None = None
+
+    def native_mask(self, k: int) -> np.ndarray | None:
+        """Image ``k``'s ``(H, W)`` bool mask at native size, if the device made it (else None)."""
+        if self.native_masks is None:
+            return None
+        bits, height, width = self.native_masks[k]
+        return np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
+
+    def case(self, k: int) -> BatchPrediction:
+        """The outputs of image ``k`` alone, as a batch of one (small enough to send to another process)."""
+        def one(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[k : k + 1].clone()
+
+        return BatchPrediction(one(self.probabilities), one(self.mask_logits), one(self.saliency), one(self.gradcam),
+                               one(self.ood_distance), self.ood_threshold,
+                               None if self.native_masks is None else [self.native_masks[k]])
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def _packed_native(mask_logits: torch.Tensor, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """``mask_to_native`` on the logits' device, packed there into bits (``np.packbits`` order), then copied."""
+    flat = mask_to_native(mask_logits, height, width).flatten()
+    flat = F.pad(flat.to(torch.uint8), (0, -flat.numel() % 8)).view(-1, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat * weights).sum(dim=1, dtype=torch.uint8).cpu().numpy(), height, width
 
 
 class Predictor:
@@ -94,18 +127,27 @@ class Predictor:
             return None
         return torch.softmax(cls_logits.detach().float() / self.temperature, dim=1).cpu()
 
-    def predict(self, images: torch.Tensor) -> BatchPrediction:
+    def predict(self, images: torch.Tensor, native_sizes: Sequence[tuple[int, int]] | None = None,
+                ) -> BatchPrediction:
         """Predict a batch.
 
         Args:
             images: ``(B, 1, S, S)`` preprocessed images (see :func:`mmcli.data.transforms.preprocess`).
+            native_sizes: ``(height, width)`` of each image: the masks are then also brought back
+                to native size here, on the device (:func:`mmcli.data.transforms.mask_to_native`),
+                and copied back as packed bits (``native_masks``): 32 times less to copy than
+                float logits at native size, and no upsampling left for the CPU.
         """
         x = images.to(self.device, non_blocking=True)
         with self._bottleneck(self.ood is not None) as captured, torch.no_grad(), autocast(self.device, self.precision):
             out = self.model(x)
+        native = None
+        if native_sizes is not None and out.seg_logits is not None:
+            native = [_packed_native(out.seg_logits[k].float(), h, w) for k, (h, w) in enumerate(native_sizes)]
         masks = out.seg_logits.float().cpu() if out.seg_logits is not None else None
         sal = out.saliency.float().cpu() if out.saliency is not None else None
-        return BatchPrediction(self._probabilities(out.cls_logits), masks, sal, **self._ood(captured))
+        return BatchPrediction(self._probabilities(out.cls_logits), masks, sal, **self._ood(captured),
+                               native_masks=native)
 
     @contextlib.contextmanager
     def _bottleneck(self, enabled: bool = True) -> Iterator[list[torch.Tensor]]:

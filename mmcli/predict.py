@@ -95,8 +95,9 @@ class PredictCase:
     keep_pixels: bool = False
     dicom: DicomOutputs | None = None
 
-    def run_model(self, predictor: Predictor, images: torch.Tensor) -> BatchPrediction:
-        return predictor.predict(images)
+    def run_model(self, predictor: Predictor, images: torch.Tensor,
+                  native_sizes: Sequence[tuple[int, int]] | None = None) -> BatchPrediction:
+        return predictor.predict(images, native_sizes)
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
         return new_row(REPORT_COLUMNS, file, status="error", error=reason)
@@ -112,7 +113,10 @@ class PredictCase:
             row["label"] = label_for(prob, self.threshold, self.class_names)
         mask = None
         if pred.mask_logits is not None:
-            mask = lung_mask(mask_to_native(pred.mask_logits[k], height, width).numpy(), self.raw_masks)
+            native = pred.native_mask(k)
+            if native is None:
+                native = mask_to_native(pred.mask_logits[k], height, width).numpy()
+            mask = lung_mask(native, self.raw_masks)
             lung_pixels = int(mask.sum())
             row["lung_fraction"] = round(lung_pixels / mask.size, 6)
             spacing = meta.get("pixel_spacing")

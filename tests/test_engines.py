@@ -147,3 +147,64 @@ def test_the_command_line_starts_without_torch():
     code = "import sys, mmcli.cli; print(sorted(m for m in ('torch', 'numpy', 'PIL', 'pydicom') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 53), (1, 1)])
+def test_native_masks_from_the_device_equal_the_cpu_upsampling(tiny_weights, size):
+    from mmcli.data.transforms import mask_to_native
+
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    pred = predictor.predict(x, [size, (size[1], size[0])])
+    for k, (h, w) in enumerate([size, (size[1], size[0])]):
+        want = mask_to_native(pred.mask_logits[k], h, w).numpy()
+        got = pred.native_mask(k)
+        assert got.shape == (h, w) and (got == want).all()
+        one = pred.case(k)
+        assert (one.native_mask(0) == want).all() and torch.equal(one.probabilities[0], pred.probabilities[k])
+
+
+def _loader_rows(tmp_path, folder, tiny_weights, name, **kwargs):
+    from mmcli.io.discover import discover_inputs
+
+    files = [f for f in discover_inputs([folder]) if f.case_id != "crash"]
+    files.insert(2, type(files[0])(path=tmp_path / "missing.png", case_id="missing"))
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    task = PredictCase(0.5, tmp_path / name, tmp_path, ("normal", "pneumonia"))
+    rows = list(engines.iter_rows_loader(predictor, files, task, batch_size=2, workers=0, **kwargs))
+    assert [r["case_id"] for r in rows] == [f.case_id for f in files]  # input order kept
+    return rows
+
+
+def test_finishing_processes_and_device_masks_give_the_same_rows_and_files(tmp_path, folder, tiny_weights, caplog):
+    # the GPU path (masks at native size from the device, cases finished in processes), run on the CPU
+    plain = _loader_rows(tmp_path, folder, tiny_weights, "thread")
+    pooled = _loader_rows(tmp_path, folder, tiny_weights, "pool", finishers=2, native_masks=True)
+    assert "finishing process died" not in caplog.text  # the processes did the work
+    for a, b in zip(plain, pooled, strict=True):
+        assert {k: v for k, v in a.items() if k != "mask"} == {k: v for k, v in b.items() if k != "mask"}
+        if a["status"] == "ok":
+            assert (tmp_path / a["mask"]).read_bytes() == (tmp_path / b["mask"]).read_bytes()
+    assert [r["status"] for r in pooled].count("error") == 1
+
+
+class _DiesInChild(PredictCase):
+    """Finishing img1 takes its process down, unless it runs in the test's own process."""
+
+    def finish(self, file, item, pred, k):
+        if file.case_id == "img1" and os.getpid() != int(os.environ["MMCLI_TEST_PARENT"]):
+            os._exit(3)
+        return super().finish(file, item, pred, k)
+
+
+def test_a_dying_finisher_costs_nothing(tmp_path, folder, tiny_weights, monkeypatch, caplog):
+    from mmcli.io.discover import discover_inputs
+
+    monkeypatch.setenv("MMCLI_TEST_PARENT", str(os.getpid()))
+    files = [f for f in discover_inputs([folder]) if f.case_id != "crash"]
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    task = _DiesInChild(0.5, tmp_path / "masks", tmp_path, ("normal", "pneumonia"))
+    rows = list(engines.iter_rows_loader(predictor, files, task, batch_size=2, workers=0, finishers=2))
+    assert [r["case_id"] for r in rows] == [f.case_id for f in files]
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    assert "img1.png: a finishing process died; finishing this case here" in caplog.text
