@@ -16,6 +16,10 @@ the same run and alternating ``--repeats`` times:
   process per core running whole cases on one thread each, one encoder pass for the
   bridge, mmcli's model kernels).
 
+* ceiling: no model at all: read, preprocess, bring a constant mask back to native size
+  and write it, in one process per core. What the CPU side alone allows: no predict can
+  be faster, whatever the device (the goal on a GPU is 80 % of it).
+
 ``--ablation`` adds the naive loop on mmcli's model code and mmcli with ``--workers 0``.
 Both produce the same outputs (a mask PNG per image and a CSV). Reports images/second
 for each and the ratio of medians; ``--json`` writes the figures.
@@ -176,6 +180,29 @@ def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int | None, wo
     return summary.ok
 
 
+def _ceiling_case(path: str, out: str, pre: PreprocessConfig) -> None:
+    rad = read_radiograph(Path(path))
+    preprocess(rad.pixels, pre)
+    logits = torch.full((1, pre.image_size, pre.image_size), -1.0)
+    logits[:, pre.image_size // 4 : -pre.image_size // 4, pre.image_size // 8 : -pre.image_size // 8] = 1.0
+    write_mask_png(Path(out), mask_to_native(logits, rad.height, rad.width).numpy())
+
+
+def ceiling_loop(inputs: Path, out: Path) -> int:
+    """The CPU side alone: read, preprocess, constant mask to native size and PNG, one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmcli.runtime import usable_cores
+
+    files = discover_inputs([inputs])
+    masks = out.parent / "ceiling_masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(usable_cores(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(_ceiling_case, [str(f.path) for f in files], [str(masks / f"{f.case_id}.png") for f in files],
+                      [PreprocessConfig()] * len(files), chunksize=2))
+    return len(files)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -196,6 +223,7 @@ def main() -> None:
     runs = {
         "naive": lambda out: naive_loop(inputs, weights, out, device=args.device),
         "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers, args.device),
+        "ceiling": lambda out: ceiling_loop(inputs, out),
     }
     if args.ablation:
         runs["naive+model"] = lambda out: naive_loop(inputs, weights, out, research_model_=False, device=args.device)
@@ -217,12 +245,14 @@ def main() -> None:
         "images": args.n, "size": args.size, "repeats": args.repeats,
         "batch_size": args.batch_size, "workers": args.workers,
         "naive_images_per_s": round(args.n / naive, 3), "mmcli_images_per_s": round(args.n / fast, 3),
-        "speedup": round(naive / fast, 2), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "speedup": round(naive / fast, 2), "share_of_ceiling": round(medians["ceiling"] / fast, 3),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "device": args.device, "times_s": times,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
     print(f"naive {result['naive_images_per_s']} images/s, mmcli {result['mmcli_images_per_s']} images/s, "
-          f"speedup x{result['speedup']} (medians of {args.repeats})")
+          f"speedup x{result['speedup']}, {100 * result['share_of_ceiling']:.0f} % of the decode-only ceiling "
+          f"({result['images_per_s']['ceiling']} images/s) (medians of {args.repeats})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -138,7 +138,8 @@ class MultiMix(nn.Module):
             cls_logits = self.classify(features.bottleneck) if self.cls_head else None
             seg_logits = self.decode(features) if self.seg_head else None
             return MultiMixOutput(cls_logits, seg_logits, None)
-        _require_autograd()
+        if not torch.compiler.is_compiling():  # under torch.compile the caller's input decides (see _saliency_leaf)
+            _require_autograd()
         keep_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             x_in = _saliency_leaf(x)
@@ -244,7 +245,12 @@ def _require_autograd() -> None:
 
 def _saliency_leaf(x: Tensor) -> Tensor:
     """The tensor the saliency is taken against: x itself if it already requires grad,
-    else a detached copy that does (weights still get gradients from the losses)."""
+    else a detached copy that does (weights still get gradients from the losses).
+
+    A compiled model is best given an input that already requires grad
+    (``x.detach().requires_grad_()``): ``torch.compile`` then traces the bridge, saliency
+    gradient included, without a graph break.
+    """
     if x.requires_grad:
         return x
     leaf = x.detach()

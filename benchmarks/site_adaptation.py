@@ -1,0 +1,161 @@
+"""Site adaptation: start from v1 and adapt to NIH films with 0, 10, 25 or all of their labels.
+
+Each row is one ``mmcli train --init multimix-cxr-v1`` run on the training parts of
+``benchmarks/adult_split.py`` (JSRT masks and Kermany labels, as v1 had) plus the NIH
+training films: ``N`` of them with their labels (stratified by class, seed 0) and the
+rest with none (``--unlabelled-data``), all folders drawn at equal rates
+(``--balance-sources``). Row ``v1`` is the starting point, not trained. Every row is
+evaluated by ``mmcli evaluate`` on the held-out NIH, Kermany, JSRT and COVID-19 patients.
+
+    python benchmarks/site_adaptation.py --data runs/v2/data --out runs/adapt
+
+A row whose ``result.json`` exists is not run again, and an interrupted training resumes
+(``--resume``): rerun the same command to finish the table. ``table.md`` and
+``table.json`` hold the results (NIH ROC AUC and accuracy against always-normal, and the
+in-domain figures, each with its 95 % bootstrap interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli.io.writers import write_json
+
+ROWS = ("v1", "nih-0", "nih-10", "nih-25", "nih-all")
+TEST_SETS = ("cls-cross-test", "cls-in-test", "seg-in-test", "seg-cross-test")
+
+
+def _labels(path: Path) -> dict[str, str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {r["file"]: r["label"] for r in csv.DictReader(f)}
+
+
+def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[Path | None, Path | None]:
+    """Folders of NIH training films with ``n`` labels (None: all) and of the rest without labels.
+
+    The ``n`` labelled films are drawn stratified by class (at least one of each class when
+    ``n`` >= 2). Either folder is None when it would be empty.
+    """
+    labels = _labels(train / "labels.csv")
+    if n is None:
+        return train, None
+    rng = np.random.default_rng(seed)
+    by_class = {c: sorted(f for f, v in labels.items() if v == c) for c in sorted(set(labels.values()))}
+    share = {c: len(v) / len(labels) for c, v in by_class.items()}
+    take = {c: (max(1, round(n * share[c])) if n >= 2 else round(n * share[c])) for c in by_class}
+    biggest = max(by_class, key=lambda c: len(by_class[c]))
+    take[biggest] = n - sum(v for c, v in take.items() if c != biggest)
+    picked = sorted(f for c, files in by_class.items() for f in rng.permutation(files)[: take[c]].tolist())
+    rest = sorted(set(labels) - set(picked))
+    lab, free = out / f"nih-{n}-labelled", out / f"nih-{n}-unlabelled"
+    for folder, files in ((lab, picked), (free, rest)):
+        if not files or folder.is_dir():
+            continue
+        folder.mkdir(parents=True)
+        for f in files:
+            (folder / f).symlink_to((train / f).resolve())
+    if picked:
+        with open(lab / "labels.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "label", "patient"])
+            w.writerows([name, labels[name], str(int(name.split("_", 1)[0]))] for name in picked)
+    return (lab if picked else None), (free if rest else None)
+
+
+def _mmcli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
+
+
+def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    row_dir = out / name
+    weights = "multimix-cxr-v1"
+    settings: dict[str, Any] = {}
+    if name != "v1":
+        budget = name.split("-", 1)[1]
+        n = None if budget == "all" else int(budget)
+        labelled, unlabelled = nih_folders(data / "cls-cross-train", out / "data", n)
+        train = ["train", "--init", "multimix-cxr-v1", "--seg-data", str(data / "seg-in-train"),
+                 "--cls-data", str(data / "cls-in-train"), "--balance-sources", "--out", str(row_dir / "train"),
+                 "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+                 "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-step", str(args.epochs - 1),
+                 "--patience", "0", "--seed", str(args.seed), "--site-aug", args.site_aug, "-q"]
+        train += ["--cls-data", str(labelled)] if labelled else []
+        train += ["--unlabelled-data", str(unlabelled)] if unlabelled else []
+        if (row_dir / "train" / "state.pt").is_file():
+            train.append("--resume")
+        if not (row_dir / "train" / "best.safetensors").is_file() or "--resume" in train:
+            _mmcli(*train)
+        weights = str(row_dir / "train" / "best.safetensors")
+        settings = {"nih_labels": n, "train": json.loads((row_dir / "train" / "run.json").read_text())}
+    _mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
+           "--overwrite", "--no-plots", "-q")
+    summary = json.loads((row_dir / "eval" / "summary.json").read_text())
+    result = {"row": name, "weights": weights, **settings, "datasets": summary["datasets"]}
+    write_json(row_dir / "result.json", result)
+    return result
+
+
+def _cell(d: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
+    m = d["datasets"].get(dataset, {}).get(task, {}).get("metrics", {}).get(key)
+    if m is None or m.get(field) is None:
+        return "-"
+    if field == "baseline":
+        return f"{m[field]:.3f}"
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    return f"{m[field]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    write_json(out / "table.json", {**meta, "rows": results})
+    lines = ["| row | NIH labels | NIH ROC AUC | NIH accuracy | always normal | Kermany accuracy | Kermany ROC AUC "
+             "| JSRT Dice | COVID-19 Dice |", "|" + "---|" * 9]
+    for r in results:
+        n = "-" if r["row"] == "v1" else ("all" if r.get("nih_labels") is None else str(r["nih_labels"]))
+        lines.append(" | ".join([
+            f"| {r['row']}", n, _cell(r, "cls-cross-test", "classification", "roc_auc"),
+            _cell(r, "cls-cross-test", "classification", "accuracy"),
+            _cell(r, "cls-cross-test", "classification", "accuracy", "baseline"),
+            _cell(r, "cls-in-test", "classification", "accuracy"),
+            _cell(r, "cls-in-test", "classification", "roc_auc"),
+            _cell(r, "seg-in-test", "segmentation", "dice"), _cell(r, "seg-cross-test", "segmentation", "dice"),
+        ]) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/adult_split.py")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--site-aug", default="none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.data.resolve()
+    for name in args.rows:
+        if not args.report_only and not (args.out / name / "result.json").is_file():
+            run_row(name, data, args.out.resolve(), args)
+    results = [json.loads(f.read_text()) for r in ROWS if (f := args.out / r / "result.json").is_file()]
+    meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "site_aug", "seed")}
+    meta["threads"] = os.environ.get("OMP_NUM_THREADS")
+    write_table(args.out, results, meta)
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
