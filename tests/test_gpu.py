@@ -55,3 +55,50 @@ def test_predict_cli_on_gpu(tmp_path, tiny_weights):
     assert list(a["case_id"]) == list(b["case_id"])
     np.testing.assert_allclose(a["p_pneumonia"], b["p_pneumonia"], atol=1e-4)  # fp32: no TF32
     np.testing.assert_allclose(a["lung_fraction"], b["lung_fraction"], atol=0.01)
+
+
+def test_bf16_on_the_gpu_keeps_the_tolerances_of_fp32(tmp_path):
+    # --precision auto is bf16 on CUDA: probabilities within 2e-3 and masks within 0.1 % of the
+    # pixels of float32, with the default weights on the shipped example films.
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mmcli.io.writers import read_mask_png
+    from mmcli.predict import PredictConfig, run_predict
+
+    scans = Path(__file__).parents[1] / "examples" / "scans"
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / f"{precision}.csv", device="cuda",
+                            precision=precision, qa="off", raw_masks=True)
+        assert run_predict(cfg).ok == 5
+        rows[precision] = pd.read_csv(tmp_path / f"{precision}.csv").set_index("case_id")
+    a, b = rows["fp32"], rows["bf16"]
+    np.testing.assert_allclose(a["p_pneumonia"], b.loc[a.index, "p_pneumonia"], atol=2e-3)
+    for case in a.index:
+        ma, mb = (read_mask_png(tmp_path / rows[p].loc[case, "mask"]) for p in ("fp32", "bf16"))
+        assert (ma != mb).mean() < 1e-3, case
+
+
+def test_gpu_pipeline_matches_the_cpu_engine(tmp_path, tiny_weights):
+    # masks at native size from the device, cases finished in processes: the same rows and masks
+    import pandas as pd
+
+    from mmcli.io.writers import read_mask_png
+    from mmcli.predict import PredictConfig, run_predict
+
+    for i in range(6):
+        save_png8(tmp_path / "scans" / f"s{i}.png", 300 + 7 * i, 260, seed=i)
+    frames = {}
+    for device in ("cpu", "cuda"):
+        cfg = PredictConfig(inputs=(str(tmp_path / "scans"),), out=tmp_path / device / "r.csv",
+                            weights=str(tiny_weights), device=device, precision="fp32", workers=2)
+        assert run_predict(cfg).ok == 6
+        frames[device] = pd.read_csv(tmp_path / device / "r.csv").set_index("case_id")
+    a, b = frames["cpu"], frames["cuda"]
+    np.testing.assert_allclose(a["p_pneumonia"], b.loc[a.index, "p_pneumonia"], atol=1e-4)
+    for case in a.index:
+        ma = read_mask_png(tmp_path / "cpu" / a.loc[case, "mask"])
+        mb = read_mask_png(tmp_path / "cuda" / b.loc[case, "mask"])
+        assert ma.shape == mb.shape and (ma != mb).mean() < 1e-3, case
