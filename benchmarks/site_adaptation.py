@@ -114,8 +114,52 @@ def _cell(d: dict[str, Any], dataset: str, task: str, key: str, field: str = "va
     return f"{m[field]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
+def _metric(r: dict[str, Any], dataset: str, task: str, key: str) -> dict[str, Any] | None:
+    return r["datasets"].get(dataset, {}).get(task, {}).get("metrics", {}).get(key)
+
+
+def _nih_given(r: dict[str, Any]) -> int:
+    """NIH films given with their label (validation ones included)."""
+    if r.get("nih_labels") is not None:
+        return int(r["nih_labels"])
+    with open(Path(r["weights"]).parent / "splits.csv", newline="", encoding="utf-8") as f:
+        return sum(1 for row in csv.DictReader(f) if "cls-cross" in row["source"] and row["label"])
+
+
+def write_curve(path: Path, results: list[dict[str, Any]]) -> None:
+    """NIH and Kermany ROC AUC (95 % intervals) against the number of NIH labels; v1 as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = [r for r in results if r["row"] != "v1"]
+    xs = [_nih_given(r) for r in rows]
+    for dataset, name, colour in (("cls-cross-test", "NIH (adult), held out", "tab:red"),
+                                  ("cls-in-test", "Kermany (children), held out", "tab:blue")):
+        ms = [_metric(r, dataset, "classification", "roc_auc") for r in rows]
+        pts = [(x, m) for x, m in zip(xs, ms, strict=True) if m is not None]
+        if pts:
+            ax.errorbar([x for x, _ in pts], [m["value"] for _, m in pts],
+                        yerr=[[m["value"] - m["ci_low"] for _, m in pts], [m["ci_high"] - m["value"] for _, m in pts]],
+                        marker="o", capsize=3, color=colour, label=name)
+        v1 = [r for r in results if r["row"] == "v1"]
+        if v1 and (m := _metric(v1[0], dataset, "classification", "roc_auc")) is not None:
+            ax.axhline(m["value"], color=colour, linestyle="--", linewidth=1, label=f"{name.split(',')[0]}: v1")
+    ax.axhline(0.75, color="grey", linestyle=":", linewidth=1, label="NIH target 0.75")
+    ax.set_xlabel("NIH training labels (the other NIH training films unlabelled)")
+    ax.set_ylabel("ROC AUC (95 % interval)")
+    ax.set_ylim(0.3, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     write_json(out / "table.json", {**meta, "rows": results})
+    if len(results) > 1:
+        write_curve(out / "curve.png", results)
     lines = ["| row | NIH labels | NIH ROC AUC | NIH accuracy | always normal | Kermany accuracy | Kermany ROC AUC "
              "| JSRT Dice | COVID-19 Dice |", "|" + "---|" * 9]
     for r in results:
