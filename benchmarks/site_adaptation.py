@@ -150,8 +150,8 @@ def write_curve(path: Path, results: list[dict[str, Any]]) -> None:
     ax.axhline(0.75, color="grey", linestyle=":", linewidth=1, label="NIH target 0.75")
     ax.set_xlabel("NIH training labels (the other NIH training films unlabelled)")
     ax.set_ylabel("ROC AUC (95 % interval)")
-    ax.set_ylim(0.3, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mmcli.ood import OODStats
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.weights import WEIGHTS_DIRS, file_sha256, load_weights, read_registry
 
@@ -42,3 +43,13 @@ def test_default_weights_on_the_examples(tmp_path, monkeypatch):
     assert min(p["pneumonia"]) > max(p["normal"])  # the labelled examples are ranked right
     for label in ("normal", "pneumonia"):  # and each class has an example labelled right
         assert any(rows[c]["label"] == label for c, lab in truth.items() if lab == label)
+
+
+@pytest.mark.parametrize("name", sorted(registry[1]["weights"]) if registry else [])
+def test_every_registered_weights_file_loads_by_name(name):
+    folder, reg = registry
+    entry = reg["weights"][name]
+    ckpt = load_weights(name)
+    assert ckpt.sha256 == entry["sha256"] == file_sha256(folder / entry["file"])
+    assert entry["temperature"] == pytest.approx(ckpt.temperature, abs=1e-6)
+    assert OODStats.from_checkpoint(ckpt.tensors, ckpt.extra) is not None  # quality control has its statistics
