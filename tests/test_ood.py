@@ -3,6 +3,7 @@ round trip, the Predictor's distances, and training storing them."""
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -88,3 +89,13 @@ def test_training_stores_the_statistics(tmp_path):
         assert stats is not None and math.isfinite(stats.threshold)
         assert ckpt.extra["ood"]["threshold_on"] == "validation split" and ckpt.extra["ood"]["n_fit"] >= 2
     assert summary.out == tmp_path / "run"
+    # The flag guards the pneumonia answer: fitted on the films whose labels the classifier learnt from.
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv")
+    meta = load_checkpoint(tmp_path / "run" / "best.safetensors").extra["ood"]
+    assert meta["n_fit"] == (splits["cls_role"] == "labelled").sum() < (splits["split"] == "train").sum()
+    assert meta["n_calibration"] == (splits["cls_role"] == "val").sum()
+    assert meta["fitted_on"] == "training split (labelled classification images)"
+    run_train(_cfg(folders, tmp_path / "unet", epochs=1, variant="unet"))  # no classifier: every image
+    meta = load_checkpoint(tmp_path / "unet" / "best.safetensors").extra["ood"]
+    splits = pd.read_csv(tmp_path / "unet" / "splits.csv")
+    assert meta["fitted_on"] == "training split (all images)" and meta["n_fit"] == (splits["split"] == "train").sum()

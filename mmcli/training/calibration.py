@@ -138,7 +138,7 @@ def table_features(model: torch.nn.Module, table: ImageTable, positions: list[in
 
 
 def store_ood_stats(path: Path, table: ImageTable, fit: list[int], validation: list[int], pre: PreprocessConfig,
-                    *, batch_size: int, device: torch.device) -> dict[str, float] | None:
+                    *, batch_size: int, device: torch.device, which: str = "all images") -> dict[str, float] | None:
     """Fit out-of-distribution statistics on the training images ``fit`` and their threshold on the
     ``validation`` images (never trained on), and store them in the checkpoint at ``path``.
 
@@ -151,6 +151,6 @@ def store_ood_stats(path: Path, table: ImageTable, fit: list[int], validation: l
     opts = {"batch_size": batch_size, "device": device}
     stats = fit_ood(table_features(model, table, fit, pre, **opts), table_features(model, table, validation, pre,
                                                                                    **opts))
-    meta = stats.attach(ckpt, fitted_on="training split", threshold_on="validation split")
+    meta = stats.attach(ckpt, fitted_on=f"training split ({which})", threshold_on="validation split")
     save_checkpoint(ckpt, path)
     return meta

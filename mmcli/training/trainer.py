@@ -294,15 +294,28 @@ class Trainer:
     def stopped_early(self) -> bool:
         return self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
 
+    def ood_split(self) -> tuple[list[int], list[int], str]:
+        """The images that fit the out-of-distribution statistics, those that set their threshold, and which.
+
+        With a classifier: its labelled training images and its validation images. The flag
+        guards the pneumonia answer, so "in distribution" means like the films whose labels
+        the classifier learnt from; unlabelled films (a new site's, adults next to children's
+        labels) look familiar to the network without making its answer any better there.
+        Without a classifier (or class labels): every training and validation image.
+        """
+        s = self.splits
+        if self.model.cls_head and len(s.cls_labelled) >= 2 and s.val_cls:
+            return sorted(s.cls_labelled), sorted(s.val_cls), "labelled classification images"
+        fit = sorted(set(s.seg_labelled) | set(s.seg_unlabelled) | set(s.cls_labelled) | set(s.cls_unlabelled))
+        return fit, sorted(set(s.val_seg) | set(s.val_cls)), "all images"
+
     def fit_ood(self) -> dict[str, float] | None:
-        """Store out-of-distribution statistics in last and best: training images fit them, the
-        validation images fix their threshold (see :mod:`mmcli.ood`). Returns best's, or None."""
+        """Store out-of-distribution statistics in last and best (see :meth:`ood_split` and
+        :mod:`mmcli.ood`). Returns best's, or None."""
         if not self.dist.is_main:
             return None
-        s = self.splits
-        fit = sorted(set(s.seg_labelled) | set(s.seg_unlabelled) | set(s.cls_labelled) | set(s.cls_unlabelled))
-        validation = sorted(set(s.val_seg) | set(s.val_cls))
-        opts = {"batch_size": self.cfg.batch_size, "device": self.device}
+        fit, validation, which = self.ood_split()
+        opts = {"batch_size": self.cfg.batch_size, "device": self.device, "which": which}
         store_ood_stats(self.out / "last.safetensors", self.table, fit, validation, self.pre, **opts)
         return store_ood_stats(self.out / "best.safetensors", self.table, fit, validation, self.pre, **opts)
 
