@@ -28,15 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.io.writers import write_json
+sys.path.insert(0, str(Path(__file__).parent))
+
+from adult_split import _nih_patient  # noqa: E402
+from paper_table import _cell as _format  # noqa: E402
+from paper_table import _metric, _read_csv  # noqa: E402
+
+from mmcli.io.writers import write_json  # noqa: E402
 
 ROWS = ("v1", "nih-0", "nih-10", "nih-25", "nih-all")
 TEST_SETS = ("cls-cross-test", "cls-in-test", "seg-in-test", "seg-cross-test")
-
-
-def _labels(path: Path) -> dict[str, str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return {r["file"]: r["label"] for r in csv.DictReader(f)}
 
 
 def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[Path | None, Path | None]:
@@ -45,7 +46,7 @@ def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[P
     The ``n`` labelled films are drawn stratified by class (at least one of each class when
     ``n`` >= 2). Either folder is None when it would be empty.
     """
-    labels = _labels(train / "labels.csv")
+    labels = {k: v["label"] for k, v in _read_csv(train / "labels.csv")[1].items()}
     if n is None:
         return train, None
     rng = np.random.default_rng(seed)
@@ -67,7 +68,7 @@ def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[P
         with open(lab / "labels.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "label", "patient"])
-            w.writerows([name, labels[name], str(int(name.split("_", 1)[0]))] for name in picked)
+            w.writerows([name, labels[name], _nih_patient(name)] for name in picked)
     return (lab if picked else None), (free if rest else None)
 
 
@@ -104,18 +105,8 @@ def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[
     return result
 
 
-def _cell(d: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
-    m = d["datasets"].get(dataset, {}).get(task, {}).get("metrics", {}).get(key)
-    if m is None or m.get(field) is None:
-        return "-"
-    if field == "baseline":
-        return f"{m[field]:.3f}"
-    lo, hi = m.get("ci_low"), m.get("ci_high")
-    return f"{m[field]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
-
-
-def _metric(r: dict[str, Any], dataset: str, task: str, key: str) -> dict[str, Any] | None:
-    return r["datasets"].get(dataset, {}).get(task, {}).get("metrics", {}).get(key)
+def _cell(r: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
+    return _format(_metric(r, dataset, task, key), field)
 
 
 def _nih_given(r: dict[str, Any]) -> int:

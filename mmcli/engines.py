@@ -118,8 +118,8 @@ def iter_rows_loader(
     costs nothing: the pool is restarted and that case is finished in this process.
     ``native_masks`` (default: off the CPU) says whether masks come back at native size.
     """
-    on_device = predictor.device.type != "cpu" if native_masks is None else native_masks
-    n_finish = (default_finishers(predictor.device, workers) if finishers is None else finishers)
+    native = predictor.device.type != "cpu" if native_masks is None else native_masks
+    n_finish = default_finishers(predictor.device, workers) if finishers is None else finishers
     loader = DataLoader(
         RadiographDataset(files, predictor.preprocess, **_read_options(task)),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
@@ -134,7 +134,7 @@ def iter_rows_loader(
             pred = None
             if batch["images"] is not None:
                 sizes = [(int(batch["items"][pos]["meta"]["height"]), int(batch["items"][pos]["meta"]["width"]))
-                         for pos in batch["ok"]] if on_device else None
+                         for pos in batch["ok"]] if native else None
                 pred = task.run_model(predictor, batch["images"], sizes)
             for pos, item in enumerate(batch["items"]):
                 file = files[item["index"]]
@@ -143,7 +143,7 @@ def iter_rows_loader(
                     failed.set_result(task.failed(file, item["error"]))
                     pending.append((file, failed, None))
                     continue
-                pending.append(finisher.submit(file, item, pred.case(batch["ok"].index(pos))))  # type: ignore[union-attr]
+                pending.append(finisher.submit(file, item, pred, batch["ok"].index(pos)))  # type: ignore[arg-type]
             while pending and (pending[0][1].done() or len(pending) > window):
                 yield finisher.result(*pending.popleft())
         while pending:
@@ -171,11 +171,12 @@ class _Finisher:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_finisher, initargs=(os.getpid(), self.task))
 
-    def submit(self, file: InputFile, item: dict[str, Any], one: BatchPrediction,
+    def submit(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
                ) -> tuple[InputFile, Future[dict[str, Any]], Any]:
-        work = (file, item, one)
+        """Finish output ``k`` of ``pred``: a process gets that case's outputs alone (:meth:`BatchPrediction.case`)."""
         if not self.processes:
-            return file, self.pool.submit(_finish_safely, self.task, file, item, one, 0), work
+            return file, self.pool.submit(_finish_safely, self.task, file, item, pred, k), (file, item, pred, k)
+        work = (file, item, pred.case(k), 0)
         blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)  # plain bytes: no shared-memory handles
         try:
             return file, self.pool.submit(_finish_blob, blob), work
@@ -189,7 +190,7 @@ class _Finisher:
         except BrokenProcessPool:
             logger.warning("%s: a finishing process died; finishing this case here", file.path)
             self._restart()
-            return _finish_safely(self.task, *work, 0)
+            return _finish_safely(self.task, *work)
 
     def _restart(self) -> None:
         if getattr(self.pool, "_broken", False):
@@ -210,8 +211,7 @@ def _init_finisher(parent: int, task: CaseTask) -> None:
 
 
 def _finish_blob(blob: bytes) -> dict[str, Any]:
-    file, item, one = pickle.loads(blob)
-    return _finish_safely(_FINISHER["task"], file, item, one, 0)
+    return _finish_safely(_FINISHER["task"], *pickle.loads(blob))
 
 
 _WORKER: dict[str, Any] = {}

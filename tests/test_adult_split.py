@@ -1,27 +1,20 @@
 """benchmarks/adult_split.py: the held-out split of every shared set (weights v2, site adaptation)."""
 
 import csv
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import radiograph_like
+from conftest import load_benchmark, radiograph_like
 from PIL import Image
 
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "benchmarks" / "adult_split.py"
 
 
 @pytest.fixture(scope="module")
 def adult_split():
-    spec = importlib.util.spec_from_file_location("adult_split", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["adult_split"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("adult_split")
 
 
 def _rows(path):

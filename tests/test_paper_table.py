@@ -1,27 +1,18 @@
 """benchmarks/paper_table.py: the patient-disjoint held-out split and a tiny end-to-end table."""
 
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import radiograph_like
+from conftest import load_benchmark, radiograph_like
 from PIL import Image
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "paper_table.py"
 
 
 @pytest.fixture(scope="module")
 def paper_table():
-    spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_table"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper_table")
 
 
 def _save(path, seed, mask=False):

@@ -32,8 +32,7 @@ from torch import Tensor
 
 from mmcli.training.config import SITE_OPS
 
-__all__ = ["STRONG_OPS", "site_augment", "strong_augment",
-           "weak_augment"]
+__all__ = ["STRONG_OPS", "site_augment", "strong_augment", "weak_augment"]
 
 _SHARPEN = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
 
@@ -251,7 +250,6 @@ def _edge_enhance(x: Tensor, v: float) -> Tensor:
     return x + v * (x - smooth)
 
 
-
 _SITE_PHOTO: dict[str, Callable[[Tensor, float], Tensor]] = {"gamma": _gamma, "edges": _edge_enhance,
                                                                "blur": _blur}
 
@@ -278,7 +276,7 @@ def site_augment(
     b = images.shape[0]
     names = [n for n in SITE_OPS if n in ops]
     # One draw per image and op, used or not, so each op's randomness does not depend on the others.
-    hit = (_rand(gen, b, len(names), 2)).tolist()
+    hit = _rand(gen, b, len(names), 2).tolist()
     out_images, out_masks = [], []
     for i in range(b):
         x = images[i : i + 1]
