@@ -105,3 +105,15 @@ def test_help_names_every_value():
         assert placeholder not in res.output, placeholder
     assert "--pseudo-threshold" in res.output and "--threshold" not in res.output
     assert "base|tiny" in res.output and "DIR" in res.output
+
+
+def test_freeze_from_the_command_line(folders, tmp_path):
+    first = runner.invoke(app, _args(folders, tmp_path / "a", "--epochs", "1", "--no-calibrate", "-q"))
+    assert first.exit_code == 0, first.output
+    res = runner.invoke(app, _args(folders, tmp_path / "b", "--epochs", "1", "--no-calibrate", "-q", "--init",
+                                   str(tmp_path / "a" / "best.safetensors"), "--freeze", "encoder, classifier"))
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["config"]["freeze"] == ["encoder", "classifier"] and set(run["frozen"]) == {"encoder", "classifier"}
+    bad = runner.invoke(app, _args(folders, tmp_path / "c", "--epochs", "1", "--freeze", "encoder"))
+    assert bad.exit_code == 2 and "--freeze keeps weights of the starting checkpoint" in bad.output

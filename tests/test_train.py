@@ -271,6 +271,40 @@ def test_init_starts_from_a_checkpoint_and_records_it(folders, tmp_path):
         run_train(_cfg(folders, tmp_path / "c", epochs=1, variant="unet", init=str(first.out / "best.safetensors")))
 
 
+def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, tmp_path):
+    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
+    start = load_checkpoint(first.out / "best.safetensors").state_dict
+    run = run_train(_cfg(folders, tmp_path / "b", init=str(first.out / "best.safetensors"), lr=1e-2,
+                         freeze=("encoder", "classifier"), calibrate=False))
+    after = load_checkpoint(run.out / "last.safetensors").state_dict
+    frozen = [k for k in start if k.startswith(("encoder.", "classifier."))]
+    trained = [k for k in start if k.startswith(("decoder.", "seg_out."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(start)
+    for key in frozen:
+        assert torch.equal(after[key], start[key]), key
+    assert sum(not torch.equal(after[k], start[k]) for k in trained) == len(trained)
+    manifest = json.loads((run.out / "run.json").read_text())
+    model = create_model("multimix_tiny")
+    assert manifest["frozen"] == {"encoder": sum(p.numel() for p in model.encoder.parameters()),
+                                  "classifier": sum(p.numel() for p in model.classifier.parameters())}
+    assert manifest["config"]["freeze"] == ["encoder", "classifier"]
+
+
+def test_freeze_refuses_what_cannot_be_frozen(folders, tmp_path):
+    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
+    init = str(first.out / "best.safetensors")
+    with pytest.raises(UsageError, match="--init"):
+        _cfg(folders, tmp_path / "b", freeze=("encoder",))
+    with pytest.raises(UsageError, match="unknown bridge"):
+        _cfg(folders, tmp_path / "b", init=init, freeze=("bridge",))
+    with pytest.raises(UsageError, match="nothing of model"):
+        run_train(_cfg(folders, tmp_path / "c", init=init, freeze=("encoder", "classifier", "decoder")))
+    unet = run_train(_cfg(folders, tmp_path / "u", epochs=1, variant="unet", calibrate=False))
+    with pytest.raises(UsageError, match="has no classifier"):
+        run_train(_cfg(folders, tmp_path / "d", variant="unet", init=str(unet.out / "best.safetensors"),
+                       freeze=("classifier",)))
+
+
 def test_unlabelled_data_feeds_both_unlabelled_streams(folders, tmp_path):
     from conftest import save_png8
 

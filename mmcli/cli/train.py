@@ -166,6 +166,10 @@ def train(
         "--balance-sources/--no-balance-sources",
         help="Draw every stream from its source folders at equal rates, not in proportion to their "
              "sizes (the rates go into run.json).")] = False,
+    freeze: Annotated[str, typer.Option(
+        "--freeze", metavar="PARTS",
+        help="Keep these parts of the --init weights fixed, comma-separated: encoder, classifier, decoder "
+             "(encoder,classifier adapts the masks only and keeps the pneumonia answer as it was).")] = "",
     patience: Annotated[int | None, typer.Option(
         "--patience", min=0, metavar="N", help="Stop after N epochs without a better score; 0: never.")] = 10,
     calibrate: Annotated[bool, typer.Option(
@@ -193,6 +197,7 @@ def train(
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,
             threshold=_pseudo_threshold(ctx, pseudo_threshold, threshold), lambda_u=lambda_u, alpha=alpha,
             beta=beta, hflip=hflip, site_aug=_site_ops(site_aug), balance_sources=balance_sources,
+            freeze=tuple(dict.fromkeys(p.strip() for p in freeze.split(",") if p.strip())),
             patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,
             precision=precision, workers=workers, resume=resume,
         )

@@ -9,7 +9,9 @@ from typing import Any, Literal
 from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.errors import UsageError
 
-__all__ = ["SITE_OPS", "VARIANTS", "LossWeights", "SiteOp", "TrainConfig", "Variant", "site_augment_record"]
+__all__ = [
+    "FREEZABLE", "SITE_OPS", "VARIANTS", "LossWeights", "SiteOp", "TrainConfig", "Variant", "site_augment_record",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ def site_augment_record(ops: tuple[str, ...] | list[str]) -> dict[str, dict[str,
             for name, op in SITE_OPS.items() if name in ops}
 
 
+FREEZABLE = ("encoder", "classifier", "decoder")
+"""Parts of a model ``--freeze`` can keep fixed (the decoder includes the mask output layer)."""
+
 VARIANTS: dict[str, Variant] = {
     "unet": Variant("unet", seg=True, cls=False),
     "enc": Variant("enc", seg=False, cls=True),
@@ -96,6 +101,9 @@ class TrainConfig:
     ``tiny`` for tests and smoke runs. ``site_aug`` names the site-shift augmentations of
     :data:`mmcli.training.augment.SITE_OPS` used on the labelled streams and the strong view;
     ``balance_sources`` draws every stream from its source folders at equal rates.
+    ``freeze`` names parts of the model (:data:`FREEZABLE`) whose weights stay those of
+    ``init``: e.g. ``("encoder", "classifier")`` adapts the masks and keeps the pneumonia
+    answer of the starting weights exactly.
     """
 
     out: str
@@ -123,6 +131,7 @@ class TrainConfig:
     hflip: bool = False
     site_aug: tuple[str, ...] = ()
     balance_sources: bool = False
+    freeze: tuple[str, ...] = ()
     patience: int | None = 10
     calibrate: bool = True
     voi_lut: bool = False
@@ -152,6 +161,11 @@ class TrainConfig:
         unknown = [o for o in self.site_aug if o not in SITE_OPS]
         if unknown:
             raise UsageError(f"--site-aug: unknown {', '.join(unknown)}: use {', '.join(SITE_OPS)} or all")
+        unknown = [p for p in self.freeze if p not in FREEZABLE]
+        if unknown:
+            raise UsageError(f"--freeze: unknown {', '.join(unknown)}: use {', '.join(FREEZABLE)}")
+        if self.freeze and not self.init:
+            raise UsageError("--freeze keeps weights of the starting checkpoint: pass --init WEIGHTS too")
         if not 64 <= self.image_size <= 1024 or self.image_size % 16:
             raise UsageError(f"--image-size must be a multiple of 16 in 64..1024 (what a checkpoint may declare), "
                              f"got {self.image_size}")

@@ -103,8 +103,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(self.variant.model, **self.model_kwargs).to(self.device)
         self.init = self._init_from(cfg.init) if cfg.init else None  # a resume then loads its own state
+        self.frozen = self._freeze(cfg.freeze)
         broadcast_parameters(self.model, self.dist)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list[dict[str, Any]] = []
@@ -155,6 +156,26 @@ class Trainer:
                              f"{self.pre.image_size}")
         self.model.load_state_dict(ckpt.state_dict)
         return {"weights": str(weights), "file": str(ckpt.path), "sha256": ckpt.sha256}
+
+    def _freeze(self, parts: tuple[str, ...]) -> dict[str, int]:
+        """Keep the weights of ``parts`` fixed; the number of weights frozen per part.
+
+        Raises:
+            UsageError: the model has no such part, or nothing would be left to train.
+        """
+        modules = {"encoder": [self.model.encoder], "classifier": [self.model.classifier],
+                   "decoder": [self.model.decoder, self.model.seg_out]}
+        frozen = {}
+        for part in parts:
+            found = [m for m in modules[part] if m is not None]
+            if not found:
+                raise UsageError(f"--freeze {part}: model {self.variant.model!r} has no {part}")
+            frozen[part] = sum(p.numel() for m in found for p in m.parameters())
+            for m in found:
+                m.requires_grad_(False)
+        if parts and not any(p.requires_grad for p in self.model.parameters()):
+            raise UsageError(f"--freeze {','.join(parts)}: nothing of model {self.variant.model!r} is left to train")
+        return frozen
 
     def _sources(self, pool: list[int]) -> list[str]:
         return [self.samples[i].source for i in pool]
@@ -363,7 +384,8 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "model_name": trainer.variant.model, "model_kwargs": trainer.model_kwargs,
         "preprocess": trainer.pre.to_dict(), "class_names": list(trainer.class_names),
         "counts": trainer.counts(), "sampling": trainer.sampling(),
-        "site_augment": site_augment_record(cfg.site_aug), "unreadable": trainer.failures,
+        "site_augment": site_augment_record(cfg.site_aug), "frozen": trainer.frozen,
+        "unreadable": trainer.failures,
         "world_size": trainer.dist.world,
         "status": "running",
     }
