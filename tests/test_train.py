@@ -132,6 +132,42 @@ def test_validation_and_calibration_numbers_are_those_of_mmcli_metrics(tmp_path)
     assert after == pytest.approx(M.expected_calibration_error(torch.softmax(logits / t, 1).numpy(), y), abs=1e-12)
 
 
+def test_finish_computes_checkpoints_with_the_same_weights_once(tmp_path, monkeypatch):
+    from mmcli.training import calibration
+
+    torch.manual_seed(0)
+    model = create_model("multimix_tiny")
+    table, pre = _small_table(), PreprocessConfig(image_size=64)
+    paths = [tmp_path / "last.safetensors", tmp_path / "best.safetensors", tmp_path / "other.safetensors"]
+    for path in paths[:2]:
+        save_checkpoint(Checkpoint(model_name="multimix_tiny", model_kwargs=model.init_kwargs,
+                                   state_dict=model.state_dict(), preprocess=pre), path)
+    other = create_model("multimix_tiny")  # other random weights
+    save_checkpoint(Checkpoint(model_name="multimix_tiny", model_kwargs=other.init_kwargs,
+                               state_dict=other.state_dict(), preprocess=pre), paths[2])
+    calls = {"evaluate": 0, "fit_ood": 0}
+
+    def counted(name):
+        real = getattr(calibration, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(calibration, name, counted(name))
+    fit, val = list(range(6)), [6, 7]
+    done = calibration.finish_checkpoints(paths, table, pre, val_cls=val, ood=(fit, val, "a test"), batch_size=3,
+                                          device=torch.device("cpu"), min_cases=0, min_per_class=0)
+    assert calls == {"evaluate": 2, "fit_ood": 2}  # last and best share their weights
+    assert done[0] == done[1] and done[0]["ood"]["fitted_on"] == "training split (a test)"
+    last, best = (load_checkpoint(p) for p in paths[:2])
+    assert last.temperature == best.temperature == done[1]["calibration"][0]
+    assert last.extra["ood"] == best.extra["ood"] and torch.equal(last.tensors["ood.mean"], best.tensors["ood.mean"])
+    assert load_checkpoint(paths[2]).extra["ood"]["threshold"] != best.extra["ood"]["threshold"]
+
+
 def test_tiny_arch_is_the_registry_preset(folders, tmp_path):
     cfg = _cfg(folders, tmp_path / "t")
     assert cfg.model_overrides() == dict(ARCH_PRESETS["tiny"])

@@ -10,7 +10,9 @@ temperature lies in :data:`T_RANGE`. The checkpoint and run.json say which happe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +24,10 @@ from mmcli.data.transforms import normalize
 from mmcli.ood import bottleneck_features, fit_ood
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
-from mmcli.weights import load_checkpoint, save_checkpoint
+from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["MIN_CASES", "MIN_PER_CLASS", "T_RANGE", "calibrate_checkpoint", "choose_temperature", "fit_temperature",
-           "too_small"]
+__all__ = ["MIN_CASES", "MIN_PER_CLASS", "T_RANGE", "calibrate_checkpoint", "choose_temperature", "finish_checkpoints",
+           "fit_temperature", "too_small"]
 
 MIN_CASES = 30
 """Fewest validation images a temperature is fitted on."""
@@ -115,15 +117,62 @@ def calibrate_checkpoint(
     Returns:
         (temperature, ECE before, ECE after, why the temperature stayed 1 or None).
     """
-    ckpt = load_checkpoint(path)
-    model = ckpt.build_model().to(device)
-    _, logits, labels = evaluate(model, table, [], val_cls, pre, batch_size=batch_size, device=device,
-                                 precision=precision)
-    t, before, after, kept = choose_temperature(logits, labels, min_cases=min_cases, min_per_class=min_per_class)
-    ckpt.temperature = t
-    ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after, "calibration_kept": kept}
-    save_checkpoint(ckpt, path)
-    return t, before, after, kept
+    (done,) = finish_checkpoints([path], table, pre, val_cls=val_cls, batch_size=batch_size, device=device,
+                                 precision=precision, min_cases=min_cases, min_per_class=min_per_class)
+    return done["calibration"]
+
+
+def finish_checkpoints(
+    paths: Sequence[Path], table: ImageTable, pre: PreprocessConfig, *, val_cls: list[int] | None = None,
+    ood: tuple[list[int], list[int], str] | None = None, batch_size: int, device: torch.device,
+    precision: str = "fp32", min_cases: int = MIN_CASES, min_per_class: int = MIN_PER_CLASS,
+) -> list[dict[str, Any]]:
+    """Calibrate the checkpoints at ``paths`` on ``val_cls`` and store out-of-distribution statistics
+    in them (``ood``: the images that fit them, those that set the threshold, and which they are).
+
+    Each file is read and written once, and checkpoints with the same weights (best and last
+    when the best epoch is the last) are computed once. Either step is skipped when its
+    argument is None; the OOD statistics also when there are under 2 images to fit them or
+    no validation image.
+
+    Returns:
+        For each path, ``{"calibration": (temperature, ECE before, ECE after, why it stayed 1) | None,
+        "ood": the stored OOD metadata | None}``.
+    """
+    computed: list[tuple[Checkpoint, dict[str, Any]]] = []
+    results = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        result = next((r for other, r in computed if _same_weights(other, ckpt)), None)
+        if result is None:
+            model = ckpt.build_model().to(device)
+            result = {"calibration": None, "stats": None}
+            if val_cls is not None:
+                _, logits, labels = evaluate(model, table, [], val_cls, pre, batch_size=batch_size, device=device,
+                                             precision=precision)
+                result["calibration"] = choose_temperature(logits, labels, min_cases=min_cases,
+                                                           min_per_class=min_per_class)
+            if ood is not None and len(ood[0]) >= 2 and ood[1]:
+                opts = {"batch_size": batch_size, "device": device}
+                result["stats"] = fit_ood(table_features(model, table, ood[0], pre, **opts),
+                                          table_features(model, table, ood[1], pre, **opts))
+            computed.append((ckpt, result))
+        if result["calibration"] is not None:
+            t, before, after, kept = result["calibration"]
+            ckpt.temperature = t
+            ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after, "calibration_kept": kept}
+        meta = None
+        if result["stats"] is not None and ood is not None:
+            meta = result["stats"].attach(ckpt, fitted_on=f"training split ({ood[2]})", threshold_on="validation split")
+        save_checkpoint(ckpt, path)
+        results.append({"calibration": result["calibration"], "ood": meta})
+    return results
+
+
+def _same_weights(a: Checkpoint, b: Checkpoint) -> bool:
+    same_model = (a.model_name, a.model_kwargs, a.preprocess) == (b.model_name, b.model_kwargs, b.preprocess)
+    return same_model and a.state_dict.keys() == b.state_dict.keys() and all(
+        torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
 def table_features(model: torch.nn.Module, table: ImageTable, positions: list[int], pre: PreprocessConfig, *,
@@ -135,22 +184,3 @@ def table_features(model: torch.nn.Module, table: ImageTable, positions: list[in
         idx = torch.as_tensor(positions[start : start + batch_size])
         chunks.append(bottleneck_features(model, normalize(table.images[idx], pre).to(device)).cpu())
     return torch.cat(chunks)
-
-
-def store_ood_stats(path: Path, table: ImageTable, fit: list[int], validation: list[int], pre: PreprocessConfig,
-                    *, batch_size: int, device: torch.device, which: str = "all images") -> dict[str, float] | None:
-    """Fit out-of-distribution statistics on the training images ``fit`` and their threshold on the
-    ``validation`` images (never trained on), and store them in the checkpoint at ``path``.
-
-    Returns the stored metadata, or None when there are too few images (then nothing is stored).
-    """
-    if len(fit) < 2 or not validation:
-        return None
-    ckpt = load_checkpoint(path)
-    model = ckpt.build_model().to(device)
-    opts = {"batch_size": batch_size, "device": device}
-    stats = fit_ood(table_features(model, table, fit, pre, **opts), table_features(model, table, validation, pre,
-                                                                                   **opts))
-    meta = stats.attach(ckpt, fitted_on=f"training split ({which})", threshold_on="validation split")
-    save_checkpoint(ckpt, path)
-    return meta

@@ -33,7 +33,7 @@ from mmcli.errors import UsageError
 from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
-from mmcli.training.calibration import calibrate_checkpoint, store_ood_stats
+from mmcli.training.calibration import finish_checkpoints
 from mmcli.training.config import TrainConfig, site_augment_record
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
 from mmcli.training.distributed import (
@@ -330,29 +330,31 @@ class Trainer:
         fit = sorted(set(s.seg_labelled) | set(s.seg_unlabelled) | set(s.cls_labelled) | set(s.cls_unlabelled))
         return fit, sorted(set(s.val_seg) | set(s.val_cls)), "all images"
 
-    def fit_ood(self) -> dict[str, float] | None:
-        """Store out-of-distribution statistics in last and best (see :meth:`ood_split` and
-        :mod:`mmcli.ood`). Returns best's, or None."""
-        if not self.dist.is_main:
-            return None
-        fit, validation, which = self.ood_split()
-        opts = {"batch_size": self.cfg.batch_size, "device": self.device, "which": which}
-        store_ood_stats(self.out / "last.safetensors", self.table, fit, validation, self.pre, **opts)
-        return store_ood_stats(self.out / "best.safetensors", self.table, fit, validation, self.pre, **opts)
+    def finish(self) -> dict[str, Any]:
+        """Calibrate last and best and store their out-of-distribution statistics
+        (:func:`mmcli.training.calibration.finish_checkpoints`, :meth:`ood_split`).
 
-    def calibrate(self) -> tuple[float, float | None, float | None, str | None]:
-        """Fit and store temperatures in last and best (see :func:`calibrate_checkpoint`).
-
-        Returns the best checkpoint's temperature, ECE before and after (None without a
-        classifier or validation labels, or with ``calibrate`` off) and why it stayed 1.
+        Returns best's ``temperature``, ``ece_before``, ``ece_after`` and ``kept`` (why the
+        temperature stayed 1: None when it was fitted; ECEs None without a classifier or
+        validation labels, or with ``calibrate`` off) and ``ood`` (its OOD metadata or None).
         """
-        if not (self.model.cls_head and self.cfg.calibrate and self.dist.is_main):
-            return 1.0, None, None, None if self.cfg.calibrate else "--no-calibrate"
-        if not self.splits.val_cls:
-            return 1.0, None, None, "no validation labels"
-        opts = {"batch_size": self.cfg.batch_size, "device": self.device, "precision": self.precision}
-        calibrate_checkpoint(self.out / "last.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
-        return calibrate_checkpoint(self.out / "best.safetensors", self.table, self.splits.val_cls, self.pre, **opts)
+        cal: dict[str, Any] = {"temperature": 1.0, "ece_before": None, "ece_after": None, "kept": None, "ood": None}
+        if not self.dist.is_main:
+            return cal
+        val_cls = None
+        if not self.cfg.calibrate:
+            cal["kept"] = "--no-calibrate"
+        elif self.model.cls_head and not self.splits.val_cls:
+            cal["kept"] = "no validation labels"
+        elif self.model.cls_head:
+            val_cls = self.splits.val_cls
+        paths = [self.out / "last.safetensors", self.out / "best.safetensors"]
+        *_, best = finish_checkpoints(paths, self.table, self.pre, val_cls=val_cls, ood=self.ood_split(),
+                                      batch_size=self.cfg.batch_size, device=self.device, precision=self.precision)
+        if best["calibration"] is not None:
+            cal.update(zip(("temperature", "ece_before", "ece_after", "kept"), best["calibration"], strict=True))
+        cal["ood"] = best["ood"]
+        return cal
 
 
 def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = None,
@@ -397,8 +399,8 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
         if on_epoch is not None:
             on_epoch(row)
-    temperature, ece_before, ece_after, kept = trainer.calibrate()
-    ood = trainer.fit_ood()
+    done = trainer.finish()
+    temperature, ece_before, ece_after, kept = (done[k] for k in ("temperature", "ece_before", "ece_after", "kept"))
     barrier(trainer.dist)
     summary = TrainSummary(
         out=trainer.out, epochs_run=trainer.epoch, best_epoch=trainer.best_epoch, best_score=trainer.best_score,
@@ -409,7 +411,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
-        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept, "ood": ood,
+        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept, "ood": done["ood"],
         "seconds": round(time.time() - started, 1),
         "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
     })
