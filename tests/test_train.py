@@ -291,6 +291,9 @@ def test_resume_treats_a_setting_the_old_run_lacks_as_its_default(folders, tmp_p
     old = {k: v for k, v in cfg.to_dict().items() if k != "voi_lut"}  # a run from before --voi-lut existed
     assert cfg.differences(old) == []
     assert _cfg(folders, tmp_path / "run", voi_lut=True).differences(old) == ["voi_lut"]
+    older = {k: v for k, v in old.items() if k not in ("site_aug", "freeze")}  # before those lists existed
+    assert cfg.differences(older) == []
+    assert _cfg(folders, tmp_path / "run", site_aug=("blur",)).differences(older) == ["site_aug"]
 
 
 def test_init_starts_from_a_checkpoint_and_records_it(folders, tmp_path):

@@ -191,4 +191,9 @@ class TrainConfig:
         """
         mine = self.to_dict()
         return [f.name for f in fields(self) if f.name not in self.RESUMABLE
-                and mine[f.name] != other.get(f.name, f.default)]
+                and mine[f.name] != other.get(f.name, _stored(f.default))]
+
+
+def _stored(value: Any) -> Any:
+    """``value`` as :meth:`TrainConfig.to_dict` stores it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
