@@ -327,6 +327,30 @@ def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, tmp_
     assert manifest["frozen"] == {"encoder": sum(p.numel() for p in model.encoder.parameters()),
                                   "classifier": sum(p.numel() for p in model.classifier.parameters())}
     assert manifest["config"]["freeze"] == ["encoder", "classifier"]
+    assert manifest["temperature"] == 1.0 and manifest["temperature_from_init"] is True
+
+
+def test_freezing_encoder_and_classifier_keeps_the_probabilities_of_init(folders, tmp_path):
+    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
+    init = load_checkpoint(first.out / "best.safetensors")
+    init.temperature = 0.6180  # as if fitted: it must be carried over, not refitted
+    save_checkpoint(init, tmp_path / "init.safetensors")
+    run = run_train(_cfg(folders, tmp_path / "b", init=str(tmp_path / "init.safetensors"), lr=1e-2,
+                         freeze=("encoder", "classifier")))
+    manifest = json.loads((run.out / "run.json").read_text())
+    assert manifest["temperature"] == 0.6180 and manifest["temperature_from_init"] is True
+    assert manifest["ece_before"] is None and manifest["temperature_kept_at_1"] is None
+    for name in ("best", "last"):
+        after = load_checkpoint(run.out / f"{name}.safetensors")
+        assert after.temperature == 0.6180 and after.extra["temperature_from_init"] is True
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        want = torch.softmax(init.build_model()(x).cls_logits / init.temperature, 1)
+        got = torch.softmax(after.build_model()(x).cls_logits / after.temperature, 1)
+    assert torch.equal(got, want)
+    # freezing the encoder alone refits the temperature as usual
+    alone = run_train(_cfg(folders, tmp_path / "c", init=str(tmp_path / "init.safetensors"), freeze=("encoder",)))
+    assert json.loads((alone.out / "run.json").read_text())["temperature_from_init"] is False
 
 
 def test_freeze_refuses_what_cannot_be_frozen(folders, tmp_path):

@@ -124,16 +124,19 @@ def calibrate_checkpoint(
 
 def finish_checkpoints(
     paths: Sequence[Path], table: ImageTable, pre: PreprocessConfig, *, val_cls: list[int] | None = None,
-    ood: tuple[list[int], list[int], str] | None = None, batch_size: int, device: torch.device,
+    temperature: float | None = None, ood: tuple[list[int], list[int], str] | None = None,
+    batch_size: int, device: torch.device,
     precision: str = "fp32", min_cases: int = MIN_CASES, min_per_class: int = MIN_PER_CLASS,
 ) -> list[dict[str, Any]]:
     """Calibrate the checkpoints at ``paths`` on ``val_cls`` and store out-of-distribution statistics
     in them (``ood``: the images that fit them, those that set the threshold, and which they are).
 
-    Each file is read and written once, and checkpoints with the same weights (best and last
-    when the best epoch is the last) are computed once. Either step is skipped when its
-    argument is None; the OOD statistics also when there are under 2 images to fit them or
-    no validation image.
+    ``temperature``, when given, is stored as it is instead of a fitted one (``val_cls`` is
+    then ignored) and marked ``temperature_from_init`` in the checkpoint's ``extra``. Each
+    file is read and written once, and checkpoints with the same weights (best and last when
+    the best epoch is the last) are computed once. Either step is skipped when its argument
+    is None; the OOD statistics also when there are under 2 images to fit them or no
+    validation image.
 
     Returns:
         For each path, ``{"calibration": (temperature, ECE before, ECE after, why it stayed 1) | None,
@@ -147,7 +150,7 @@ def finish_checkpoints(
         if result is None:
             model = ckpt.build_model().to(device)
             result = {"calibration": None, "stats": None}
-            if val_cls is not None:
+            if val_cls is not None and temperature is None:
                 _, logits, labels = evaluate(model, table, [], val_cls, pre, batch_size=batch_size, device=device,
                                              precision=precision)
                 result["calibration"] = choose_temperature(logits, labels, min_cases=min_cases,
@@ -161,6 +164,9 @@ def finish_checkpoints(
             t, before, after, kept = result["calibration"]
             ckpt.temperature = t
             ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after, "calibration_kept": kept}
+        if temperature is not None:
+            ckpt.temperature = temperature
+            ckpt.extra = {**ckpt.extra, "temperature_from_init": True}
         meta = None
         if result["stats"] is not None and ood is not None:
             meta = result["stats"].attach(ckpt, fitted_on=f"training split ({ood[2]})", threshold_on="validation split")

@@ -155,6 +155,7 @@ class Trainer:
             raise UsageError(f"--init {weights}: made for --image-size {ckpt.preprocess.image_size}, this run uses "
                              f"{self.pre.image_size}")
         self.model.load_state_dict(ckpt.state_dict)
+        self.init_temperature = float(ckpt.temperature)
         return {"weights": str(weights), "file": str(ckpt.path), "sha256": ckpt.sha256}
 
     def _freeze(self, parts: tuple[str, ...]) -> dict[str, int]:
@@ -334,23 +335,32 @@ class Trainer:
         """Calibrate last and best and store their out-of-distribution statistics
         (:func:`mmcli.training.calibration.finish_checkpoints`, :meth:`ood_split`).
 
-        Returns best's ``temperature``, ``ece_before``, ``ece_after`` and ``kept`` (why the
+        With the encoder and the classifier frozen, the temperature of ``--init`` is kept, not
+        refitted, so that the pneumonia probabilities are exactly those of the starting weights.
+
+        Returns best's ``temperature``, ``ece_before``, ``ece_after``, ``kept`` (why the
         temperature stayed 1: None when it was fitted; ECEs None without a classifier or
-        validation labels, or with ``calibrate`` off) and ``ood`` (its OOD metadata or None).
+        validation labels, or with ``calibrate`` off), ``from_init`` (the temperature is that
+        of ``--init``) and ``ood`` (its OOD metadata or None).
         """
-        cal: dict[str, Any] = {"temperature": 1.0, "ece_before": None, "ece_after": None, "kept": None, "ood": None}
+        cal: dict[str, Any] = {"temperature": 1.0, "ece_before": None, "ece_after": None, "kept": None,
+                               "from_init": False, "ood": None}
         if not self.dist.is_main:
             return cal
-        val_cls = None
-        if not self.cfg.calibrate:
+        val_cls, carried = None, None
+        if {"encoder", "classifier"} <= set(self.cfg.freeze) and self.model.cls_head:
+            carried = cal["temperature"] = self.init_temperature
+            cal["from_init"] = True
+        elif not self.cfg.calibrate:
             cal["kept"] = "--no-calibrate"
         elif self.model.cls_head and not self.splits.val_cls:
             cal["kept"] = "no validation labels"
         elif self.model.cls_head:
             val_cls = self.splits.val_cls
         paths = [self.out / "last.safetensors", self.out / "best.safetensors"]
-        *_, best = finish_checkpoints(paths, self.table, self.pre, val_cls=val_cls, ood=self.ood_split(),
-                                      batch_size=self.cfg.batch_size, device=self.device, precision=self.precision)
+        *_, best = finish_checkpoints(paths, self.table, self.pre, val_cls=val_cls, temperature=carried,
+                                      ood=self.ood_split(), batch_size=self.cfg.batch_size, device=self.device,
+                                      precision=self.precision)
         if best["calibration"] is not None:
             cal.update(zip(("temperature", "ece_before", "ece_after", "kept"), best["calibration"], strict=True))
         cal["ood"] = best["ood"]
@@ -411,7 +421,8 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
-        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept, "ood": done["ood"],
+        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept,
+        "temperature_from_init": done["from_init"], "ood": done["ood"],
         "seconds": round(time.time() - started, 1),
         "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
     })
