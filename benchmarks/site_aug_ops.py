@@ -8,10 +8,18 @@ row exactly one op of ``mmcli.training.config.SITE_OPS``. Every row is evaluated
 ``mmcli evaluate`` on the held-out NIH, Kermany, JSRT and COVID-19 patients.
 
 Because the rows differ only in the op and are evaluated on the same films, each op is
-compared with ``none`` **paired**: the 95 % interval of the difference comes from one
-bootstrap that resamples the held-out cases and recomputes both rows' figure on the same
-draw. The rule, fixed before the runs: an op helps when at least one difference has its
-interval above 0 and no difference has its interval below 0.
+compared with ``none`` **paired**: the interval of the difference comes from one bootstrap
+that resamples the held-out **patients** (a patient's films together: the ``patient`` or
+``patientid`` column of the folders' CSV files, else each film its own patient) and
+recomputes both rows' figure on the same draw. Accuracy scores an ``uncertain`` label by its
+probability, as ``mmcli evaluate`` does. The intervals are at 99 %: 95 % with a Bonferroni
+correction over the five figures. Row ``none-seed1`` is ``none`` trained with the next
+seed: its difference from ``none`` is training noise alone, the yardstick for the others.
+
+The rule, fixed before the runs: an op **hurts** when a difference has its interval below 0
+and larger in size than the seed row's difference on that figure; otherwise it **helps**
+when a difference has its interval above 0 and larger than the seed row's; otherwise it
+makes **no difference**. The default weights keep the ops that help.
 
     OMP_NUM_THREADS=1 python benchmarks/site_aug_ops.py --data runs/v2/data --out runs/site-ops
 
@@ -39,10 +47,12 @@ from paper_table import _metric  # noqa: E402
 from site_adaptation import TEST_SETS, _mmcli  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
-from mmcli.metrics import accuracy, bootstrap_ci, nanmean, roc_auc  # noqa: E402
+from mmcli.metrics import accuracy, nanmean, roc_auc  # noqa: E402
 from mmcli.training.config import SITE_OPS  # noqa: E402
 
-ROWS = ("none", *SITE_OPS)
+CONTROL = "none-seed1"
+ROWS = ("none", CONTROL, *SITE_OPS)
+LEVEL = 1 - 0.05 / 5
 
 # (label, dataset, kind): the figures compared with row "none".
 FIGURES = (
@@ -56,13 +66,14 @@ FIGURES = (
 
 def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     train_dir = out / name / "train"
+    ops, seed = ("none", args.seed + 1) if name == CONTROL else (name, args.seed)
     train = ["train", "--init", "multimix-cxr-v1",
              "--seg-data", str(data / "seg-in-train"), "--seg-data", str(data / "seg-cross-train"),
              "--cls-data", str(data / "cls-in-train"), "--unlabelled-data", str(data / "cls-cross-train"),
-             "--balance-sources", "--site-aug", name, "--out", str(train_dir),
+             "--balance-sources", "--site-aug", ops, "--out", str(train_dir),
              "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-step", str(args.epochs),
-             "--patience", "0", "--seed", str(args.seed), "-q"]
+             "--patience", "0", "--seed", str(seed), "-q"]
     if (train_dir / "state.pt").is_file():
         train.append("--resume")
     if not (train_dir / "best.safetensors").is_file() or "--resume" in train:
@@ -88,18 +99,37 @@ def per_case(eval_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return cases
 
 
-def _arrays(base: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]], kind: str) -> tuple[np.ndarray, ...]:
+def patients(data: Path, dataset: str) -> dict[str, str]:
+    """``{case_id: patient}`` from the ``patient`` or ``patientid`` column of the folder's CSV files."""
+    found: dict[str, str] = {}
+    for table in sorted((data / dataset).glob("*.csv")):
+        with open(table, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                patient = row.get("patient") or row.get("patientid")
+                if row.get("file") and patient:
+                    found[Path(row["file"]).stem] = patient
+    return found
+
+
+def _arrays(base: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]], kind: str,
+            ) -> tuple[list[str], tuple[np.ndarray, ...]]:
     ids = sorted(set(base) & set(other))
     if kind == "dice":
         ids = [i for i in ids if base[i]["dice"] and other[i]["dice"]]
-        return (np.array([float(base[i]["dice"]) for i in ids]), np.array([float(other[i]["dice"]) for i in ids]))
+        return ids, (np.array([float(base[i]["dice"]) for i in ids]), np.array([float(other[i]["dice"]) for i in ids]))
     ids = [i for i in ids if base[i]["true_label"]]
     y = np.array([int(base[i]["true_label"] == "pneumonia") for i in ids])
+    p_base = np.array([float(base[i]["p_pneumonia"]) for i in ids])
+    p_other = np.array([float(other[i]["p_pneumonia"]) for i in ids])
     if kind == "auc":
-        return (y, np.array([float(base[i]["p_pneumonia"]) for i in ids]),
-                np.array([float(other[i]["p_pneumonia"]) for i in ids]))
-    return (y, np.array([int(base[i]["label"] == "pneumonia") for i in ids]),
-            np.array([int(other[i]["label"] == "pneumonia") for i in ids]))
+        return ids, (y, p_base, p_other)
+    return ids, (y, _labels(base, ids, p_base), _labels(other, ids, p_other))
+
+
+def _labels(cases: dict[str, dict[str, Any]], ids: list[str], p: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Predicted pneumonia (1) or not; an ``uncertain`` label by its probability, as ``mmcli evaluate``."""
+    return np.array([p[k] >= threshold if cases[i]["label"] == "uncertain" else cases[i]["label"] == "pneumonia"
+                     for k, i in enumerate(ids)], dtype=int)
 
 
 _DIFFERENCES = {
@@ -110,33 +140,65 @@ _DIFFERENCES = {
 
 
 def paired_difference(base: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]], kind: str,
-                      n_bootstrap: int = 2000, seed: int = 0) -> dict[str, float]:
-    """``other - base`` of one figure on the cases both have, with its paired bootstrap interval."""
-    arrays = _arrays(base, other, kind)
+                      patient_of: dict[str, str] | None = None, n_bootstrap: int = 2000, level: float = LEVEL,
+                      seed: int = 0) -> dict[str, float]:
+    """``other - base`` of one figure on the cases both have, with its paired bootstrap interval.
+
+    The bootstrap draws patients with replacement (``patient_of``: case id to patient; a case
+    it lacks is a patient of its own) and takes all their cases; resamples where the figure
+    is undefined (one class drawn) are dropped.
+    """
+    ids, arrays = _arrays(base, other, kind)
     fn = _DIFFERENCES[kind]
-    low, high = bootstrap_ci(fn, *arrays, n_resamples=n_bootstrap, seed=seed)
-    return {"value": float(fn(*arrays)), "ci_low": low, "ci_high": high, "n": int(len(arrays[0]))}
+    patient_of = patient_of or {}
+    groups: dict[str, list[int]] = {}
+    for k, case in enumerate(ids):
+        groups.setdefault(patient_of.get(case, f"case:{case}"), []).append(k)
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_bootstrap if ids else 0):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        values.append(fn(*(a[idx] for a in arrays)))
+    finite = np.array(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail]) if finite.size else (np.nan, np.nan)
+    return {"value": float(fn(*arrays)) if ids else float("nan"), "ci_low": float(low), "ci_high": float(high),
+            "n": len(ids), "patients": len(members), "level": level}
 
 
-def verdict(differences: dict[str, dict[str, float]]) -> str:
-    """``helps``, ``hurts`` or ``no difference`` by the rule in the module docstring."""
-    if any(d["ci_high"] < 0 for d in differences.values()):
+def verdict(differences: dict[str, dict[str, float]], control: dict[str, dict[str, float]] | None = None) -> str:
+    """``helps``, ``hurts`` or ``no difference`` by the rule in the module docstring.
+
+    ``control``: the seed row's differences from ``none`` (None: no yardstick, only the intervals count).
+    """
+    def beyond_noise(label: str) -> bool:
+        return control is None or abs(differences[label]["value"]) > abs(control[label]["value"])
+
+    if any(d["ci_high"] < 0 and beyond_noise(k) for k, d in differences.items()):
         return "hurts"
-    if any(d["ci_low"] > 0 for d in differences.values()):
+    if any(d["ci_low"] > 0 and beyond_noise(k) for k, d in differences.items()):
         return "helps"
     return "no difference"
 
 
-def compare(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each op's paired differences from row ``none`` and its verdict, added to its result."""
+def compare(out: Path, results: list[dict[str, Any]], data: Path | None = None) -> list[dict[str, Any]]:
+    """Each row's paired differences from row ``none`` and, for the ops, the verdict, added to its result.
+
+    ``data``: the folders of the held-out sets, whose CSV files name the patients.
+    """
     base = per_case(out / "none" / "eval")
+    patient_of = {ds: patients(data, ds) if data else {} for _, ds, _ in FIGURES}
     for r in results:
-        if r["row"] == "none":
-            continue
-        cases = per_case(out / r["row"] / "eval")
-        r["vs_none"] = {label: paired_difference(base.get(ds, {}), cases.get(ds, {}), kind)
-                        for label, ds, kind in FIGURES}
-        r["verdict"] = verdict(r["vs_none"])
+        if r["row"] != "none":
+            cases = per_case(out / r["row"] / "eval")
+            r["vs_none"] = {label: paired_difference(base.get(ds, {}), cases.get(ds, {}), kind, patient_of[ds])
+                            for label, ds, kind in FIGURES}
+    control = next((r["vs_none"] for r in results if r["row"] == CONTROL), None)
+    for r in results:
+        if r["row"] not in ("none", CONTROL):
+            r["verdict"] = verdict(r["vs_none"], control)
     return results
 
 
@@ -153,12 +215,13 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
         cells = [_format(_metric(r, ds, "segmentation" if kind == "dice" else "classification", kinds[kind]), "value")
                  for _, ds, kind in FIGURES]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r.get('verdict', '-')} |")
-    lines += ["", "Paired difference from row `none` (95 % paired bootstrap interval):", "",
+    lines += ["", f"Paired difference from row `none` ({LEVEL:.0%} paired bootstrap interval over patients; "
+              f"`{CONTROL}`: the same training with the next seed):", "",
               head, "|" + "---|" * (len(FIGURES) + 2)]
     for r in results:
         if "vs_none" in r:
             lines.append(f"| {r['row']} | " + " | ".join(_signed(r["vs_none"][label]) for label, _, _ in FIGURES)
-                         + f" | {r['verdict']} |")
+                         + f" | {r.get('verdict', 'seed control')} |")
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -181,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             run_row(name, data, args.out.resolve(), args)
     results = [json.loads(f.read_text()) for r in ROWS if (f := args.out / r / "result.json").is_file()]
     if any(r["row"] == "none" for r in results):
-        results = compare(args.out, results)
+        results = compare(args.out, results, data)
     meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "seed")}
     meta["threads"] = os.environ.get("OMP_NUM_THREADS")
     write_table(args.out, results, meta)

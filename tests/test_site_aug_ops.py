@@ -60,3 +60,27 @@ def test_compare_reads_each_rows_per_case_csv(ops, tmp_path):
     covid = results[1]["vs_none"]["COVID-19 Dice"]
     assert covid["n"] == 2 and covid["value"] == pytest.approx(0.01) and covid["ci_low"] == pytest.approx(0.01)
     assert results[1]["verdict"] == "helps" and "vs_none" not in results[0]
+
+
+def test_seed_control_is_the_yardstick(ops):
+    up = {"value": 0.02, "ci_low": 0.01, "ci_high": 0.03}
+    zero = {"value": 0.0, "ci_low": -0.1, "ci_high": 0.1}
+    assert ops.verdict({"a": up, "b": zero}, control={"a": {"value": -0.03}, "b": {"value": 0.0}}) == "no difference"
+    assert ops.verdict({"a": up, "b": zero}, control={"a": {"value": 0.01}, "b": {"value": 0.0}}) == "helps"
+
+
+def test_uncertain_labels_count_by_probability_and_patients_resample_together(ops, tmp_path):
+    folder = tmp_path / "cls-in-test"
+    folder.mkdir()
+    (folder / "meta.csv").write_text("file,label,patient\na.png,pneumonia,P1\nb.png,normal,P1\nc.png,normal,P2\n")
+    patient_of = ops.patients(tmp_path, "cls-in-test")
+    assert patient_of == {"a": "P1", "b": "P1", "c": "P2"}
+    base = {"a": {"true_label": "pneumonia", "p_pneumonia": "0.4", "label": "normal"},
+            "b": {"true_label": "normal", "p_pneumonia": "0.2", "label": "normal"},
+            "c": {"true_label": "normal", "p_pneumonia": "0.1", "label": "normal"}}
+    other = {k: dict(v) for k, v in base.items()}
+    other["a"] = {"true_label": "pneumonia", "p_pneumonia": "0.7", "label": "uncertain"}  # right by its probability
+    d = ops.paired_difference(base, other, "accuracy", patient_of, n_bootstrap=300)
+    assert d["value"] == pytest.approx(1 / 3) and d["n"] == 3 and d["patients"] == 2 and d["level"] == 0.99
+    # a draw holds P1's two films or none of them: the difference is 1/2 (P1 once), 1/3 (P1 and P2) or 0 (P2 only)
+    assert d["ci_low"] == pytest.approx(0.0) and d["ci_high"] == pytest.approx(0.5)

@@ -163,16 +163,22 @@ def finish_checkpoints(
         if result["calibration"] is not None:
             t, before, after, kept = result["calibration"]
             ckpt.temperature = t
-            ckpt.extra = {**ckpt.extra, "ece_before": before, "ece_after": after, "calibration_kept": kept}
+            ckpt.extra = {**_without(ckpt.extra, "temperature_from_init"), "ece_before": before, "ece_after": after,
+                          "calibration_kept": kept}
         if temperature is not None:
             ckpt.temperature = temperature
-            ckpt.extra = {**ckpt.extra, "temperature_from_init": True}
+            extra = _without(ckpt.extra, "ece_before", "ece_after", "calibration_kept")
+            ckpt.extra = {**extra, "temperature_from_init": True}
         meta = None
         if result["stats"] is not None and ood is not None:
             meta = result["stats"].attach(ckpt, fitted_on=f"training split ({ood[2]})", threshold_on="validation split")
         save_checkpoint(ckpt, path)
         results.append({"calibration": result["calibration"], "ood": meta})
     return results
+
+
+def _without(extra: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k not in keys}
 
 
 def _same_weights(a: Checkpoint, b: Checkpoint) -> bool:
