@@ -25,7 +25,7 @@ makes **no difference**. The default weights keep the ops that help.
 
 A row whose ``result.json`` exists is not run again and an interrupted training resumes;
 ``--rows`` runs some rows only (two processes with disjoint rows share a 2-core machine).
-``table.md`` and ``table.json`` hold the results.
+``table.md``, ``table.json`` and ``differences.png`` hold the results.
 """
 
 from __future__ import annotations
@@ -225,6 +225,38 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
+    """One panel per figure: each row's paired difference from ``none`` with its interval; the
+    grey band is the seed row's difference (training noise), either side of 0."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in results if "vs_none" in r]
+    if not rows:
+        return
+    fig = Figure(figsize=(11.0, 0.45 * len(rows) + 1.4), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(FIGURES), sharey=True)
+    control = next((r["vs_none"] for r in rows if r["row"] == CONTROL), None)
+    ys = list(range(len(rows)))[::-1]
+    for ax, (label, _, _) in zip(axes, FIGURES, strict=True):
+        if control is not None:
+            noise = abs(control[label]["value"])
+            ax.axvspan(-noise, noise, color="0.88", zorder=0)
+        ax.axvline(0.0, color="0.4", linewidth=0.8)
+        for y, r in zip(ys, rows, strict=True):
+            d = r["vs_none"][label]
+            colour = "0.45" if r["row"] == CONTROL else "tab:blue"
+            ax.errorbar([d["value"]], [y], xerr=[[d["value"] - d["ci_low"]], [d["ci_high"] - d["value"]]],
+                        fmt="o", color=colour, capsize=2, markersize=4)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(ys, [r["row"] for r in rows], fontsize=8)
+    fig.supxlabel(f"difference from no site augmentation ({LEVEL:.0%} paired interval over patients)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/adult_split.py")
@@ -248,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "seed")}
     meta["threads"] = os.environ.get("OMP_NUM_THREADS")
     write_table(args.out, results, meta)
+    write_plot(args.out / "differences.png", results)
     print((args.out / "table.md").read_text())
     return 0
 
