@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,33 +77,47 @@ def _mmcli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
 
 
-def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    row_dir = out / name
-    weights = "multimix-cxr-v1"
-    settings: dict[str, Any] = {}
-    if name != "v1":
-        budget = name.split("-", 1)[1]
-        n = None if budget == "all" else int(budget)
-        labelled, unlabelled = nih_folders(data / "cls-cross-train", out / "data", n)
-        train = ["train", "--init", "multimix-cxr-v1", "--seg-data", str(data / "seg-in-train"),
-                 "--cls-data", str(data / "cls-in-train"), "--balance-sources", "--out", str(row_dir / "train"),
-                 "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
-                 "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-step", str(args.epochs - 1),
-                 "--patience", "0", "--seed", str(args.seed), "--site-aug", args.site_aug, "-q"]
-        train += ["--cls-data", str(labelled)] if labelled else []
-        train += ["--unlabelled-data", str(unlabelled)] if unlabelled else []
-        if (row_dir / "train" / "state.pt").is_file():
-            train.append("--resume")
-        if not (row_dir / "train" / "best.safetensors").is_file() or "--resume" in train:
-            _mmcli(*train)
-        weights = str(row_dir / "train" / "best.safetensors")
-        settings = {"nih_labels": n, "train": json.loads((row_dir / "train" / "run.json").read_text())}
+def train_from_v1(train_dir: Path, data_args: list[str], args: argparse.Namespace, *, site_aug: str,
+                  lr_step: int, seed: int) -> dict[str, Any]:
+    """``mmcli train --init multimix-cxr-v1`` with ``data_args`` (the folders) and the study's
+    schedule (``args``) into ``train_dir``, resumed if it was interrupted and skipped if it
+    finished; returns its run.json."""
+    train = ["train", "--init", "multimix-cxr-v1", *data_args, "--balance-sources", "--site-aug", site_aug,
+             "--out", str(train_dir), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-step", str(lr_step),
+             "--patience", "0", "--seed", str(seed), "-q"]
+    if (train_dir / "state.pt").is_file():
+        train.append("--resume")
+    if not (train_dir / "best.safetensors").is_file() or "--resume" in train:
+        _mmcli(*train)
+    return json.loads((train_dir / "run.json").read_text())
+
+
+def evaluate_row(row_dir: Path, data: Path, weights: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``mmcli evaluate`` of ``weights`` on the held-out sets into ``row_dir/eval``; writes and returns
+    ``result`` with the weights and the evaluation's datasets added (``row_dir/result.json``)."""
     _mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
            "--overwrite", "--no-plots", "-q")
     summary = json.loads((row_dir / "eval" / "summary.json").read_text())
-    result = {"row": name, "weights": weights, **settings, "datasets": summary["datasets"]}
+    result = {**result, "weights": weights, "datasets": summary["datasets"]}
     write_json(row_dir / "result.json", result)
     return result
+
+
+def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    row_dir = out / name
+    if name == "v1":
+        return evaluate_row(row_dir, data, "multimix-cxr-v1", {"row": name})
+    budget = name.split("-", 1)[1]
+    n = None if budget == "all" else int(budget)
+    labelled, unlabelled = nih_folders(data / "cls-cross-train", out / "data", n)
+    folders = ["--seg-data", str(data / "seg-in-train"), "--cls-data", str(data / "cls-in-train")]
+    folders += ["--cls-data", str(labelled)] if labelled else []
+    folders += ["--unlabelled-data", str(unlabelled)] if unlabelled else []
+    run = train_from_v1(row_dir / "train", folders, args, site_aug=args.site_aug, lr_step=args.epochs - 1,
+                        seed=args.seed)
+    return evaluate_row(row_dir, data, str(row_dir / "train" / "best.safetensors"),
+                        {"row": name, "nih_labels": n, "train": run})
 
 
 def _cell(r: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
@@ -166,28 +181,44 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_parser(description: str, rows: tuple[str, ...], epochs: int) -> argparse.ArgumentParser:
+    """The options both studies share: data, out, rows and the training schedule."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/adult_split.py")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rows", nargs="*", default=list(rows), choices=rows)
+    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--steps-per-epoch", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--site-aug", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_rows(args: argparse.Namespace, rows: tuple[str, ...],
+             run: Callable[[str, Path, Path, argparse.Namespace], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run each of ``args.rows`` that has no result.json yet (none with ``--report-only``); every
+    finished row's result, in the order of ``rows``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data.resolve()
     for name in args.rows:
         if not args.report_only and not (args.out / name / "result.json").is_file():
-            run_row(name, data, args.out.resolve(), args)
-    results = [json.loads(f.read_text()) for r in ROWS if (f := args.out / r / "result.json").is_file()]
-    meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "site_aug", "seed")}
-    meta["threads"] = os.environ.get("OMP_NUM_THREADS")
-    write_table(args.out, results, meta)
+            run(name, args.data.resolve(), args.out.resolve(), args)
+    return [json.loads(f.read_text()) for r in rows if (f := args.out / r / "result.json").is_file()]
+
+
+def study_meta(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
+    """The settings a study's table.json records, with the threads the runs were given."""
+    meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", *keys, "seed")}
+    return {**meta, "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = study_parser(__doc__.splitlines()[0], ROWS, epochs=3)
+    p.add_argument("--site-aug", default="none")
+    args = p.parse_args(argv)
+    results = run_rows(args, ROWS, run_row)
+    write_table(args.out, results, study_meta(args, "site_aug"))
     print((args.out / "table.md").read_text())
     return 0
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from paper_table import _cell as _format  # noqa: E402
 from paper_table import _metric  # noqa: E402
-from site_adaptation import TEST_SETS, _mmcli  # noqa: E402
+from site_adaptation import evaluate_row, run_rows, study_meta, study_parser, train_from_v1  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
 from mmcli.metrics import accuracy, nanmean, roc_auc  # noqa: E402
@@ -65,28 +63,12 @@ FIGURES = (
 
 
 def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    train_dir = out / name / "train"
     ops, seed = ("none", args.seed + 1) if name == CONTROL else (name, args.seed)
-    train = ["train", "--init", "multimix-cxr-v1",
-             "--seg-data", str(data / "seg-in-train"), "--seg-data", str(data / "seg-cross-train"),
-             "--cls-data", str(data / "cls-in-train"), "--unlabelled-data", str(data / "cls-cross-train"),
-             "--balance-sources", "--site-aug", ops, "--out", str(train_dir),
-             "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
-             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-step", str(args.epochs),
-             "--patience", "0", "--seed", str(seed), "-q"]
-    if (train_dir / "state.pt").is_file():
-        train.append("--resume")
-    if not (train_dir / "best.safetensors").is_file() or "--resume" in train:
-        _mmcli(*train)
-    weights = train_dir / "best.safetensors"
-    _mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(out / name / "eval"),
-           "--weights", str(weights), "--overwrite", "--no-plots", "-q")
-    summary = json.loads((out / name / "eval" / "summary.json").read_text())
-    run = json.loads((train_dir / "run.json").read_text())
-    result = {"row": name, "weights": str(weights), "site_augment": run.get("site_augment"),
-              "train_seconds": run.get("seconds"), "datasets": summary["datasets"]}
-    write_json(out / name / "result.json", result)
-    return result
+    folders = ["--seg-data", str(data / "seg-in-train"), "--seg-data", str(data / "seg-cross-train"),
+               "--cls-data", str(data / "cls-in-train"), "--unlabelled-data", str(data / "cls-cross-train")]
+    run = train_from_v1(out / name / "train", folders, args, site_aug=ops, lr_step=args.epochs, seed=seed)
+    return evaluate_row(out / name, data, str(out / name / "train" / "best.safetensors"),
+                        {"row": name, "site_augment": run.get("site_augment"), "train_seconds": run.get("seconds")})
 
 
 def per_case(eval_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -258,28 +240,11 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/adult_split.py")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--steps-per-epoch", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data.resolve()
-    for name in args.rows:
-        if not args.report_only and not (args.out / name / "result.json").is_file():
-            run_row(name, data, args.out.resolve(), args)
-    results = [json.loads(f.read_text()) for r in ROWS if (f := args.out / r / "result.json").is_file()]
+    args = study_parser(__doc__.splitlines()[0], ROWS, epochs=2).parse_args(argv)
+    results = run_rows(args, ROWS, run_row)
     if any(r["row"] == "none" for r in results):
-        results = compare(args.out, results, data)
-    meta = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr", "seed")}
-    meta["threads"] = os.environ.get("OMP_NUM_THREADS")
-    write_table(args.out, results, meta)
+        results = compare(args.out, results, args.data.resolve())
+    write_table(args.out, results, study_meta(args))
     write_plot(args.out / "differences.png", results)
     print((args.out / "table.md").read_text())
     return 0
