@@ -410,19 +410,18 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         if on_epoch is not None:
             on_epoch(row)
     done = trainer.finish()
-    temperature, ece_before, ece_after, kept = (done[k] for k in ("temperature", "ece_before", "ece_after", "kept"))
     barrier(trainer.dist)
     summary = TrainSummary(
         out=trainer.out, epochs_run=trainer.epoch, best_epoch=trainer.best_epoch, best_score=trainer.best_score,
-        stopped_early=trainer.stopped_early, temperature=temperature, ece_before=ece_before, ece_after=ece_after,
-        calibration_kept=kept, history=trainer.history, is_main=main,
+        stopped_early=trainer.stopped_early, temperature=done["temperature"], ece_before=done["ece_before"],
+        ece_after=done["ece_after"], calibration_kept=done["kept"], history=trainer.history, is_main=main,
     )
     manifest.update({
         "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
-        "best_epoch": summary.best_epoch, "best_score": summary.best_score, "temperature": temperature,
-        "ece_before": ece_before, "ece_after": ece_after, "temperature_kept_at_1": kept,
-        "temperature_from_init": done["from_init"], "ood": done["ood"],
+        "best_epoch": summary.best_epoch, "best_score": summary.best_score,
+        "temperature": done["temperature"], "ece_before": done["ece_before"], "ece_after": done["ece_after"],
+        "temperature_kept_at_1": done["kept"], "temperature_from_init": done["from_init"], "ood": done["ood"],
         "seconds": round(time.time() - started, 1),
         "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
     })
