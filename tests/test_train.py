@@ -310,10 +310,16 @@ def test_init_starts_from_a_checkpoint_and_records_it(folders, tmp_path):
         run_train(_cfg(folders, tmp_path / "c", epochs=1, variant="unet", init=str(first.out / "best.safetensors")))
 
 
-def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, tmp_path):
-    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
-    start = load_checkpoint(first.out / "best.safetensors").state_dict
-    run = run_train(_cfg(folders, tmp_path / "b", init=str(first.out / "best.safetensors"), lr=1e-2,
+@pytest.fixture(scope="module")
+def start_weights(folders, tmp_path_factory):
+    """A one-epoch tiny checkpoint (no calibration) for the runs that start from one."""
+    run = run_train(_cfg(folders, tmp_path_factory.mktemp("start"), epochs=1, calibrate=False))
+    return run.out / "best.safetensors"
+
+
+def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, start_weights, tmp_path):
+    start = load_checkpoint(start_weights).state_dict
+    run = run_train(_cfg(folders, tmp_path / "b", init=str(start_weights), lr=1e-2,
                          freeze=("encoder", "classifier"), calibrate=False))
     after = load_checkpoint(run.out / "last.safetensors").state_dict
     frozen = [k for k in start if k.startswith(("encoder.", "classifier."))]
@@ -330,9 +336,8 @@ def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, tmp_
     assert manifest["temperature"] == 1.0 and manifest["temperature_from_init"] is True
 
 
-def test_freezing_encoder_and_classifier_keeps_the_probabilities_of_init(folders, tmp_path):
-    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
-    init = load_checkpoint(first.out / "best.safetensors")
+def test_freezing_encoder_and_classifier_keeps_the_probabilities_of_init(folders, start_weights, tmp_path):
+    init = load_checkpoint(start_weights)
     init.temperature = 0.6180  # as if fitted: it must be carried over, not refitted
     save_checkpoint(init, tmp_path / "init.safetensors")
     run = run_train(_cfg(folders, tmp_path / "b", init=str(tmp_path / "init.safetensors"), lr=1e-2,
@@ -353,9 +358,8 @@ def test_freezing_encoder_and_classifier_keeps_the_probabilities_of_init(folders
     assert json.loads((alone.out / "run.json").read_text())["temperature_from_init"] is False
 
 
-def test_freeze_refuses_what_cannot_be_frozen(folders, tmp_path):
-    first = run_train(_cfg(folders, tmp_path / "a", epochs=1, calibrate=False))
-    init = str(first.out / "best.safetensors")
+def test_freeze_refuses_what_cannot_be_frozen(folders, start_weights, tmp_path):
+    init = str(start_weights)
     with pytest.raises(UsageError, match="--init"):
         _cfg(folders, tmp_path / "b", freeze=("encoder",))
     with pytest.raises(UsageError, match="unknown bridge"):
