@@ -54,7 +54,7 @@ from mmcli.io.discover import discover_inputs
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
-from mmcli.models.blocks import Dropout, InstanceNorm, Up
+from mmcli.models.blocks import Dropout, InstanceNorm, MaxPool2x2, Up
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -120,19 +120,22 @@ def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Dropout):
-                setattr(module, child_name, torch.nn.Dropout(child.p))
+                setattr(module, child_name, torch.nn.Dropout(child.p).train(child.training))
     return model
 
 
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights built as research code builds them: ``nn.InstanceNorm2d`` layers,
-    ``nn.Dropout`` and decoder blocks that convolve a ``torch.cat`` of their inputs."""
+    ``nn.MaxPool2d``, ``nn.Dropout`` and decoder blocks that upsample with ``F.interpolate``
+    and convolve a ``torch.cat`` of their inputs."""
     for module in list(torch_dropout(model).modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
                 ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
                 ref.load_state_dict(child.state_dict())
                 setattr(module, child_name, ref)
+            elif isinstance(child, MaxPool2x2):
+                setattr(module, child_name, torch.nn.MaxPool2d(2))
         if isinstance(module, Up):
             module.forward = types.MethodType(_concat_forward, module)
     return model

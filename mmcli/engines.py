@@ -38,7 +38,7 @@ from mmcli.config import PreprocessConfig
 from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, worker_init
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
-from mmcli.runtime import usable_cores
+from mmcli.runtime import keep_freed_memory, usable_cores
 from mmcli.weights import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def iter_rows_loader(
     costs nothing: the pool is restarted and that case is finished in this process.
     ``native_masks`` (default: off the CPU) says whether masks come back at native size.
     """
+    keep_freed_memory()  # inherited by the forked decoders and finishers
     native = predictor.device.type != "cpu" if native_masks is None else native_masks
     n_finish = default_finishers(predictor.device, workers) if finishers is None else finishers
     loader = DataLoader(
@@ -206,6 +207,7 @@ _FINISHER: dict[str, Any] = {}
 
 def _init_finisher(parent: int, task: CaseTask) -> None:
     _die_with_parent(parent)
+    keep_freed_memory()
     torch.set_num_threads(1)
     _FINISHER["task"] = task
 
@@ -244,6 +246,7 @@ def _init_loader_worker(parent: int, worker_id: int) -> None:
 
 def _init_worker(parent: int, weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
     _die_with_parent(parent)
+    keep_freed_memory()
     torch.set_num_threads(1)
     ckpt = load_checkpoint(weights, expected_sha256=sha256)
     _WORKER["predictor"] = Predictor(ckpt, device="cpu", precision=precision)  # type: ignore[arg-type]

@@ -17,7 +17,9 @@ Precision policy:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from typing import Literal
 
 import torch
@@ -27,7 +29,7 @@ from mmcli.errors import UsageError
 
 __all__ = [
     "PRECISIONS", "Precision", "apply_precision_policy", "autocast", "cpu_has_fast_bf16", "default_batch_size",
-    "default_workers", "resolve_device", "resolve_precision", "usable_cores",
+    "default_workers", "keep_freed_memory", "resolve_device", "resolve_precision", "usable_cores",
 ]
 
 
@@ -96,6 +98,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc's mallopt parameters (malloc.h) and the values set by keep_freed_memory.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit hosts
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let this process keep the memory it frees for its next allocations (glibc only).
+
+    Every model call and every image allocates the same large buffers again. With glibc's
+    defaults, blocks of a few MiB and up are handed back to the kernel when freed, and the
+    next batch pays a page fault and a zeroing for every 4 KiB of them: about 9,000 faults
+    and a tenth of the time of a batch-2 model call on a CPU. Raising the mmap threshold to
+    32 MiB and the trim threshold to 1 GiB keeps them in the heap; the process then holds on
+    to its peak memory until it ends, which a batch job does anyway. Forked workers inherit
+    the setting. Returns whether it took (False on other C libraries, where nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def usable_cores() -> int:

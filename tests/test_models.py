@@ -305,3 +305,75 @@ def test_fast_cpu_dropout_is_dropout() -> None:
     # p with 256 p fractional falls back to nn.Dropout
     odd = Dropout(0.3).train()
     assert abs((odd(x) == 0).float().mean().item() - 0.3) < 0.005
+
+
+def _pool_input() -> Tensor:
+    """Random maps with every kind of tie a 2 x 2 window can hold (constant bands, equal pairs)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 10)
+    x[0, 0, :6] = 0.5  # constant: all four tie, the top-left one wins
+    x[0, 1, 0, 1] = x[0, 1, 1, 0] = 9.0  # top-right and bottom-left tie
+    x[1, 2, 4, 0] = x[1, 2, 5, 1] = 9.0  # top-left and bottom-right tie
+    x[1, 1, 2, 3] = x[1, 1, 3, 3] = 9.0  # the right column ties with itself
+    return x
+
+
+def test_fast_cpu_max_pool_is_max_pool() -> None:
+    from mmcli.models.blocks import MaxPool2x2
+
+    x = _pool_input()
+    ours, ref = MaxPool2x2(), nn.MaxPool2d(2)
+    assert torch.equal(ours(x), ref(x))
+    g = torch.randn(2, 3, 6, 5)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(ours(xa), xa, g)
+    (gb,) = torch.autograd.grad(ref(xb), xb, g)
+    assert torch.equal(ga, gb)  # the same winners, ties included
+    assert ga[0, 0, 0, 0] == g[0, 0, 0, 0] and ga[0, 1, 0, 1] == g[0, 1, 0, 0] and ga[0, 1, 1, 0] == 0
+    # odd sizes and other layouts take PyTorch's kernel
+    odd = torch.randn(1, 2, 7, 9)
+    assert torch.equal(ours(odd), ref(odd))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours(cl), ref(cl))
+
+
+def test_fast_cpu_upsample_is_bilinear() -> None:
+    from mmcli.models.blocks import upsample2x
+
+    torch.manual_seed(0)
+    for shape in [(2, 3, 5, 7), (1, 1, 1, 1), (1, 4, 16, 16)]:
+        x = torch.randn(*shape)
+        ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        got = upsample2x(x)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    # with autograd it is PyTorch's own, so gradients flow
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    upsample2x(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 4.0))
+
+
+def test_fast_cpu_kernels_keep_the_model_outputs() -> None:
+    from mmcli.models.blocks import MaxPool2x2, Up
+
+    torch.manual_seed(0)
+    model = MultiMix().eval()
+    ref = MultiMix().eval()
+    ref.load_state_dict(model.state_dict())
+    for module in list(ref.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MaxPool2x2):
+                setattr(module, name, nn.MaxPool2d(2))
+    ref_up = {id(m) for m in ref.modules() if isinstance(m, Up)}
+    assert len(ref_up) == 4
+    x = torch.rand(2, 1, 64, 64)
+    x[1, :, :16] = 0.0  # a blank band: ties in every pool
+    with torch.no_grad():
+        ours = model(x)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("mmcli.models.blocks.upsample2x",
+                       lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear"))
+            theirs = ref(x)
+    assert torch.equal(ours.cls_logits, theirs.cls_logits)
+    assert torch.equal(ours.saliency, theirs.saliency)
+    torch.testing.assert_close(ours.seg_logits, theirs.seg_logits, atol=1e-5, rtol=0)

@@ -32,7 +32,7 @@ from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import UsageError
 from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
-from mmcli.runtime import apply_precision_policy, autocast, resolve_device, resolve_precision
+from mmcli.runtime import apply_precision_policy, autocast, keep_freed_memory, resolve_device, resolve_precision
 from mmcli.training.calibration import finish_checkpoints
 from mmcli.training.config import TrainConfig, site_augment_record
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
@@ -373,6 +373,7 @@ def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = 
               command: list[str] | None = None) -> TrainSummary:
     """Train as ``cfg`` says; write best/last checkpoints, state.pt, history.csv, splits.csv and run.json."""
     started = time.time()
+    keep_freed_memory()
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run folder, held by torchrun's rank 0
             probe_writable(cfg.out)
