@@ -71,6 +71,31 @@ def test_is_exact_at_native_size_and_ignores_implausible_only_masks():
     assert not qa.anatomical_mask(np.zeros((5, 7), bool)).any()
 
 
+def test_cell_counts_and_parts_match_direct_sums():
+    rng = np.random.default_rng(0)
+    for shape, f in [((40, 36), 4), ((41, 35), 4), ((30, 31), 3), ((9, 7), 1), ((33, 65), 16)]:
+        m = rng.random(shape) < 0.4
+        h, w = -(-shape[0] // f), -(-shape[1] // f)
+        padded = np.zeros((h * f, w * f), bool)
+        padded[: shape[0], : shape[1]] = m
+        expected = padded.reshape(h, f, w, f).sum(axis=(1, 3))
+        np.testing.assert_array_equal(qa._cell_counts(m, f), expected)
+    # pieces at 2048 px (cells of 4): areas, centroids and lowest rows of two rectangles
+    p = qa._parts(two_lungs(2048))
+    np.testing.assert_array_equal(p.area, [160 * 8 * 88 * 8] * 2)
+    np.testing.assert_allclose(p.cy, [140 * 8 / 2048] * 2)
+    np.testing.assert_allclose(p.cx, [74 * 8 / 2048, 182 * 8 / 2048])
+    np.testing.assert_allclose(p.bottom, [220 * 8 / 2048] * 2)
+
+
+def test_fills_holes_through_whole_and_ragged_cells():
+    for n in (2048, 2041):  # cells of 4 that tile the frame, and ragged ones
+        lungs = two_lungs(2048)[:n, :n]
+        holed = lungs.copy()
+        holed[800:840, 400:440] = False  # a closed hole inside the left lung
+        np.testing.assert_array_equal(qa.anatomical_mask(holed), lungs)
+
+
 # --- mask_flags ----------------------------------------------------------------------------
 
 def test_mask_flags_on_hand_made_masks():
