@@ -126,8 +126,8 @@ def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights built as research code builds them: ``nn.InstanceNorm2d`` layers,
-    ``nn.MaxPool2d``, ``nn.Dropout`` and decoder blocks that upsample with ``F.interpolate``
-    and convolve a ``torch.cat`` of their inputs."""
+    ``nn.MaxPool2d``, ``nn.LeakyReLU`` that is not in place, ``nn.Dropout`` and decoder
+    blocks that upsample with ``F.interpolate`` and convolve a ``torch.cat`` of their inputs."""
     for module in list(torch_dropout(model).modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
@@ -136,6 +136,8 @@ def research_model(model: torch.nn.Module) -> torch.nn.Module:
                 setattr(module, child_name, ref)
             elif isinstance(child, MaxPool2x2):
                 setattr(module, child_name, torch.nn.MaxPool2d(2))
+            elif isinstance(child, torch.nn.LeakyReLU):
+                child.inplace = False
         if isinstance(module, Up):
             module.forward = types.MethodType(_concat_forward, module)
     return model
