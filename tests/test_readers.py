@@ -692,3 +692,13 @@ def test_colour_is_told_from_grey_saved_as_rgb(tmp_path: Path) -> None:
     assert read_radiograph(tmp_path / "grey.jpg").colour is False
     assert read_radiograph(tmp_path / "photo.jpg").colour is True
     assert read_radiograph(tmp_path / "plain.png").colour is False
+
+
+def test_every_8_and_16_bit_value_scales_as_float64_division() -> None:
+    from mmcli.io.readers import _unit
+
+    for top, dtype in [(255, np.uint8), (65535, np.uint16)]:
+        values = np.arange(top + 1, dtype=dtype)
+        got = _unit(values, top)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, (values / float(top)).astype(np.float32))

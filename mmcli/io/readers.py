@@ -253,10 +253,14 @@ def _has_chroma(img: Image.Image) -> bool:
     return bool((rgb.max(axis=2) - rgb.min(axis=2)).mean() > CHROMA_LIMIT)
 
 
-# Lookup tables give the same float32 values as dividing in float64, several times faster
-# on the 4-megapixel images a batch job sees.
-_SCALE_8 = (np.arange(2**8) / 255.0).astype(np.float32)
-_SCALE_16 = (np.arange(2**16) / 65535.0).astype(np.float32)
+def _unit(values: np.ndarray, top: int) -> np.ndarray:
+    """Integers in [0, top] (top < 2**24) as float32 ``values / top``.
+
+    One float32 division: the same values as dividing in float64 and rounding to float32
+    (double rounding is harmless for division from 53 to 24 bits; checked for every 8- and
+    16-bit value), three times faster than a lookup table on a 4-megapixel image.
+    """
+    return np.divide(values, np.float32(top), dtype=np.float32)
 
 
 def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
@@ -265,9 +269,9 @@ def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
     if mode == "1":
         return np.asarray(img, dtype=np.float32), 1
     if mode == "L":
-        return _SCALE_8[np.asarray(img)], 8
+        return _unit(np.asarray(img), 255), 8
     if mode.startswith("I;16"):
-        return _SCALE_16[np.asarray(img).astype(np.uint16, copy=False)], 16
+        return _unit(np.asarray(img).astype(np.uint16, copy=False), 65535), 16
     if mode == "I":
         bits = _declared_bits(img)
         arr = np.asarray(img)
@@ -282,9 +286,9 @@ def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         grey = Image.alpha_composite(black, rgba).convert("L")
-        return _SCALE_8[np.asarray(grey)], 8
+        return _unit(np.asarray(grey), 255), 8
     grey = img.convert("L") if mode == "RGB" else img.convert("RGB").convert("L")  # caller reports failures
-    return _SCALE_8[np.asarray(grey)], 8
+    return _unit(np.asarray(grey), 255), 8
 
 
 def _declared_bits(img: Image.Image) -> int | None:
