@@ -30,36 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmcli.models.blocks import MaxPool2x2, Up
 from mmcli.runtime import keep_freed_memory
 from mmcli.weights import load_weights
 
-
-def torch_kernels(model: nn.Module) -> nn.Module:
-    """``model`` with PyTorch's pooling, upsampling and out-of-place LeakyReLU."""
-    import types
-
-    import torch.nn.functional as F
-
-    from mmcli.models.blocks import _conv_of_concat
-
-    def forward(self: Up, x: torch.Tensor, skip: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        first, *rest = self.conv
-        y = _conv_of_concat(first, [up, skip] + ([extra.to(up.dtype)] if extra is not None else []))
-        for layer in rest:
-            y = layer(y)
-        return y
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, MaxPool2x2):
-                setattr(module, name, nn.MaxPool2d(2))
-            elif isinstance(child, nn.LeakyReLU):
-                child.inplace = False
-        if isinstance(module, Up):
-            module.forward = types.MethodType(forward, module)
-    return model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_throughput import torch_kernels  # noqa: E402
 
 
 def build(kind: str, weights: str) -> nn.Module:

@@ -54,7 +54,7 @@ from mmcli.io.discover import discover_inputs
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
-from mmcli.models.blocks import Dropout, InstanceNorm, MaxPool2x2, Up
+from mmcli.models.blocks import Dropout, InstanceNorm, MaxPool2x2, Up, _conv_of_concat
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -115,6 +115,16 @@ def _concat_forward(self: Up, x: torch.Tensor, skip: torch.Tensor, extra: torch.
     return self.conv(torch.cat([up, skip] + ([extra] if extra is not None else []), dim=1))
 
 
+def _interpolate_forward(self: Up, x: torch.Tensor, skip: torch.Tensor,
+                         extra: torch.Tensor | None = None) -> torch.Tensor:
+    up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+    first, *rest = self.conv
+    y = _conv_of_concat(first, [up, skip] + ([extra.to(up.dtype)] if extra is not None else []))
+    for layer in rest:
+        y = layer(y)
+    return y
+
+
 def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with mmcli's ``Dropout`` layers replaced by ``nn.Dropout`` (PyTorch's own mask)."""
     for module in list(model.modules()):
@@ -124,20 +134,31 @@ def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def torch_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with PyTorch's ``nn.MaxPool2d``, ``F.interpolate`` upsampling and an
+    out-of-place ``nn.LeakyReLU`` instead of mmcli's CPU kernels; the rest of mmcli's model
+    code (summed decoder convolutions, group-norm instance norm, dropout) is kept."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, MaxPool2x2):
+                setattr(module, child_name, torch.nn.MaxPool2d(2))
+            elif isinstance(child, torch.nn.LeakyReLU):
+                child.inplace = False
+        if isinstance(module, Up):
+            module.forward = types.MethodType(_interpolate_forward, module)
+    return model
+
+
 def research_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights built as research code builds them: ``nn.InstanceNorm2d`` layers,
     ``nn.MaxPool2d``, ``nn.LeakyReLU`` that is not in place, ``nn.Dropout`` and decoder
     blocks that upsample with ``F.interpolate`` and convolve a ``torch.cat`` of their inputs."""
-    for module in list(torch_dropout(model).modules()):
+    for module in list(torch_kernels(torch_dropout(model)).modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, InstanceNorm):
                 ref = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
                 ref.load_state_dict(child.state_dict())
                 setattr(module, child_name, ref)
-            elif isinstance(child, MaxPool2x2):
-                setattr(module, child_name, torch.nn.MaxPool2d(2))
-            elif isinstance(child, torch.nn.LeakyReLU):
-                child.inplace = False
         if isinstance(module, Up):
             module.forward = types.MethodType(_concat_forward, module)
     return model

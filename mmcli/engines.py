@@ -206,9 +206,7 @@ _FINISHER: dict[str, Any] = {}
 
 
 def _init_finisher(parent: int, task: CaseTask) -> None:
-    _die_with_parent(parent)
-    keep_freed_memory()
-    torch.set_num_threads(1)
+    _start_worker(parent)
     _FINISHER["task"] = task
 
 
@@ -239,15 +237,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _start_worker(parent: int) -> None:
+    """What every pool process does first: end with its parent, keep freed memory, one thread."""
+    _die_with_parent(parent)
+    keep_freed_memory()  # forked processes have it already; spawned ones do not
+    torch.set_num_threads(1)
+
+
 def _init_loader_worker(parent: int, worker_id: int) -> None:
     _die_with_parent(parent)
     worker_init(worker_id)
 
 
 def _init_worker(parent: int, weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
-    _die_with_parent(parent)
-    keep_freed_memory()
-    torch.set_num_threads(1)
+    _start_worker(parent)
     ckpt = load_checkpoint(weights, expected_sha256=sha256)
     _WORKER["predictor"] = Predictor(ckpt, device="cpu", precision=precision)  # type: ignore[arg-type]
     _WORKER["task"] = task

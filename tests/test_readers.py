@@ -694,11 +694,13 @@ def test_colour_is_told_from_grey_saved_as_rgb(tmp_path: Path) -> None:
     assert read_radiograph(tmp_path / "plain.png").colour is False
 
 
-def test_every_8_and_16_bit_value_scales_as_float64_division() -> None:
+def test_every_value_up_to_16_bits_scales_as_float64_division() -> None:
     from mmcli.io.readers import _unit
 
-    for top, dtype in [(255, np.uint8), (65535, np.uint16)]:
-        values = np.arange(top + 1, dtype=dtype)
+    for bits in range(1, 17):
+        top = 2**bits - 1
+        values = np.arange(top + 1, dtype=np.uint8 if bits <= 8 else np.uint16)
         got = _unit(values, top)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, (values / float(top)).astype(np.float32))
+        np.testing.assert_array_equal(_unit(values.astype(np.int32), top), got)  # mode "I" data

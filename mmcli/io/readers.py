@@ -257,8 +257,8 @@ def _unit(values: np.ndarray, top: int) -> np.ndarray:
     """Integers in [0, top] (top < 2**24) as float32 ``values / top``.
 
     One float32 division: the same values as dividing in float64 and rounding to float32
-    (double rounding is harmless for division from 53 to 24 bits; checked for every 8- and
-    16-bit value), three times faster than a lookup table on a 4-megapixel image.
+    (double rounding is harmless for division from 53 to 24 bits; tested for every value of
+    every depth up to 16 bits), three times faster than a lookup table on a 4-megapixel image.
     """
     return np.divide(values, np.float32(top), dtype=np.float32)
 
@@ -276,9 +276,8 @@ def _pil_to_grey(img: Image.Image, path: Path) -> tuple[np.ndarray, int]:
         bits = _declared_bits(img)
         arr = np.asarray(img)
         if bits is not None and bits <= 16:
-            top = 2**bits - 1  # clip(x / top, 0, 1) == clip(x, 0, top) / top: a table lookup
-            table = (np.arange(top + 1) / float(top)).astype(np.float32)
-            return chunked(arr, lambda rows: table[np.clip(rows, 0, top)]), bits
+            top = 2**bits - 1  # clip(x / top, 0, 1) == clip(x, 0, top) / top
+            return chunked(arr, lambda rows: _unit(np.clip(rows, 0, top), top)), bits
         return _min_max(arr, path), bits or 32
     if mode == "F":
         return _min_max(np.asarray(img), path), 32
