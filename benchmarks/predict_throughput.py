@@ -20,7 +20,9 @@ the same run and alternating ``--repeats`` times:
   and write it, in one process per core. What the CPU side alone allows: no predict can
   be faster, whatever the device (the goal on a GPU is 80 % of it).
 
-``--ablation`` adds the naive loop on mmcli's model code and mmcli with ``--workers 0``.
+``--ablation`` adds the naive loop on mmcli's model code, mmcli with ``--workers 0`` and,
+where ``--precision auto`` is not float32 on that device (``mixed`` where it has native
+bf16), mmcli with ``--precision fp32``.
 Both produce the same outputs (a mask PNG per image and a CSV). Reports images/second
 for each and the ratio of medians; ``--json`` writes the figures.
 
@@ -56,6 +58,7 @@ from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
 from mmcli.models.blocks import Dropout, InstanceNorm, MaxPool2x2, Up, _conv_of_concat
 from mmcli.predict import PredictConfig, run_predict
+from mmcli.runtime import cpu_has_fast_bf16, resolve_precision
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -197,9 +200,9 @@ def naive_loop(inputs: Path, weights: Path, out: Path, *, research_model_: bool 
 
 
 def mmcli_run(inputs: Path, weights: Path, out: Path, batch_size: int | None, workers: int | None,
-              device: str = "auto") -> int:
+              device: str = "auto", precision: str = "auto") -> int:
     cfg = PredictConfig(inputs=(str(inputs),), out=out, weights=str(weights), overwrite=True,
-                        batch_size=batch_size, workers=workers, device=device)
+                        batch_size=batch_size, workers=workers, device=device, precision=precision)
     summary = run_predict(cfg)
     if summary.failed:
         raise SystemExit(f"{summary.failed} cases failed in the mmcli run")
@@ -246,6 +249,7 @@ def main() -> None:
 
     inputs = make_inputs(args.data, args.workdir / f"scans-{args.size}", args.n, args.size)
     weights = make_weights(args.workdir / "bench-multimix.safetensors")
+    auto_precision = resolve_precision("auto", torch.device(args.device))
     runs = {
         "naive": lambda out: naive_loop(inputs, weights, out, device=args.device),
         "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers, args.device),
@@ -254,6 +258,9 @@ def main() -> None:
     if args.ablation:
         runs["naive+model"] = lambda out: naive_loop(inputs, weights, out, research_model_=False, device=args.device)
         runs["mmcli-j0"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, 0, args.device)
+        if auto_precision != "fp32":
+            runs["mmcli-fp32"] = lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers,
+                                                       args.device, "fp32")
     times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -272,6 +279,7 @@ def main() -> None:
         "batch_size": args.batch_size, "workers": args.workers,
         "naive_images_per_s": round(args.n / naive, 3), "mmcli_images_per_s": round(args.n / fast, 3),
         "speedup": round(naive / fast, 2), "share_of_ceiling": round(medians["ceiling"] / fast, 3),
+        "precision": auto_precision, "cpu_fast_bf16": cpu_has_fast_bf16(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "device": args.device, "times_s": times,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,

@@ -10,10 +10,12 @@ from typing import Any, Literal
 from mmcli.errors import UsageError
 
 Intensity = Literal["minmax", "fixed"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "mixed", "bf16"]
 DEFAULT_MAX_PIXELS = 60_000_000
 """Largest image (width x height x frames x samples) a batch command decodes by default."""
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "mixed", "bf16")
+TRAIN_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+"""``mixed`` is for running a model only: training takes these."""
 
 
 @dataclass(frozen=True)

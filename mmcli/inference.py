@@ -23,8 +23,16 @@ import torch.nn.functional as F
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
+from mmcli.models.multimix import MultiMixOutput
 from mmcli.ood import OODStats
-from mmcli.runtime import Precision, apply_precision_policy, autocast, resolve_device, resolve_precision
+from mmcli.runtime import (
+    Precision,
+    apply_precision_policy,
+    autocast,
+    decoder_dtype,
+    resolve_device,
+    resolve_precision,
+)
 from mmcli.weights import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -93,7 +101,7 @@ class Predictor:
     Args:
         checkpoint: a loaded checkpoint (see :func:`mmcli.weights.load_weights`).
         device: ``auto|cpu|cuda[:N]|mps``.
-        precision: ``auto|fp32|bf16`` (see :mod:`mmcli.runtime`); outputs stay float32.
+        precision: ``auto|fp32|mixed|bf16`` (see :mod:`mmcli.runtime`); outputs stay float32.
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: Precision = "auto") -> None:
@@ -140,7 +148,7 @@ class Predictor:
         """
         x = images.to(self.device, non_blocking=True)
         with self._bottleneck(self.ood is not None) as captured, torch.no_grad(), autocast(self.device, self.precision):
-            out = self.model(x)
+            out = self._forward(x)
         native = None
         if native_sizes is not None and out.seg_logits is not None:
             native = [_packed_native(out.seg_logits[k].float(), h, w) for k, (h, w) in enumerate(native_sizes)]
@@ -148,6 +156,9 @@ class Predictor:
         sal = out.saliency.float().cpu() if out.saliency is not None else None
         return BatchPrediction(self._probabilities(out.cls_logits), masks, sal, **self._ood(captured),
                                native_masks=native)
+
+    def _forward(self, x: torch.Tensor) -> MultiMixOutput:
+        return self.model(x, decoder_dtype=decoder_dtype(self.precision))
 
     @contextlib.contextmanager
     def _bottleneck(self, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
@@ -181,7 +192,7 @@ class Predictor:
         self.require_bridge()
         x = images.to(self.device, non_blocking=True)
         with self._bottleneck() as captured, torch.enable_grad(), autocast(self.device, self.precision):
-            out = self.model(x)
+            out = self._forward(x)
             features = captured[-1]
             target = out.cls_logits.max(dim=1).values.sum()
             (grad,) = torch.autograd.grad(target, features)

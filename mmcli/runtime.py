@@ -8,10 +8,20 @@ Precision policy:
 * ``fp32`` means float32 everywhere, TF32 included: on CUDA, cuDNN convolutions and
   matmuls are kept off TF32 (its 10-bit mantissa moves probabilities in the third
   decimal against the CPU).
-* ``bf16`` runs the model under bf16 autocast; outputs stay float32.
-* ``auto`` is bf16 on CUDA GPUs that support it and float32 everywhere else, CPUs
-  included: on a CPU, bf16 changes the saliency bridge's map by up to a quarter of its
-  range and would make results depend on which CPU the job landed on.
+* ``mixed`` keeps everything the probabilities and the saliency bridge come from (the
+  encoder, the classifier, the saliency gradient) in float32 and runs only the
+  segmentation decoder, over half of the network's arithmetic, under bf16 autocast.
+  Probabilities and saliency are those of ``fp32`` bit for bit; masks differ from
+  ``fp32`` in a few boundary pixels (the tests hold them under 0.1 % of the pixels).
+* ``bf16`` runs the whole model under bf16 autocast; outputs stay float32. On a CPU it
+  moves the bridge's saliency by up to a quarter of its range, and the masks with it.
+* ``auto`` is ``mixed`` where the device computes in bf16 natively (CUDA GPUs that
+  support it, CPUs with AMX or AVX-512 bf16 instructions) and ``fp32`` everywhere else:
+  on other CPUs bf16 is emulated and many times slower. Probabilities and saliency are
+  then the same whichever CPU a job lands on.
+
+Training takes ``auto|fp32|bf16``; its ``auto`` is ``bf16`` on CUDA GPUs and ``fp32``
+elsewhere.
 """
 
 from __future__ import annotations
@@ -24,12 +34,13 @@ from typing import Literal
 
 import torch
 
-from mmcli.config import PRECISIONS, Precision
+from mmcli.config import PRECISIONS, TRAIN_PRECISIONS, Precision
 from mmcli.errors import UsageError
 
 __all__ = [
-    "PRECISIONS", "Precision", "apply_precision_policy", "autocast", "cpu_has_fast_bf16", "default_batch_size",
-    "default_workers", "keep_freed_memory", "resolve_device", "resolve_precision", "usable_cores",
+    "PRECISIONS", "Precision", "apply_precision_policy", "autocast", "cpu_has_fast_bf16", "decoder_dtype",
+    "default_batch_size", "default_workers", "has_fast_bf16", "keep_freed_memory", "resolve_device",
+    "resolve_precision", "usable_cores",
 ]
 
 
@@ -75,15 +86,29 @@ def cpu_has_fast_bf16() -> bool:
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
-def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
-    """``auto`` is bf16 on CUDA GPUs that support it, float32 elsewhere (see the module docstring)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"Unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (see :func:`cpu_has_fast_bf16` for CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def resolve_precision(precision: str, device: torch.device, *, training: bool = False,
+                      ) -> Literal["fp32", "mixed", "bf16"]:
+    """Turn ``--precision`` into ``fp32``, ``mixed`` or ``bf16`` (see the module docstring).
+
+    Raises:
+        UsageError: the precision is unknown, or ``mixed`` asked for in training.
+    """
+    allowed = TRAIN_PRECISIONS if training else PRECISIONS
+    if precision not in allowed:
+        raise UsageError(f"Unknown precision {precision!r}{' for training' if training else ''}: "
+                         f"use {', '.join(allowed)}")
     if precision != "auto":
         return precision  # type: ignore[return-value]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if training:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "mixed" if has_fast_bf16(device) else "fp32"
 
 
 def apply_precision_policy(device: torch.device, precision: str) -> None:
@@ -94,10 +119,16 @@ def apply_precision_policy(device: torch.device, precision: str) -> None:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast when ``precision == "bf16"``, else nothing."""
+    """bf16 autocast when ``precision == "bf16"``, else nothing (``mixed`` is the model's own
+    business: pass :func:`decoder_dtype` to its forward)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def decoder_dtype(precision: str) -> torch.dtype | None:
+    """What ``MultiMix.forward(decoder_dtype=...)`` takes at this precision: bf16 for ``mixed``."""
+    return torch.bfloat16 if precision == "mixed" else None
 
 
 # glibc's mallopt parameters (malloc.h) and the values set by keep_freed_memory.

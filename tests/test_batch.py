@@ -11,6 +11,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import save_png8
 from typer.testing import CliRunner
 
@@ -20,6 +21,7 @@ from mmcli.errors import UsageError
 from mmcli.explain import ExplainConfig, open_explain
 from mmcli.io.writers import RunLock
 from mmcli.predict import PredictConfig, open_predict, run_predict
+from mmcli.runtime import resolve_precision
 
 runner = CliRunner()
 
@@ -54,7 +56,8 @@ def test_predict_and_explain_agree(tmp_path, scans, tiny_weights):
         counts = {k: v for k, v in manifest["counts"].items() if k != "flagged"}
         assert counts == {"total": 5, "ok": 4, "failed": 1, "skipped": 0, "resumed": 0}
         assert 0 <= manifest["counts"]["flagged"] <= 4
-        assert manifest["precision"] == "fp32" and manifest["provenance"]["model"] == "multimix_tiny"
+        assert manifest["precision"] == resolve_precision("auto", torch.device("cpu"))
+        assert manifest["provenance"]["model"] == "multimix_tiny"
 
 
 def test_explain_runs_on_the_cpu_worker_engine(tmp_path, scans, tiny_weights):
@@ -77,7 +80,8 @@ def test_fail_fast_skips_the_rest_in_explain(tmp_path, scans, tiny_weights):
 
 
 def test_resume_refusal_names_what_changed(tmp_path, scans, tiny_weights):
-    cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), device="cpu")
+    cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), device="cpu",
+                        precision="fp32")
     run_predict(cfg)
     with pytest.raises(UsageError, match=r"threshold 0\.5 -> 0\.7"):
         open_predict(PredictConfig(**{**cfg.__dict__, "threshold": 0.7}))

@@ -98,6 +98,13 @@ def test_pseudo_threshold_and_its_deprecated_name(folders, tmp_path):
     assert res.exit_code == 2
 
 
+def test_mixed_precision_is_refused_with_exit_2(folders, tmp_path):
+    res = runner.invoke(app, _args(folders, tmp_path / "run", "--precision", "mixed", "-q"))
+    assert res.exit_code == 2
+    assert "Unknown precision 'mixed' for training: use auto, fp32, bf16" in res.output
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
 def test_help_names_every_value():
     res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

@@ -38,7 +38,9 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     save_png8(scans / "sub" / "b.png", 90, 70, seed=2)
     (scans / "bad.png").write_text("not an image")
     out = tmp_path / "why"
-    res = _run(["explain", scans, "--out", out, "-w", tiny_weights, "-b", "2", "-q", "--raw-masks"])
+    # float32, so that the lungs below are those of a plain float32 forward
+    res = _run(["explain", scans, "--out", out, "-w", tiny_weights, "-b", "2", "-q", "--raw-masks",
+                "--precision", "fp32"])
     assert res.exit_code == 1  # the bad file fails alone
     rows = _rows(out / "explain.csv")
     assert rows["bad"]["status"] == "error" and "not an image" in rows["bad"]["error"]
@@ -68,7 +70,7 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     assert not (out / ".partial").exists()
 
     before = (out / "saliency" / "a.png").stat().st_mtime_ns
-    res = _run(["explain", scans, "--out", out, "-w", tiny_weights, "--raw-masks"])
+    res = _run(["explain", scans, "--out", out, "-w", tiny_weights, "--raw-masks", "--precision", "fp32"])
     assert res.exit_code == 1 and "(2 resumed)" in res.output
     assert (out / "saliency" / "a.png").stat().st_mtime_ns == before
     with h5py.File(out / "maps.h5") as h5:  # resumed cases keep their maps

@@ -22,7 +22,8 @@ def test_info_json_says_what_a_run_would_use():
     assert default["present"] and default["sha256"] == file_sha256(folder / entry["file"]) == entry["sha256"]
     assert data["devices"][0]["device"] == "cpu" and data["devices"][0]["cores"] >= 1
     if not torch.cuda.is_available():
-        assert data["auto"] == {"device": "cpu", "precision": "fp32", "workers": data["devices"][0]["cores"]}
+        precision = "mixed" if data["devices"][0]["fast_bf16"] else "fp32"
+        assert data["auto"] == {"device": "cpu", "precision": precision, "workers": data["devices"][0]["cores"]}
     assert data["dicom_decoders"]["JPEG 2000"] is True and data["dicom_decoders"]["JPEG lossless"] is True
 
 

@@ -37,16 +37,19 @@ def test_shards_are_every_nth_input_with_the_ids_of_one_run(scans):
 
 @pytest.mark.parametrize("suffix", [".csv", ".h5"])
 def test_a_sharded_run_merged_back_equals_one_run(tmp_path, scans, tiny_weights, suffix):
+    # float32: the tiny random model's mask logits sit near 0, where a mixed decoder's bf16
+    # rounding of features that differ in the last float32 bit between batches flips pixels
     work = tmp_path / "w"
     for k in range(3):
-        res = _run("predict", scans, "--out", work / f"r{suffix}", "-w", tiny_weights, "--shard", f"{k}/3", "-q")
+        res = _run("predict", scans, "--out", work / f"r{suffix}", "-w", tiny_weights, "--shard", f"{k}/3", "-q",
+                   "--precision", "fp32")
         assert res.exit_code in (0, 1), res.output
         manifest = json.loads((work / f"r.shard-{k}-of-3" / "run.json").read_text())
         assert manifest["settings"]["shard"] == [k, 3]
     res = _run("merge", *sorted(work.glob(f"r.shard-*-of-3{suffix}")), "--out", work / f"merge{suffix}")
     assert res.exit_code == 0, res.output
     assert "3 shards: 8 ok, 1 failed, 0 skipped" in res.output
-    res = _run("predict", scans, "--out", tmp_path / f"whole{suffix}", "-w", tiny_weights, "-q")
+    res = _run("predict", scans, "--out", tmp_path / f"whole{suffix}", "-w", tiny_weights, "-q", "--precision", "fp32")
     # same rows and masks: the reports differ only in the folder their mask paths name
     merged, whole = (work / f"merge{suffix}").read_bytes(), (tmp_path / f"whole{suffix}").read_bytes()
     assert merged.replace(b"merge/masks", b"whole/masks") == whole

@@ -41,8 +41,14 @@ DeviceOpt = Annotated[
 ]
 PrecisionOpt = Annotated[
     str,
-    typer.Option("--precision", metavar="auto|fp32|bf16",
-                 help="auto: bf16 autocast on CUDA GPUs, float32 elsewhere (CPUs included)."),
+    typer.Option("--precision", metavar="auto|fp32|mixed|bf16",
+                 help="mixed: float32 for the classifier and saliency, bf16 for the mask decoder. "
+                      "auto: mixed where the device has native bf16 (CUDA, CPUs with AMX or AVX-512 bf16), "
+                      "else fp32."),
+]
+TrainPrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", metavar="auto|fp32|bf16", help="auto: bf16 autocast on CUDA GPUs, else fp32."),
 ]
 BatchSizeOpt = Annotated[
     int | None,

@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mmcli.cli.common import (
     DeviceOpt,
-    PrecisionOpt,
     QuietOpt,
+    TrainPrecisionOpt,
     VoiLutOpt,
     console,
     exit_on_error,
@@ -176,7 +176,7 @@ def train(
         "--calibrate/--no-calibrate", help="Fit a temperature on the validation split.")] = True,
     voi_lut: VoiLutOpt = False,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: TrainPrecisionOpt = "auto",
     workers: Annotated[int, typer.Option(
         "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True, metavar="N",
         help="Processes that decode images; 0: main process.")] = 0,

@@ -131,12 +131,18 @@ class MultiMix(nn.Module):
             self.decoder = None
             self.seg_out = None
 
-    def forward(self, x: Tensor) -> MultiMixOutput:
-        """(B, in_chans, H, W) with H, W divisible by 16 -> MultiMixOutput."""
+    def forward(self, x: Tensor, *, decoder_dtype: torch.dtype | None = None) -> MultiMixOutput:
+        """(B, in_chans, H, W) with H, W divisible by 16 -> MultiMixOutput.
+
+        ``decoder_dtype`` (e.g. ``torch.bfloat16``) runs only the segmentation decoder under
+        autocast to that type: the encoder, the classifier and the saliency bridge keep the
+        caller's precision, so probabilities and saliency are those of a float32 pass, and
+        the mask logits come back as float32.
+        """
         if not self.bridge:
             features = self.encode(x)
             cls_logits = self.classify(features.bottleneck) if self.cls_head else None
-            seg_logits = self.decode(features) if self.seg_head else None
+            seg_logits = self._decode(features, None, decoder_dtype) if self.seg_head else None
             return MultiMixOutput(cls_logits, seg_logits, None)
         if not torch.compiler.is_compiling():  # under torch.compile the caller's input decides (see _saliency_leaf)
             _require_autograd()
@@ -149,8 +155,14 @@ class MultiMix(nn.Module):
         if not keep_graph:
             features, cls_logits = features.detach(), cls_logits.detach()
         bridge = self.bridge_input(x, saliency, size=features.skips[-1].shape[-2:])
-        seg_logits = self.decode(features, bridge)
+        seg_logits = self._decode(features, bridge, decoder_dtype)
         return MultiMixOutput(cls_logits, seg_logits, saliency)
+
+    def _decode(self, features: EncoderFeatures, bridge: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+        if dtype is None:
+            return self.decode(features, bridge)
+        with torch.autocast(features.bottleneck.device.type, dtype=dtype):
+            return self.decode(features, bridge).float()
 
     def encode(self, x: Tensor) -> EncoderFeatures:
         """(B, in_chans, H, W) -> skips at H, H/2, H/4, H/8 and the bottleneck at H/16."""

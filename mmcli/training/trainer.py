@@ -88,7 +88,7 @@ class Trainer:
         if cfg.resume and not self.state_path.exists():
             raise UsageError(f"--resume: no run to continue in {self.out} (state.pt not found)")
         self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, training=True)
         self.dist, self.device = init_distributed(self.device)
         apply_precision_policy(self.device, self.precision)
         self.variant = cfg.variant_spec
