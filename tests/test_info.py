@@ -34,3 +34,7 @@ def test_info_for_people_is_short_and_plain():
     assert lines[0].startswith(f"mmcli {__version__} ")
     assert any(line.startswith("auto: device ") for line in lines)
     assert any("default, present" in line for line in lines)
+    (devices,) = [line for line in lines if line.startswith("devices: ")]
+    cpu = json.loads(runner.invoke(app, ["info", "--json"]).stdout)["devices"][0]
+    native = "native" if cpu["fast_bf16"] else "no native"
+    assert devices.startswith("devices: cpu (") and f", {native} bf16)" in devices

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,7 +25,7 @@ def info(
     lines = [
         f"mmcli {data['mmcli_version']} (Python {data['python']}, torch {data['torch']}, {data['platform']})",
         f"auto: device {auto['device']}, precision {auto['precision']}, {auto['workers']} worker(s)",
-        "devices: " + ", ".join(f"{d['device']} ({d['name']})" for d in data["devices"]),
+        "devices: " + ", ".join(f"{d['device']} ({d['name']}{_bf16(d)})" for d in data["devices"]),
         f"weights ({data['weights']['folder'] or 'no registry found'}):",
     ]
     for w in data["weights"]["registered"]:
@@ -34,3 +34,8 @@ def info(
     decoders = data["dicom_decoders"].items()
     lines.append("DICOM decoders: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in decoders))
     typer.echo("\n".join(lines))
+
+
+def _bf16(device: dict[str, Any]) -> str:
+    native = device.get("fast_bf16", device.get("bf16"))
+    return "" if native is None else f", {'native' if native else 'no native'} bf16"
