@@ -15,7 +15,7 @@ images in [0, 1] with blob masks; speed does not depend on the data), alternatin
 * mmcli: :func:`mmcli.training.step.train_step`: segmentation streams batched through the
   full model, classification streams through encoder and classifier only, the saliency
   from the same encoder pass, the weak view under ``no_grad``, precision from
-  ``--precision auto`` (bf16 autocast only where the hardware runs it fast).
+  ``--precision auto`` (training's: bf16 autocast on CUDA GPUs, float32 elsewhere).
 
 An image is one image of one stream: a step processes ``5 * batch`` images.
 
@@ -129,7 +129,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, training=True)
     w = LossWeights()
     batch = make_batch(args.batch_size, args.image_size, 0).to(device)
     torch.manual_seed(0)
