@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from mmcli import __version__
-from mmcli.runtime import cpu_has_fast_bf16, default_workers, resolve_device, resolve_precision, usable_cores
+from mmcli.runtime import (
+    cpu_has_fast_bf16,
+    default_workers,
+    has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+    usable_cores,
+)
 from mmcli.weights import read_registry
 
 __all__ = ["DICOM_DECODERS", "gather_info"]
@@ -65,7 +72,7 @@ def _devices() -> list[dict[str, Any]]:
             props = torch.cuda.get_device_properties(i)
             devices.append({"device": f"cuda:{i}", "name": props.name,
                             "memory_gib": round(props.total_memory / 2**30, 1),
-                            "bf16": torch.cuda.is_bf16_supported()})
+                            "bf16": has_fast_bf16(torch.device(f"cuda:{i}"))})
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         devices.append({"device": "mps", "name": "Apple MPS"})

@@ -15,13 +15,13 @@ Precision policy:
   ``fp32`` in a few boundary pixels (the tests hold them under 0.1 % of the pixels).
 * ``bf16`` runs the whole model under bf16 autocast; outputs stay float32. On a CPU it
   moves the bridge's saliency by up to a quarter of its range, and the masks with it.
-* ``auto`` is ``mixed`` where the device computes in bf16 natively (CUDA GPUs that
-  support it, CPUs with AMX or AVX-512 bf16 instructions) and ``fp32`` everywhere else:
+* ``auto`` is ``mixed`` where the device computes in bf16 natively (CUDA GPUs from
+  Ampere on, CPUs with AMX or AVX-512 bf16 instructions) and ``fp32`` everywhere else:
   on other CPUs bf16 is emulated and many times slower. Probabilities and saliency are
   then the same whichever CPU a job lands on.
 
-Training takes ``auto|fp32|bf16``; its ``auto`` is ``bf16`` on CUDA GPUs and ``fp32``
-elsewhere.
+Training takes ``auto|fp32|bf16``; its ``auto`` is ``bf16`` on those CUDA GPUs and
+``fp32`` elsewhere.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively (see :func:`cpu_has_fast_bf16` for CPUs)."""
+    """Whether ``device`` computes in bf16 natively: CUDA GPUs from Ampere on (and ROCm),
+    CPUs with AMX or AVX-512 bf16 (:func:`cpu_has_fast_bf16`); not where it is emulated."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
@@ -107,7 +108,7 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool = 
     if precision != "auto":
         return precision  # type: ignore[return-value]
     if training:
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cuda" and has_fast_bf16(device) else "fp32"
     return "mixed" if has_fast_bf16(device) else "fp32"
 
 

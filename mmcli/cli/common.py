@@ -43,8 +43,8 @@ PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", metavar="auto|fp32|mixed|bf16",
                  help="mixed: float32 for the classifier and saliency, bf16 for the mask decoder. "
-                      "auto: mixed where the device has native bf16 (CUDA, CPUs with AMX or AVX-512 bf16), "
-                      "else fp32."),
+                      "auto: mixed where the device has native bf16 (CUDA from Ampere on, CPUs with AMX "
+                      "or AVX-512 bf16), else fp32."),
 ]
 TrainPrecisionOpt = Annotated[
     str,
