@@ -74,6 +74,7 @@ def test_mixed_stays_within_the_tolerances_on_the_example_films(tmp_path):
 
 
 @pytest.mark.skipif(read_registry() is None, reason="no shipped weights")
+@pytest.mark.skipif(not runtime.cpu_has_fast_bf16(), reason="auto picks mixed only on CPUs with native bf16")
 def test_mixed_does_not_depend_on_batch_size_or_threads(one_thread):
     ckpt = load_weights()
     pre = ckpt.preprocess
