@@ -40,7 +40,7 @@ from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
-from mmcli.runtime import default_batch_size, default_workers
+from mmcli.runtime import default_batch_size, default_workers, has_fast_bf16
 from mmcli.weights import Checkpoint, load_weights
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,11 @@ def open_inputs(cfg: BatchConfig, exclude: Sequence[Path]) -> tuple[list[InputFi
         UsageError: no inputs, or weights that cannot be found, verified or loaded.
     """
     files = discover_inputs(cfg.inputs, exclude=exclude)
-    return files, Predictor(load_weights(cfg.weights), device=cfg.device, precision=cfg.precision)
+    predictor = Predictor(load_weights(cfg.weights), device=cfg.device, precision=cfg.precision)
+    if predictor.precision != "fp32" and not has_fast_bf16(predictor.device):
+        logger.warning("--precision %s: %s has no native bf16, so bf16 is emulated there and may be many times "
+                       "slower than --precision fp32", predictor.precision, predictor.device)
+    return files, predictor
 
 
 def resume_header(cfg: BatchConfig, predictor: Predictor, **extra: Any) -> dict[str, Any]:

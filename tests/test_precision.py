@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_png8
 
 from mmcli import runtime
 from mmcli.data.transforms import preprocess
@@ -88,3 +89,17 @@ def test_mixed_does_not_depend_on_batch_size_or_threads(one_thread):
     np.testing.assert_allclose(torch.cat([a.probabilities for a in alone]), together.probabilities, atol=1e-5)
     flipped = (torch.cat([a.mask_logits for a in alone]) >= 0) != (together.mask_logits >= 0)
     assert flipped.float().mean(dim=(1, 2, 3)).max() < 1e-3
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(tmp_path, tiny_weights, monkeypatch, caplog):
+    scans = tmp_path / "scans"
+    save_png8(scans / "a.png", 64, 64)
+    for fast in (True, False):
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        caplog.clear()
+        cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / f"{fast}.csv", weights=str(tiny_weights),
+                            device="cpu", precision="mixed", workers=0)
+        assert run_predict(cfg).ok == 1
+        slow = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+        assert slow == ([] if fast else ["--precision mixed: cpu has no native bf16, so bf16 is emulated there "
+                                         "and may be many times slower than --precision fp32"])
