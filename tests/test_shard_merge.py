@@ -93,3 +93,15 @@ def test_explain_shards(tmp_path, scans, tiny_weights):
     rows = (tmp_path / "e.shard-1-of-2" / "explain.csv").read_text().splitlines()[1:]
     assert len(rows) == 4 and json.loads((tmp_path / "e.shard-1-of-2" / "run.json").read_text())["settings"][
         "shard"] == [1, 2]
+
+
+def test_shards_run_at_other_precisions_are_refused(tmp_path, scans, tiny_weights):
+    # what auto gives on two nodes with other CPUs: mixed on one, fp32 on the other
+    work = tmp_path / "w"
+    for k, precision in ((0, "fp32"), (1, "mixed")):
+        res = _run("predict", scans, "--out", work / "r.csv", "-w", tiny_weights, "--shard", f"{k}/2", "-q",
+                   "--precision", precision)
+        assert res.exit_code in (0, 1), res.output
+    res = _run("merge", *sorted(work.glob("r.shard-*-of-2.csv")), "--out", work / "merge.csv")
+    assert res.exit_code == 2 and "precision 'fp32' -> 'mixed'" in res.output
+    assert not (work / "merge.csv").exists()
