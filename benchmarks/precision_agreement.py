@@ -11,10 +11,17 @@ compares each case with its ``fp32`` result:
 * flags: cases whose quality-control flags differ, and cases whose label differs.
 
 The tolerances of ``--precision`` are 2e-3 in probability and 0.1 % of the mask pixels;
-a precision meets them when every case does. Then the model alone is timed on this CPU
-(one thread, batch 2, the precisions alternating ``--repeats`` times), since whether bf16
-pays depends on the CPU (:func:`mmcli.runtime.cpu_has_fast_bf16`). Prints markdown;
-``--json`` writes the figures.
+a precision meets them when every case does. Then, on the same films at the model's size:
+
+* batching: each precision's outputs one image at a time on one thread against batches
+  of 8 on two threads (max change of probability and mask logit, max share of mask
+  pixels flipped per image);
+* timing on this CPU (one thread, batch 2, the precisions alternating ``--repeats``
+  times), of the whole model and of its two parts: the float32 encoder with the saliency
+  backward, and the decoder at each precision. Whether bf16 pays depends on the CPU
+  (:func:`mmcli.runtime.cpu_has_fast_bf16`).
+
+Prints markdown; ``--json`` writes the figures.
 
     python benchmarks/precision_agreement.py --json docs/results/precision-agreement-cpu.json
 """
@@ -33,7 +40,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmcli.data.transforms import preprocess
+from mmcli.errors import MMCLIError
 from mmcli.inference import Predictor
+from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import read_mask_png
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.runtime import cpu_has_fast_bf16
@@ -80,19 +90,70 @@ def _compare(ref: pd.DataFrame, other: pd.DataFrame, base: Path) -> dict[str, fl
     }
 
 
-def _time_model(weights: str, repeats: int) -> dict[str, float]:
+def _model_inputs(files: list[Path], weights: str) -> torch.Tensor:
+    pre = load_weights(weights).preprocess
+    images = []
+    for f in files:
+        try:
+            images.append(preprocess(read_radiograph(f).pixels, pre))
+        except MMCLIError:
+            continue  # the reader's refusals are reported by the predict runs
+    return torch.stack(images)
+
+
+def _batching(x: torch.Tensor, weights: str) -> dict[str, dict[str, float]]:
+    ckpt = load_weights(weights)
+    report = {}
+    for p in PRECISIONS:
+        predictor = Predictor(ckpt, device="cpu", precision=p)
+        torch.set_num_threads(1)
+        alone = [predictor.predict(x[i : i + 1]) for i in range(len(x))]
+        torch.set_num_threads(2)
+        grouped = [predictor.predict(x[i : i + 8]) for i in range(0, len(x), 8)]
+        a_p, g_p = (torch.cat([b.probabilities for b in r]) for r in (alone, grouped))
+        a_m, g_m = (torch.cat([b.mask_logits for b in r]) for r in (alone, grouped))
+        flipped = ((a_m >= 0) != (g_m >= 0)).float().mean(dim=(1, 2, 3))
+        report[p] = {"images": len(x), "max_dp": float((a_p - g_p).abs().max()),
+                     "max_dlogit": float((a_m - g_m).abs().max()), "max_mask_share": float(flipped.max())}
+    torch.set_num_threads(1)
+    return report
+
+
+def _time_model(x: torch.Tensor, weights: str, repeats: int) -> dict[str, float]:
     torch.set_num_threads(1)
     ckpt = load_weights(weights)
+    model = ckpt.build_model().eval()
     predictors = {p: Predictor(ckpt, device="cpu", precision=p) for p in PRECISIONS}
-    x = torch.rand(2, 1, 256, 256, generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    with torch.no_grad():
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            features = model.encode(leaf)
+            saliency = model.saliency(leaf, model.classify(features.bottleneck), retain_graph=False)
+        features = features.detach()
+        bridge = model.bridge_input(x, saliency, size=features.skips[-1].shape[-2:])
+
+    def encoder() -> None:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            f = model.encode(leaf)
+            model.saliency(leaf, model.classify(f.bottleneck), retain_graph=False)
+
+    def decoder(dtype: torch.dtype | None) -> None:
+        with torch.no_grad():
+            model._decode(features, bridge, dtype)
+
+    calls = {f"model {p}": (lambda pr=predictor: pr.predict(x)) for p, predictor in predictors.items()}
+    calls["encoder and saliency fp32"] = encoder
+    calls["decoder fp32"] = lambda: decoder(None)
+    calls["decoder bf16"] = lambda: decoder(torch.bfloat16)
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(repeats + 1):
-        for p, predictor in predictors.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            predictor.predict(x)
+            call()
             if r:  # the first round warms up
-                times[p].append((time.perf_counter() - start) * 1e3)
-    return {p: round(statistics.median(t), 1) for p, t in times.items()}
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(t), 1) for name, t in times.items()}
 
 
 def main() -> None:
@@ -117,7 +178,9 @@ def main() -> None:
                     row = _compare(runs["fp32"], runs[p], out)
                     row["meets"] = row["max_dp"] <= TOL_P and row["max_mask_share"] <= TOL_MASK
                     report["agreement"][f"{weights} {'raw' if raw else 'anatomical'} {p}"] = row  # type: ignore[index]
-    report["model_ms_per_call_of_2"] = _time_model(args.weights[0], args.repeats)
+    x = _model_inputs(files, args.weights[-1])
+    report["batching"] = _batching(x, args.weights[-1])
+    report["ms_per_call_of_2"] = _time_model(x[:2], args.weights[-1], args.repeats)
     print(f"{len(files)} files, CPU fast bf16: {report['fast_bf16']}\n")
     print("| weights, mask, precision | cases | max abs dp | max / median mask pixels differing | flags differ "
           "| labels differ | within 2e-3 and 0.1 % |")
@@ -126,7 +189,11 @@ def main() -> None:
         print(f"| {key} | {row['cases']} | {row['max_dp']:.2e} | {100 * row['max_mask_share']:.3f} % / "
               f"{100 * row['median_mask_share']:.3f} % | {row['flags_differ']} | {row['labels_differ']} "
               f"| {'yes' if row['meets'] else 'no'} |")
-    print("\nmodel alone, ms per call of 2 (one thread):", report["model_ms_per_call_of_2"])
+    print(f"\nbatching, {args.weights[-1]}: one image on one thread against batches of 8 on two threads")
+    for p, row in report["batching"].items():  # type: ignore[attr-defined]
+        print(f"  {p}: {row['images']} images, max |dp| {row['max_dp']:.1e}, max |dlogit| {row['max_dlogit']:.1e}, "
+              f"max mask pixels flipped {100 * row['max_mask_share']:.3f} %")
+    print("ms per call of 2 (one thread):", report["ms_per_call_of_2"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -58,7 +58,7 @@ from mmcli.io.writers import write_mask_png
 from mmcli.models import create_model, model_kwargs
 from mmcli.models.blocks import Dropout, InstanceNorm, MaxPool2x2, Up, _conv_of_concat
 from mmcli.predict import PredictConfig, run_predict
-from mmcli.runtime import cpu_has_fast_bf16, resolve_precision
+from mmcli.runtime import cpu_has_fast_bf16, resolve_device, resolve_precision
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -249,7 +249,7 @@ def main() -> None:
 
     inputs = make_inputs(args.data, args.workdir / f"scans-{args.size}", args.n, args.size)
     weights = make_weights(args.workdir / "bench-multimix.safetensors")
-    auto_precision = resolve_precision("auto", torch.device(args.device))
+    auto_precision = resolve_precision("auto", resolve_device(args.device))
     runs = {
         "naive": lambda out: naive_loop(inputs, weights, out, device=args.device),
         "mmcli": lambda out: mmcli_run(inputs, weights, out, args.batch_size, args.workers, args.device),

@@ -15,7 +15,7 @@ images in [0, 1] with blob masks; speed does not depend on the data), alternatin
 * mmcli: :func:`mmcli.training.step.train_step`: segmentation streams batched through the
   full model, classification streams through encoder and classifier only, the saliency
   from the same encoder pass, the weak view under ``no_grad``, precision from
-  ``--precision auto`` (training's: bf16 autocast on CUDA GPUs, float32 elsewhere).
+  ``--precision auto`` (training's: bf16 autocast on CUDA GPUs from Ampere on, float32 elsewhere).
 
 An image is one image of one stream: a step processes ``5 * batch`` images.
 

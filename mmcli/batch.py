@@ -176,8 +176,8 @@ def open_inputs(cfg: BatchConfig, exclude: Sequence[Path]) -> tuple[list[InputFi
     files = discover_inputs(cfg.inputs, exclude=exclude)
     predictor = Predictor(load_weights(cfg.weights), device=cfg.device, precision=cfg.precision)
     if predictor.precision != "fp32" and not has_fast_bf16(predictor.device):
-        logger.warning("--precision %s: %s has no native bf16, so bf16 is emulated there and may be many times "
-                       "slower than --precision fp32", predictor.precision, predictor.device)
+        logger.warning("--precision %s: %s has no native bf16 that mmcli knows of, so bf16 may be emulated there "
+                       "and many times slower than --precision fp32", predictor.precision, predictor.device)
     return files, predictor
 
 

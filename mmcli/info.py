@@ -72,7 +72,7 @@ def _devices() -> list[dict[str, Any]]:
             props = torch.cuda.get_device_properties(i)
             devices.append({"device": f"cuda:{i}", "name": props.name,
                             "memory_gib": round(props.total_memory / 2**30, 1),
-                            "bf16": has_fast_bf16(torch.device(f"cuda:{i}"))})
+                            "fast_bf16": has_fast_bf16(torch.device(f"cuda:{i}"))})
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         devices.append({"device": "mps", "name": "Apple MPS"})

@@ -6,22 +6,23 @@ Every command that runs the model (predict, explain, evaluate, train) resolves i
 Precision policy:
 
 * ``fp32`` means float32 everywhere, TF32 included: on CUDA, cuDNN convolutions and
-  matmuls are kept off TF32 (its 10-bit mantissa moves probabilities in the third
+  matmuls are kept off TF32 (under ``mixed`` too) (its 10-bit mantissa moves probabilities in the third
   decimal against the CPU).
 * ``mixed`` keeps everything the probabilities and the saliency bridge come from (the
   encoder, the classifier, the saliency gradient) in float32 and runs only the
   segmentation decoder, over half of the network's arithmetic, under bf16 autocast.
-  Probabilities and saliency are those of ``fp32`` bit for bit; masks differ from
+  Probabilities and saliency are those of ``fp32`` on the same device bit for bit; masks differ from
   ``fp32`` in a few boundary pixels (the tests hold them under 0.1 % of the pixels).
 * ``bf16`` runs the whole model under bf16 autocast; outputs stay float32. On a CPU it
   moves the bridge's saliency by up to a quarter of its range, and the masks with it.
 * ``auto`` is ``mixed`` where the device computes in bf16 natively (CUDA GPUs from
   Ampere on, CPUs with AMX or AVX-512 bf16 instructions) and ``fp32`` everywhere else:
   on other CPUs bf16 is emulated and many times slower. Probabilities and saliency are
-  then the same whichever CPU a job lands on.
+  then float32's whichever CPU a job lands on.
 
-Training takes ``auto|fp32|bf16``; its ``auto`` is ``bf16`` on those CUDA GPUs and
-``fp32`` elsewhere.
+Training takes ``auto|fp32|bf16``; its ``auto`` is ``bf16`` on those CUDA GPUs (Ampere
+on) and ``fp32`` elsewhere. Its temperature is fitted on float32 logits, as ``mixed`` and
+``fp32`` give them.
 """
 
 from __future__ import annotations
@@ -102,9 +103,11 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool = 
         UsageError: the precision is unknown, or ``mixed`` asked for in training.
     """
     allowed = TRAIN_PRECISIONS if training else PRECISIONS
+    if training and precision == "mixed":
+        raise UsageError(f"--precision mixed is for predict, explain and evaluate; training takes "
+                         f"{', '.join(allowed)}")
     if precision not in allowed:
-        raise UsageError(f"Unknown precision {precision!r}{' for training' if training else ''}: "
-                         f"use {', '.join(allowed)}")
+        raise UsageError(f"Unknown precision {precision!r}: use {', '.join(allowed)}")
     if precision != "auto":
         return precision  # type: ignore[return-value]
     if training:
@@ -113,8 +116,9 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool = 
 
 
 def apply_precision_policy(device: torch.device, precision: str) -> None:
-    """Make ``fp32`` mean float32 on CUDA (no TF32 convolutions or matmuls)."""
-    if device.type == "cuda" and precision == "fp32":
+    """Make the float32 of ``fp32`` and ``mixed`` mean float32 on CUDA (no TF32 convolutions or
+    matmuls): ``mixed``'s encoder, classifier and saliency are float32's."""
+    if device.type == "cuda" and precision in ("fp32", "mixed"):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 

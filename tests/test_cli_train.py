@@ -101,7 +101,7 @@ def test_pseudo_threshold_and_its_deprecated_name(folders, tmp_path):
 def test_mixed_precision_is_refused_with_exit_2(folders, tmp_path):
     res = runner.invoke(app, _args(folders, tmp_path / "run", "--precision", "mixed", "-q"))
     assert res.exit_code == 2
-    assert "Unknown precision 'mixed' for training: use auto, fp32, bf16" in res.output
+    assert "--precision mixed is for predict, explain and evaluate; training takes auto, fp32, bf16" in res.output
     assert not (tmp_path / "run" / "state.pt").exists()
 
 

@@ -31,7 +31,8 @@ def test_auto_is_mixed_only_where_the_cpu_has_native_bf16(monkeypatch, fast, exp
 
 
 def test_mixed_is_refused_for_training_and_unknown_precisions_everywhere():
-    with pytest.raises(UsageError, match=r"Unknown precision 'mixed' for training: use auto, fp32, bf16"):
+    with pytest.raises(UsageError, match=r"--precision mixed is for predict, explain and evaluate; training takes "
+                                         r"auto, fp32, bf16"):
         runtime.resolve_precision("mixed", CPU, training=True)
     with pytest.raises(UsageError, match=r"Unknown precision 'fp16': use auto, fp32, mixed, bf16"):
         runtime.resolve_precision("fp16", CPU)
@@ -57,6 +58,7 @@ def test_mixed_keeps_probabilities_and_saliency_of_fp32_bit_for_bit(tiny_weights
 
 
 @pytest.mark.skipif(read_registry() is None, reason="no shipped weights")
+@pytest.mark.skipif(not runtime.cpu_has_fast_bf16(), reason="auto picks mixed only on CPUs with native bf16")
 def test_mixed_stays_within_the_tolerances_on_the_example_films(tmp_path):
     # probabilities within 2e-3 (here: equal) and every mask within 0.1 % of the pixels of
     # float32, with the default weights on the shipped films at their native size
@@ -91,15 +93,17 @@ def test_mixed_does_not_depend_on_batch_size_or_threads(one_thread):
     assert flipped.float().mean(dim=(1, 2, 3)).max() < 1e-3
 
 
-def test_bf16_on_a_cpu_without_native_bf16_says_it_is_slow(tmp_path, tiny_weights, monkeypatch, caplog):
+@pytest.mark.parametrize("precision", ["mixed", "bf16"])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slow(tmp_path, tiny_weights, monkeypatch, caplog,
+                                                                 precision):
     scans = tmp_path / "scans"
     save_png8(scans / "a.png", 64, 64)
     for fast in (True, False):
         monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda fast=fast: fast)
         caplog.clear()
         cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / f"{fast}.csv", weights=str(tiny_weights),
-                            device="cpu", precision="mixed", workers=0)
+                            device="cpu", precision=precision, workers=0)
         assert run_predict(cfg).ok == 1
         slow = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
-        assert slow == ([] if fast else ["--precision mixed: cpu has no native bf16, so bf16 is emulated there "
-                                         "and may be many times slower than --precision fp32"])
+        assert slow == ([] if fast else [f"--precision {precision}: cpu has no native bf16 that mmcli knows of, so "
+                                         "bf16 may be emulated there and many times slower than --precision fp32"])

@@ -48,7 +48,8 @@ PrecisionOpt = Annotated[
 ]
 TrainPrecisionOpt = Annotated[
     str,
-    typer.Option("--precision", metavar="auto|fp32|bf16", help="auto: bf16 autocast on CUDA GPUs, else fp32."),
+    typer.Option("--precision", metavar="auto|fp32|bf16",
+                 help="auto: bf16 autocast on CUDA GPUs from Ampere on, else fp32."),
 ]
 BatchSizeOpt = Annotated[
     int | None,

@@ -37,5 +37,5 @@ def info(
 
 
 def _bf16(device: dict[str, Any]) -> str:
-    native = device.get("fast_bf16", device.get("bf16"))
+    native = device.get("fast_bf16")
     return "" if native is None else f", {'native' if native else 'no native'} bf16"

@@ -358,9 +358,11 @@ class Trainer:
         elif self.model.cls_head:
             val_cls = self.splits.val_cls
         paths = [self.out / "last.safetensors", self.out / "best.safetensors"]
+        # float32 whatever the training precision: predict's classifier runs in float32 under
+        # both fp32 and mixed, so the temperature is fitted on the logits it will scale
         *_, best = finish_checkpoints(paths, self.table, self.pre, val_cls=val_cls, temperature=carried,
                                       ood=self.ood_split(), batch_size=self.cfg.batch_size, device=self.device,
-                                      precision=self.precision)
+                                      precision="fp32")
         if best["calibration"] is not None:
             cal.update(zip(("temperature", "ece_before", "ece_after", "kept"), best["calibration"], strict=True))
         cal["ood"] = best["ood"]
