@@ -441,3 +441,21 @@ def test_run_json_records_sampling_site_augmentation_and_calibration(folders, tm
     assert load_checkpoint(tmp_path / "r" / "best.safetensors").extra["calibration_kept"].startswith("validation")
     with pytest.raises(UsageError, match="--site-aug: unknown sharpen"):
         _cfg(folders, tmp_path / "x", site_aug=("sharpen",))
+
+
+def test_bf16_training_fits_its_temperature_on_float32_logits(folders, tmp_path, monkeypatch):
+    # predict's classifier runs in float32 (fp32 and mixed alike), so calibration does too
+    from mmcli.training import trainer
+
+    seen = []
+    real = trainer.finish_checkpoints
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "finish_checkpoints", spy)
+    summary = run_train(_cfg(folders, tmp_path / "bf16", precision="bf16"))
+    assert seen == ["fp32"]
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["precision"] == "bf16"
+    assert summary.epochs_run == 1
