@@ -6,13 +6,14 @@ Every command that runs the model (predict, explain, evaluate, train) resolves i
 Precision policy:
 
 * ``fp32`` means float32 everywhere, TF32 included: on CUDA, cuDNN convolutions and
-  matmuls are kept off TF32 (under ``mixed`` too) (its 10-bit mantissa moves probabilities in the third
+  matmuls are kept off TF32 (its 10-bit mantissa moves probabilities in the third
   decimal against the CPU).
 * ``mixed`` keeps everything the probabilities and the saliency bridge come from (the
-  encoder, the classifier, the saliency gradient) in float32 and runs only the
-  segmentation decoder, over half of the network's arithmetic, under bf16 autocast.
-  Probabilities and saliency are those of ``fp32`` on the same device bit for bit; masks differ from
-  ``fp32`` in a few boundary pixels (the tests hold them under 0.1 % of the pixels).
+  encoder, the classifier, the saliency gradient) in float32, TF32 off as in ``fp32``,
+  and runs only the segmentation decoder, over half of the network's arithmetic, under
+  bf16 autocast. Probabilities and saliency are bit for bit those of ``fp32`` on the
+  same device; masks differ from ``fp32`` in a few boundary pixels (the tests hold them
+  under 0.1 % of the pixels).
 * ``bf16`` runs the whole model under bf16 autocast; outputs stay float32. On a CPU it
   moves the bridge's saliency by up to a quarter of its range, and the masks with it.
 * ``auto`` is ``mixed`` where the device computes in bf16 natively (CUDA GPUs from
