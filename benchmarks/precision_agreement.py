@@ -45,9 +45,10 @@ from mmcli.errors import MMCLIError
 from mmcli.inference import Predictor
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import read_mask_png
+from mmcli.models.multimix import EncoderFeatures
 from mmcli.predict import PredictConfig, run_predict
 from mmcli.runtime import cpu_has_fast_bf16
-from mmcli.weights import load_weights
+from mmcli.weights import Checkpoint, load_weights
 
 SETS = ("seg-in", "seg-cross", "cls-in", "cls-cross", "native-jpeg", "dicom")
 PRECISIONS = ("fp32", "mixed", "bf16")
@@ -90,8 +91,8 @@ def _compare(ref: pd.DataFrame, other: pd.DataFrame, base: Path) -> dict[str, fl
     }
 
 
-def _model_inputs(files: list[Path], weights: str) -> torch.Tensor:
-    pre = load_weights(weights).preprocess
+def _model_inputs(files: list[Path], ckpt: Checkpoint) -> torch.Tensor:
+    pre = ckpt.preprocess
     images = []
     for f in files:
         try:
@@ -101,8 +102,7 @@ def _model_inputs(files: list[Path], weights: str) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _batching(x: torch.Tensor, weights: str) -> dict[str, dict[str, float]]:
-    ckpt = load_weights(weights)
+def _batching(x: torch.Tensor, ckpt: Checkpoint) -> dict[str, dict[str, float]]:
     report = {}
     for p in PRECISIONS:
         predictor = Predictor(ckpt, device="cpu", precision=p)
@@ -119,24 +119,20 @@ def _batching(x: torch.Tensor, weights: str) -> dict[str, dict[str, float]]:
     return report
 
 
-def _time_model(x: torch.Tensor, weights: str, repeats: int) -> dict[str, float]:
+def _time_model(x: torch.Tensor, ckpt: Checkpoint, repeats: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    ckpt = load_weights(weights)
-    model = ckpt.build_model().eval()
     predictors = {p: Predictor(ckpt, device="cpu", precision=p) for p in PRECISIONS}
-    with torch.no_grad():
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_()
-            features = model.encode(leaf)
-            saliency = model.saliency(leaf, model.classify(features.bottleneck), retain_graph=False)
-        features = features.detach()
-        bridge = model.bridge_input(x, saliency, size=features.skips[-1].shape[-2:])
+    model = predictors["fp32"].model
 
-    def encoder() -> None:
+    def encoder() -> tuple[EncoderFeatures, torch.Tensor]:
+        """The float32 part of every precision: encoder, classifier, saliency backward."""
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             f = model.encode(leaf)
-            model.saliency(leaf, model.classify(f.bottleneck), retain_graph=False)
+            return f.detach(), model.saliency(leaf, model.classify(f.bottleneck), retain_graph=False)
+
+    features, saliency = encoder()
+    bridge = model.bridge_input(x, saliency, size=features.skips[-1].shape[-2:])
 
     def decoder(dtype: torch.dtype | None) -> None:
         with torch.no_grad():
@@ -178,9 +174,10 @@ def main() -> None:
                     row = _compare(runs["fp32"], runs[p], out)
                     row["meets"] = row["max_dp"] <= TOL_P and row["max_mask_share"] <= TOL_MASK
                     report["agreement"][f"{weights} {'raw' if raw else 'anatomical'} {p}"] = row  # type: ignore[index]
-    x = _model_inputs(files, args.weights[-1])
-    report["batching"] = _batching(x, args.weights[-1])
-    report["ms_per_call_of_2"] = _time_model(x[:2], args.weights[-1], args.repeats)
+    ckpt = load_weights(args.weights[-1])
+    x = _model_inputs(files, ckpt)
+    report["batching"] = _batching(x, ckpt)
+    report["ms_per_call_of_2"] = _time_model(x[:2], ckpt, args.repeats)
     print(f"{len(files)} files, CPU fast bf16: {report['fast_bf16']}\n")
     print("| weights, mask, precision | cases | max abs dp | max / median mask pixels differing | flags differ "
           "| labels differ | within 2e-3 and 0.1 % |")
