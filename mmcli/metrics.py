@@ -299,6 +299,7 @@ CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray],
     "f1_pneumonia": lambda y, yhat, p: float(f1_per_class(y, yhat)[1]),
     "sensitivity": lambda y, yhat, p: sensitivity(y, yhat),
     "specificity": lambda y, yhat, p: specificity(y, yhat),
+    "balanced_accuracy": lambda y, yhat, p: (sensitivity(y, yhat) + specificity(y, yhat)) / 2,
     "roc_auc": lambda y, yhat, p: roc_auc(y, p),
     "ece": lambda y, yhat, p: expected_calibration_error(_two_column(p), y),
 }

@@ -29,6 +29,9 @@ def test_classification_matches_sklearn():
     assert M.f1_per_class(t, p) == pytest.approx(skm.f1_score(t, p, average=None))
     assert M.sensitivity(t, p) == pytest.approx(skm.recall_score(t, p))
     assert M.specificity(t, p) == pytest.approx(skm.recall_score(1 - t, 1 - p))
+    balanced = M.CLASSIFICATION_METRICS["balanced_accuracy"]
+    assert balanced(t, p, p) == pytest.approx(skm.balanced_accuracy_score(t, p))
+    assert balanced(Y_TRUE, Y_PRED, Y_PRED) == pytest.approx((2 / 3 + 1 / 2) / 2)
     # a constant predictor: F1 of the class never predicted is 0, as sklearn with zero_division=0
     const = np.ones_like(t)
     assert M.f1_per_class(t, const) == pytest.approx(skm.f1_score(t, const, average=None, zero_division=0))
