@@ -78,7 +78,7 @@ def test_csv_ids_that_look_like_numbers_stay_text(tmp_path):
     rows = [{"case_id": v, "p": 1.5e-3} for v in ("007", "1_000", "nan", "12", "-0.5")]
     write_csv(tmp_path / "r.csv", rows, ["case_id", "p"])
     back = [r["case_id"] for r in read_csv_rows(tmp_path / "r.csv")]
-    assert back == ["007", "1_000", "nan", 12.0, -0.5]
+    assert back == ["007", "1_000", "nan", 12.0, "-0.5"]  # text, neutralised: read back as text
     assert read_csv_rows(tmp_path / "r.csv")[0]["p"] == 1.5e-3
 
 
