@@ -199,3 +199,30 @@ def test_special_files_get_error_rows(tmp_path, tiny_weights):
         "loop_b": "symbolic link loop (the link leads back to itself)",
     }
     assert {k: (r["status"], r["error"]) for k, r in rows.items()} == {k: ("error", v) for k, v in expected.items()}
+
+
+def _mark_run(folder: Path, name: str = "run.json", data: str = '{"provenance": {"mmcli_version": "1"}}') -> None:
+    touch(folder / name, data.encode())
+
+
+def test_folders_that_hold_an_mmcli_run_are_not_searched(scans: Path) -> None:
+    touch(scans / "old" / "masks" / "a" / "x.png")  # an earlier predict --out scans/old.csv
+    _mark_run(scans / "old")
+    touch(scans / "ev" / "roc.png")  # an earlier evaluate --out scans/ev
+    _mark_run(scans / "ev", "summary.json", '{"mmcli_version": "1"}')
+    touch(scans / "mine" / "z.png")  # a user's own run.json is no mmcli run
+    touch(scans / "mine" / "run.json", b'{"experiment": 3}')
+    assert ids(discover_inputs([scans])) == ["a/x", "b/x", "b/y", "c/1.2.3.4", "c/IM0001", "mine/z"]
+    assert "old/masks/a/x" not in ids(discover_inputs([str(scans / "**" / "*.png")]))
+    assert ids(discover_inputs([scans / "old" / "masks" / "a" / "x.png"])) == ["x"]  # named: taken
+    with pytest.raises(InputError, match="Found 0 images"):
+        discover_inputs([scans / "old"])
+
+
+def test_input_list_fingerprint_is_ordered_and_unambiguous() -> None:
+    from mmcli.io.discover import input_list_sha256
+
+    assert input_list_sha256(["a", "b"]) != input_list_sha256(["b", "a"])
+    assert input_list_sha256(["a,b"]) != input_list_sha256(["a", "b"])
+    assert input_list_sha256(["a\nb"]) != input_list_sha256(["a", "b"])
+    assert len(input_list_sha256([])) == 64

@@ -2,11 +2,15 @@
 
 Each input file gets a case id, its path relative to the common parent of all
 input roots, so ``scans/a/x.png`` and ``scans/b/x.png`` never collide in outputs.
+Folders that hold an mmcli run (its ``run.json``) are never searched: the masks of an
+earlier run written inside the inputs are outputs, not radiographs.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import os
 import re
@@ -47,7 +51,8 @@ def discover_inputs(
     DICOM; hidden files and folders are skipped. A file named directly is taken
     whatever its suffix (reading it decides). A glob (``scans/**/*.dcm``) is
     expanded recursively and its matches filtered like folder contents. Anything
-    under a path in ``exclude`` (e.g. an output folder inside the input) is skipped.
+    under a path in ``exclude`` (e.g. an output folder inside the input) is skipped,
+    and so is anything in a folder that holds an mmcli run (:func:`holds_run`).
 
     Args:
         inputs: command-line inputs, in order.
@@ -107,7 +112,8 @@ def _expand(text: str, excluded: list[Path]) -> tuple[Path, list[Path]]:
                 files.update(_walk(hit, excluded))
             elif _is_candidate(hit) and not _is_excluded(hit, excluded):
                 files.add(hit)
-        return _glob_root(text), _sorted(files)
+        root = _glob_root(text)
+        return root, _sorted(f for f in files if not _in_run(f, root))
     raise InputError(f"No such file, folder or pattern: {text!r}")
 
 
@@ -116,6 +122,9 @@ def _walk(root: Path, excluded: list[Path]) -> list[Path]:
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_warn_unreadable):
         here = Path(dirpath)
+        if _skip_run(here):
+            dirnames[:] = []
+            continue
         dirnames[:] = [
             d for d in dirnames if not d.startswith(".") and not _is_excluded(here / d, excluded)
         ]
@@ -148,6 +157,54 @@ def _is_candidate(path: Path) -> bool:
     if stat.S_ISREG(mode):
         return named or is_dicom(path)
     return not stat.S_ISDIR(mode)
+
+
+RUN_MARKERS = ("run.json", "summary.json")
+"""Files by which a folder is known as an mmcli run's: every command writes ``run.json``
+(``evaluate`` its ``summary.json``), with ``mmcli_version`` in it or in its ``provenance``."""
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds the outputs of an mmcli run (a marker file that mmcli wrote)."""
+    for name in RUN_MARKERS:
+        try:
+            with open(folder / name, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (
+            "mmcli_version" in data
+            or isinstance(data.get("provenance"), dict) and "mmcli_version" in data["provenance"]
+        ):
+            return True
+    return False
+
+
+def _skip_run(folder: Path) -> bool:
+    if not holds_run(folder):
+        return False
+    log.warning("not searching %s for inputs: it holds the outputs of an mmcli run", folder)
+    return True
+
+
+def _in_run(path: Path, root: Path) -> bool:
+    """Whether a folder between ``path`` and ``root`` (both included) holds an mmcli run."""
+    for folder in path.parents:
+        if holds_run(folder):
+            return True
+        if folder == root or root not in folder.parents:
+            return False
+    return False
+
+
+def input_list_sha256(case_ids: Sequence[str]) -> str:
+    """Fingerprint of an ordered input list: sha256 of its case ids as a JSON array.
+
+    Case ids, not paths: the nodes of a cluster may mount the same inputs elsewhere.
+    JSON keeps it unambiguous whatever characters the names hold.
+    """
+    data = json.dumps(list(case_ids), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(data.encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
 def _is_excluded(path: Path, excluded: list[Path]) -> bool:
