@@ -41,7 +41,7 @@ from mmcli.io.discover import InputFile, discover_inputs
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
 from mmcli.runtime import default_batch_size, default_workers, has_fast_bf16
-from mmcli.weights import Checkpoint, load_weights
+from mmcli.weights import Checkpoint, load_weights, weights_name
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def provenance(ckpt: Checkpoint) -> dict[str, Any]:
     """What made a report: version, weights and their sha256, model, preprocessing, classes."""
     return {
         "mmcli_version": __version__,
-        "weights": str(ckpt.path),
+        "weights": weights_name(ckpt),
+        "weights_file": str(ckpt.path),
         "weights_sha256": ckpt.sha256,
         "model": ckpt.model_name,
         "preprocess": ckpt.preprocess.to_dict(),

@@ -9,6 +9,11 @@ with ``torch.load(weights_only=True)``. Nothing is ever unpickled from an untrus
 Lookup order for the weights of a command: ``--weights`` (a path or a name in
 ``weights/registry.json``), then the ``MMCLI_WEIGHTS`` environment variable, then the
 registry's default. Files named through the registry are verified by sha256.
+
+Every checkpoint is checked on load (:func:`validate_description`, :func:`validate_tensors`)
+before a model is built from it, and refused with one line naming the file and the reason.
+Outputs name weights by :func:`weights_name`: a registered name only for the registered
+bytes, else ``sha256:`` and the first 12 hex digits of the file's own sha256.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Checkpoint:
     mmcli_version: str = __version__
     train_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trained_image_size: int | None = None  # None: the preprocessing's (what a new checkpoint declares)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
@@ -74,6 +80,7 @@ class Checkpoint:
             "mmcli_version": self.mmcli_version,
             "train_config": self.train_config,
             "extra": self.extra,
+            "trained_image_size": self.trained_image_size or self.preprocess.image_size,
         }
 
     def build_model(self) -> nn.Module:
@@ -94,33 +101,88 @@ def _as_tuple(value: Any) -> Any:
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 1024
 """The model input sizes a checkpoint may declare (a larger one costs memory quadratically)."""
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Calibration temperatures a checkpoint may hold, both ends excluded: calibration fits within
+(0.2, 5); a temperature near 0 turns every probability into 0 or 1, a huge one into 1/C."""
 
 
 def validate_description(ckpt: Checkpoint) -> None:
-    """Check a checkpoint's description before anything is built from it.
+    """Check a checkpoint's description before anything is built from it (nothing is allocated).
 
     Raises:
-        WeightsError: an unknown model or model argument, a temperature that is not a
-            finite number > 0 (it would make every probability NaN), an image size outside
-            64..1024, or no class names.
+        WeightsError: an unknown model or model argument, model arguments out of bounds
+            (:func:`mmcli.models.model_kwargs` builds the model on the meta device), a model
+            that is not grey in, one output per class; a temperature that is not a finite
+            number inside :data:`TEMPERATURE_RANGE`; an image size outside 64..1024 or other
+            than the one the weights were trained at; class names other than
+            :data:`mmcli.config.CLASS_NAMES`, in that order.
     """
     where = ckpt.path or "checkpoint"
     if ckpt.model_name not in list_models():
         raise WeightsError(f"{where}: unknown model {ckpt.model_name!r} (known: {', '.join(list_models())})")
     try:
-        model_kwargs(ckpt.model_name, **ckpt.model_kwargs)  # on the meta device: nothing is allocated
+        kwargs = model_kwargs(ckpt.model_name, **ckpt.model_kwargs)  # on the meta device: nothing is allocated
     except TypeError as err:
         raise WeightsError(f"{where}: model arguments {sorted(ckpt.model_kwargs)} do not fit model "
                            f"{ckpt.model_name!r}: {err}") from None
     except ValueError as err:
         raise WeightsError(f"{where}: invalid model arguments for {ckpt.model_name!r}: {err}") from None
-    if not (math.isfinite(ckpt.temperature) and ckpt.temperature > 0):
-        raise WeightsError(f"{where}: calibration temperature must be a finite number > 0, got {ckpt.temperature}")
+    if kwargs.get("in_chans", 1) != 1:
+        raise WeightsError(f"{where}: the model takes {kwargs['in_chans']} input channels; mmcli feeds it grey images")
+    t, (t_low, t_high) = ckpt.temperature, TEMPERATURE_RANGE
+    if not (math.isfinite(t) and t > 0):
+        raise WeightsError(f"{where}: calibration temperature must be a finite number > 0, got {t}")
+    if not t_low < t < t_high:
+        raise WeightsError(f"{where}: calibration temperature {t} is outside {t_low}..{t_high} (it would make "
+                           "every probability near 0 and 1, or near 0.5)")
     size = ckpt.preprocess.image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise WeightsError(f"{where}: model image size {size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
-    if len(ckpt.class_names) < 2:
-        raise WeightsError(f"{where}: needs at least two class names, got {list(ckpt.class_names)}")
+    trained = ckpt.trained_image_size
+    if trained is not None and trained != size:
+        raise WeightsError(f"{where}: preprocessing image size {size} is not the {trained} the weights were "
+                           "trained at")
+    if tuple(ckpt.class_names) != CLASS_NAMES:
+        raise WeightsError(f"{where}: class names {list(ckpt.class_names)} are not mmcli's {list(CLASS_NAMES)} "
+                           "in that order (other names or another order would rename or swap the labels)")
+    if kwargs.get("cls_head", True) and kwargs.get("num_classes") != len(CLASS_NAMES):
+        raise WeightsError(f"{where}: the classifier has {kwargs.get('num_classes')} outputs for "
+                           f"{len(CLASS_NAMES)} classes")
+
+
+def validate_tensors(ckpt: Checkpoint) -> None:
+    """Check that the weights fit the described model, shape by shape, and that every tensor is finite.
+
+    The model is built on the meta device for its shapes, so nothing is allocated.
+
+    Raises:
+        WeightsError: a missing, unexpected or misshapen weight, or a NaN or infinite value.
+    """
+    where = ckpt.path or "checkpoint"
+    if not all(isinstance(v, torch.Tensor) for v in [*ckpt.state_dict.values(), *ckpt.tensors.values()]):
+        raise WeightsError(f"{where}: not an mmcli checkpoint (its weights are not all tensors)")
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in create_model(ckpt.model_name, **ckpt.model_kwargs).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    missing, unexpected = sorted(wanted.keys() - got.keys()), sorted(got.keys() - wanted.keys())
+    if missing or unexpected:
+        raise WeightsError(f"{where}: weights do not fit model {ckpt.model_name!r} "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [k for k in wanted if wanted[k] != got[k]]
+    if wrong:
+        raise WeightsError(f"{where}: weights do not fit model {ckpt.model_name!r} ({len(wrong)} of another "
+                           f"shape, first {wrong[0]}: {list(got[wrong[0]])} instead of {list(wanted[wrong[0]])})")
+    for name, tensor in [*ckpt.state_dict.items(), *ckpt.tensors.items()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{where}: tensor {name!r} holds NaN or infinite values")
+
+
+def _trained_image_size(meta: dict[str, Any]) -> int | None:
+    """The image size the weights were trained at: recorded, else the training configuration's, else unknown."""
+    size = meta.get("trained_image_size")
+    if size is None and isinstance(meta.get("train_config"), dict):
+        size = meta["train_config"].get("image_size")
+    return None if size is None else int(size)
 
 
 def _from_metadata(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Checkpoint:
@@ -135,8 +197,9 @@ def _from_metadata(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Chec
             mmcli_version=str(meta.get("mmcli_version", "unknown")),
             train_config=meta.get("train_config"),
             extra=dict(meta.get("extra") or {}),
+            trained_image_size=_trained_image_size(meta),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise WeightsError(f"checkpoint description is incomplete or invalid: {err}") from err
 
 
@@ -158,7 +221,15 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> Checkpoint:
-    """Load a checkpoint safely, verifying its sha256 when one is expected."""
+    """Load a checkpoint safely, verifying its sha256 when one is expected.
+
+    The description is checked (:func:`validate_description`) before the tensors of a
+    safetensors file are read, and the tensors (:func:`validate_tensors`) before anything
+    is built from them.
+
+    Raises:
+        WeightsError: one line naming the file and why it cannot be used.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -168,31 +239,49 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None
             f"{path}: sha256 mismatch (expected {expected_sha256}, got {sha}); "
             "the file is corrupt or was replaced"
         )
+    ckpt = _read(path)
+    ckpt.path, ckpt.sha256 = path, sha
+    validate_description(ckpt)
+    state = _read_tensors(path) if path.suffix == ".safetensors" else ckpt.state_dict
+    ckpt.tensors = {k[len(_TENSOR_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_TENSOR_PREFIX)]}
+    ckpt.state_dict = state
+    validate_tensors(ckpt)
+    return ckpt
+
+
+def _read(path: Path) -> Checkpoint:
+    """The checkpoint's description; with its tensors for a ``.pt`` file (a safetensors file's come later)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get(_META_KEY)
-            state = load_file(str(path))
             if raw_meta is None:
                 raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' metadata)")
-            meta = json.loads(raw_meta)
+            meta, state = json.loads(raw_meta), {}
         else:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(blob, dict) or _META_KEY not in blob:
                 raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' entry)")
-            meta, state = blob[_META_KEY], blob["state_dict"]
+            meta, state = blob[_META_KEY], dict(blob["state_dict"])
+        if not isinstance(meta, dict):
+            raise WeightsError(f"{path}: not an mmcli checkpoint (its description is not a JSON object)")
     except WeightsError:
         raise
     except Exception as err:  # safetensors/pickle raise many types for a bad file
         raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
-    tensors = {k[len(_TENSOR_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_TENSOR_PREFIX)]}
-    ckpt = _from_metadata(meta, state)
-    ckpt.tensors = tensors
-    ckpt.path, ckpt.sha256 = path, sha
-    validate_description(ckpt)
-    return ckpt
+    try:
+        return _from_metadata(meta, state)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises many types for a bad file
+        raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
 
 
 def read_registry() -> tuple[Path, dict[str, Any]] | None:
@@ -236,13 +325,20 @@ def resolve_weights(weights: str | os.PathLike[str] | None = None) -> tuple[Path
 
 
 def weights_name(ckpt: Checkpoint) -> str:
-    """The registered name of a checkpoint's file, else the file's name (for provenance)."""
+    """How outputs name a checkpoint: its registered name when its bytes are the registered file's
+    (same sha256), else ``sha256:`` and the first 12 hex digits of its own sha256.
+
+    A file's name or path says nothing of what it holds; its sha256 does (the full digest
+    is recorded beside the name as ``weights_sha256``).
+    """
+    if ckpt.sha256 is None:  # never written to a file
+        return f"unsaved {ckpt.model_name}"
     found = read_registry()
-    if found is not None and ckpt.path is not None:
+    if found is not None:
         for name, entry in found[1].get("weights", {}).items():
-            if (found[0] / entry["file"]).resolve() == ckpt.path.resolve():
+            if str(entry.get("sha256", "")).lower() == ckpt.sha256:
                 return str(name)
-    return ckpt.path.name if ckpt.path is not None else ckpt.model_name
+    return f"sha256:{ckpt.sha256[:12]}"
 
 
 def load_weights(weights: str | os.PathLike[str] | None = None) -> Checkpoint:

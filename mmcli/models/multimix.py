@@ -30,6 +30,9 @@ from mmcli.models.blocks import ClassifierHead, DoubleConv, Down, Up
 __all__ = ["EncoderFeatures", "MultiMix", "MultiMixOutput"]
 
 SALIENCY_NORMS = ("max", "none")
+MAX_WIDTH = 1024
+"""Most channels a stage may have (the paper's widest is 256): a checkpoint cannot ask for more."""
+MAX_IN_CHANS = 4
 _NUM_STAGES = 5
 _DIVISOR = 2 ** (_NUM_STAGES - 1)
 # Floor of the per-image maximum in "max" normalisation: an all-zero saliency
@@ -236,10 +239,11 @@ def _check_config(
     cls_head: bool,
     bridge: bool,
 ) -> None:
-    if len(widths) != _NUM_STAGES or min(widths) < 1:
-        raise ValueError(f"widths must be {_NUM_STAGES} positive integers, got {widths}")
-    if in_chans < 1 or num_classes < 1:
-        raise ValueError(f"in_chans and num_classes must be >= 1, got {in_chans}, {num_classes}")
+    if len(widths) != _NUM_STAGES or not all(1 <= w <= MAX_WIDTH for w in widths):
+        raise ValueError(f"widths must be {_NUM_STAGES} integers in 1..{MAX_WIDTH}, got {widths}")
+    if not 1 <= in_chans <= MAX_IN_CHANS or not 1 <= num_classes <= MAX_WIDTH:
+        raise ValueError(f"in_chans must be in 1..{MAX_IN_CHANS} and num_classes in 1..{MAX_WIDTH}, "
+                         f"got {in_chans}, {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not (seg_head or cls_head):
