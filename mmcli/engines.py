@@ -74,6 +74,9 @@ class CaseTask(Protocol):
 
 def _finish_safely(task: CaseTask, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
                    ) -> dict[str, Any]:
+    reason = pred.failure(k)  # a NaN or infinite output is an error row, never a label
+    if reason is not None:
+        return task.failed(file, reason)
     try:
         return task.finish(file, item, pred, k)
     except Exception as err:  # one case fails alone (e.g. its output cannot be written)

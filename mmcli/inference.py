@@ -4,8 +4,12 @@
 ``predict``, ``explain`` and ``evaluate``. :meth:`Predictor.predict` gives probabilities,
 mask logits and the bridge's saliency; :meth:`Predictor.explain` adds Grad-CAM from the
 same forward pass (Selvaraju et al. 2017: ReLU of the bottleneck feature maps weighted by
-their spatially averaged gradients of the largest logit, upsampled bilinearly to the
-model grid and divided by its maximum).
+their spatially averaged gradients of one class's logit, the maps taken relative to those of
+a uniform image, upsampled bilinearly to the model grid and divided by its maximum).
+
+A case whose probabilities or mask logits are not finite (NaN or infinite: weights that
+overflow on an unusual input, a broken device) has no answer: :meth:`BatchPrediction.failure`
+says so, and the engines turn it into that case's ``error`` row, never a label.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from mmcli.weights import Checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchPrediction", "Precision", "Predictor"]
+__all__ = ["NONFINITE_REASON", "BatchPrediction", "Precision", "Predictor"]
 
 _EPS = 1e-12
+NONFINITE_REASON = "the model's output is not finite"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,14 @@ class BatchPrediction:
             return None
         bits, height, width = self.native_masks[k]
         return np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
+
+    def failure(self, k: int) -> str | None:
+        """Why image ``k`` has no answer (:data:`NONFINITE_REASON`: a probability or a mask logit
+        is NaN or infinite), or None."""
+        for t in (self.probabilities, self.mask_logits):
+            if t is not None and not bool(torch.isfinite(t[k]).all()):
+                return NONFINITE_REASON
+        return None
 
     def case(self, k: int) -> BatchPrediction:
         """The outputs of image ``k`` alone, as a batch of one (small enough to send to another process)."""
@@ -112,6 +125,7 @@ class Predictor:
         self.model = checkpoint.build_model().to(self.device).eval()
         self.temperature = float(checkpoint.temperature)
         self.ood = OODStats.from_checkpoint(checkpoint.tensors, checkpoint.extra)
+        self._references: dict[tuple[int, ...], torch.Tensor] = {}  # Grad-CAM's reference bottleneck per size
         logger.info("model %s on %s (%s)", checkpoint.model_name, self.device, self.precision)
 
     @property
@@ -174,17 +188,30 @@ class Predictor:
         finally:
             hook.remove()
 
+    def _reference_bottleneck(self, size: torch.Size) -> torch.Tensor:
+        """Bottleneck ``(1, w4, S/16, S/16)`` of a uniform image of 0 (the padding's value) of ``size``, float32."""
+        key = tuple(size)
+        if key not in self._references:
+            blank = torch.zeros(1, self.model.in_chans, *key, device=self.device)
+            with torch.no_grad(), autocast(self.device, self.precision):
+                self._references[key] = self.model.encode(blank).bottleneck.float()
+        return self._references[key]
+
     def _ood(self, captured: list[torch.Tensor]) -> dict[str, Any]:
         if self.ood is None or not captured:
             return {}
         features = captured[-1].detach().float().mean(dim=(2, 3))
         return {"ood_distance": self.ood.distance(features), "ood_threshold": self.ood.threshold}
 
-    def explain(self, images: torch.Tensor) -> BatchPrediction:
+    def explain(self, images: torch.Tensor, target: int | None = None) -> BatchPrediction:
         """Predict a batch and add Grad-CAM on the last encoder stage, from one forward pass.
 
         The saliency is the forward pass's own bridge map, the exact tensor the decoder
-        receives; Grad-CAM is taken for the predicted class (the largest logit, as the bridge).
+        receives. Grad-CAM is taken for class ``target`` (an index into the class names),
+        or for the predicted class (the largest logit, as the bridge) when it is None. Its
+        features are taken relative to those of a uniform image of the padding's value
+        (:meth:`_reference_bottleneck`): what the zero padding of every convolution makes
+        at each position alone (bright bands along the edges) is not credited to the film.
 
         Raises:
             UsageError: the model has no saliency bridge.
@@ -194,10 +221,11 @@ class Predictor:
         with self._bottleneck() as captured, torch.enable_grad(), autocast(self.device, self.precision):
             out = self._forward(x)
             features = captured[-1]
-            target = out.cls_logits.max(dim=1).values.sum()
-            (grad,) = torch.autograd.grad(target, features)
+            logits = out.cls_logits
+            chosen = logits.max(dim=1).values if target is None else logits[:, target]
+            (grad,) = torch.autograd.grad(chosen.sum(), features)
         ood = self._ood(captured)
-        grad, features = grad.float(), features.detach().float()
+        grad, features = grad.float(), features.detach().float() - self._reference_bottleneck(x.shape[-2:])
         cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         cam = cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(_EPS)

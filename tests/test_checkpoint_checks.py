@@ -137,3 +137,38 @@ def test_outputs_record_the_weights_by_their_sha256(tmp_path, good):
     assert res.exit_code == 0, res.output
     provenance = json.loads((tmp_path / "r" / "run.json").read_text())["provenance"]
     assert provenance["weights"] == f"sha256:{sha[:12]}" and provenance["weights_sha256"] == sha
+
+
+def test_a_case_whose_output_is_not_finite_has_no_answer():
+    from mmcli.inference import NONFINITE_REASON, BatchPrediction
+
+    probs = torch.tensor([[0.9, 0.1], [math.nan, math.nan], [0.2, 0.8]])
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[2, 0, 1, 1] = math.inf
+    pred = BatchPrediction(probs, masks, None)
+    assert [pred.failure(k) for k in range(3)] == [None, NONFINITE_REASON, NONFINITE_REASON]
+    assert pred.case(1).failure(0) == NONFINITE_REASON and pred.case(0).failure(0) is None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_predict_and_explain_give_error_rows_for_outputs_that_overflow(tmp_path, good):
+    import csv
+
+    from conftest import save_png8
+
+    # finite weights that overflow to infinity in the forward pass: the checks on load cannot see it
+    huge = _tamper(good, tmp_path / "huge.safetensors",
+                   tensors=lambda state: state.update({"classifier.3.weight": state["classifier.3.weight"] * 1e38}))
+    scans = tmp_path / "scans"
+    for i in range(2):
+        save_png8(scans / f"s{i}.png", 64, 64, seed=i)
+    for command, out, report in (("predict", tmp_path / "r.csv", tmp_path / "r.csv"),
+                                 ("explain", tmp_path / "why", tmp_path / "why" / "explain.csv")):
+        res = runner.invoke(app, [command, str(scans), "--out", str(out), "-w", str(huge), "-q", "-j", "0"])
+        assert res.exit_code == 1, res.output
+        with open(report, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2
+        for row in rows:
+            assert row["status"] == "error" and row["error"] == "the model's output is not finite", row
+            assert row["label"] == "" and row["p_pneumonia"] == ""
