@@ -304,8 +304,10 @@ def test_init_starts_from_a_checkpoint_and_records_it(folders, tmp_path):
     after = load_checkpoint(second.out / "last.safetensors")
     for key, value in base.state_dict.items():
         assert torch.equal(after.state_dict[key], value), key
-    assert after.extra["init"] == {"weights": str(first.out / "best.safetensors"),
+    # weights given by path are named by their sha256
+    assert after.extra["init"] == {"weights": f"sha256:{base.sha256[:12]}",
                                    "file": str(first.out / "best.safetensors"), "sha256": base.sha256}
+    assert after.trained_image_size == 64
     with pytest.raises(UsageError, match="is not this run's"):
         run_train(_cfg(folders, tmp_path / "c", epochs=1, variant="unet", init=str(first.out / "best.safetensors")))
 
@@ -459,3 +461,57 @@ def test_bf16_training_fits_its_temperature_on_float32_logits(folders, tmp_path,
     assert seen == ["fp32"]
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["precision"] == "bf16"
     assert summary.epochs_run == 1
+
+
+def test_cli_train_stops_at_the_first_loss_that_is_not_finite(folders, tmp_path):
+    seg, cls = folders
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--seg-data", str(seg), "--cls-data", str(cls), "--out", str(out), "--arch",
+                              "tiny", "--image-size", "64", "--epochs", "2", "--batch-size", "2", "--steps-per-epoch",
+                              "3", "--val-fraction", "0.25", "--device", "cpu", "-j", "0", "--lr", "1e9", "-q"])
+    assert res.exit_code == 1, res.output
+    line = " ".join(res.output.split())
+    assert line.startswith("Error: epoch 1, step ") and "the loss is nan" in line and "training diverged" in line
+    assert not list(out.glob("*.safetensors"))  # no checkpoint with weights that are not finite
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "diverged" and run["error"] in line
+
+
+def test_divergence_keeps_the_checkpoints_of_earlier_epochs(folders, tmp_path, monkeypatch):
+    import mmcli.training.trainer as trainer_module
+    from mmcli.training import TrainingDiverged
+
+    calls = {"n": 0}
+    real = trainer_module.train_step
+
+    def nan_from_epoch_2(model, *args, **kwargs):
+        loss, stats = real(model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:  # two steps per epoch
+            loss, stats = loss * math.nan, {**stats, "loss": math.nan}
+        return loss, stats
+
+    monkeypatch.setattr(trainer_module, "train_step", nan_from_epoch_2)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1/2: the loss is nan.*epoch 1 and best epoch 1"):
+        run_train(_cfg(folders, tmp_path / "run", epochs=3, calibrate=False))
+    best = load_checkpoint(tmp_path / "run" / "best.safetensors")  # loads: every tensor finite
+    assert best.extra["epoch"] == 1 and load_checkpoint(tmp_path / "run" / "last.safetensors").extra["epoch"] == 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "diverged"
+
+
+def test_weights_that_stop_being_finite_at_an_epochs_last_step_are_not_saved(folders, tmp_path, monkeypatch):
+    import mmcli.training.trainer as trainer_module
+    from mmcli.training import TrainingDiverged
+
+    real = trainer_module.train_step
+
+    def poisoned(model, *args, **kwargs):
+        loss, stats = real(model, *args, **kwargs)
+        with torch.no_grad():
+            model.seg_out.bias.fill_(math.inf)  # the loss was finite: only the weights say it
+        return loss, stats
+
+    monkeypatch.setattr(trainer_module, "train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 1, after its last step the weight 'seg_out.bias' is not finite"):
+        run_train(_cfg(folders, tmp_path / "run", steps_per_epoch=1, calibrate=False))
+    assert not list((tmp_path / "run").glob("*.safetensors"))

@@ -8,11 +8,11 @@ from typing import Any
 
 from mmcli.training.config import VARIANTS, TrainConfig, Variant
 
-__all__ = ["VARIANTS", "TrainConfig", "TrainSummary", "Trainer", "Variant", "run_train"]
+__all__ = ["VARIANTS", "TrainConfig", "TrainSummary", "Trainer", "TrainingDiverged", "Variant", "run_train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Trainer", "TrainSummary", "run_train"):
+    if name in ("Trainer", "TrainSummary", "TrainingDiverged", "run_train"):
         from mmcli.training import trainer
 
         return getattr(trainer, name)

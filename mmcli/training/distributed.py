@@ -19,7 +19,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "all_reduce_gradients", "barrier", "broadcast_parameters", "init_distributed", "shutdown"]
+__all__ = ["DistInfo", "all_reduce_gradients", "any_rank", "barrier", "broadcast_parameters", "init_distributed",
+           "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ def all_reduce_gradients(model: nn.Module, info: DistInfo) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether ``flag`` is true in any process (so that every process takes the same branch)."""
+    if info.world <= 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier(info: DistInfo) -> None:

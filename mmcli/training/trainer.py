@@ -9,6 +9,10 @@ The best checkpoint is chosen by the *score*: the mean of the validation Dice (w
 model segments) and the validation ROC AUC (when it classifies; the accuracy instead
 when the validation labels hold only one class). Without validation images the score is
 minus the epoch's training loss.
+
+Training stops at the first loss that is not finite (and at weights that are not, after an
+epoch's last step) with :class:`TrainingDiverged`: nothing of that epoch is written, and the
+checkpoints of the epochs before it stay as they were.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
-from mmcli.errors import UsageError
+from mmcli.errors import MMCLIError, UsageError
 from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import apply_precision_policy, autocast, keep_freed_memory, resolve_device, resolve_precision
@@ -38,17 +42,18 @@ from mmcli.training.config import TrainConfig, site_augment_record
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
 from mmcli.training.distributed import (
     all_reduce_gradients,
+    any_rank,
     barrier,
     broadcast_parameters,
     init_distributed,
     shutdown,
 )
 from mmcli.training.step import evaluate, make_batch, train_step
-from mmcli.weights import Checkpoint, load_weights, save_checkpoint
+from mmcli.weights import Checkpoint, load_weights, save_checkpoint, weights_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainSummary", "Trainer", "run_train"]
+__all__ = ["TrainSummary", "Trainer", "TrainingDiverged", "run_train"]
 
 HISTORY_COLUMNS = ("epoch", "lr", "loss", "ce", "pseudo", "mask_rate", "dice", "consistency",
                    "val_dice", "val_acc", "val_auc", "val_nll", "score", "seconds")
@@ -57,6 +62,10 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class TrainingDiverged(MMCLIError):
+    """The loss or the weights stopped being finite: the run stops (exit 1) and writes nothing more."""
 
 
 @dataclass
@@ -156,7 +165,7 @@ class Trainer:
                              f"{self.pre.image_size}")
         self.model.load_state_dict(ckpt.state_dict)
         self.init_temperature = float(ckpt.temperature)
-        return {"weights": str(weights), "file": str(ckpt.path), "sha256": ckpt.sha256}
+        return {"weights": weights_name(ckpt), "file": str(ckpt.path), "sha256": ckpt.sha256}
 
     def _freeze(self, parts: tuple[str, ...]) -> dict[str, int]:
         """Keep the weights of ``parts`` fixed; the number of weights frozen per part.
@@ -200,7 +209,7 @@ class Trainer:
             model_name=self.variant.model, model_kwargs=self.model_kwargs,
             state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             preprocess=self.pre, class_names=self.class_names, temperature=temperature,
-            train_config=self.cfg.to_dict(),
+            train_config=self.cfg.to_dict(), trained_image_size=self.cfg.image_size,
             extra={"variant": self.cfg.variant, "epoch": self.epoch, "split_seed": self.cfg.seed,
                    **({"init": self.init} if self.init else {})},
         )
@@ -258,6 +267,8 @@ class Trainer:
                                site_ops=cfg.site_aug)
             loss, stats = train_step(self.model, batch.to(self.device), self.variant, cfg.loss_weights,
                                      autocast(self.device, self.precision))
+            if any_rank(not math.isfinite(stats["loss"]), self.dist, self.device):
+                raise self._diverged(f"step {step + 1}/{self.steps}: the loss is {stats['loss']}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             all_reduce_gradients(self.model, self.dist)
@@ -266,7 +277,17 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v / self.steps
             if on_step is not None:
                 on_step(step + 1, self.steps, stats)
+        bad = next((k for k, v in self.model.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise self._diverged(f"after its last step the weight {bad!r} is not finite (loss {stats['loss']})")
         return totals
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        kept = (f"the checkpoints of epoch {self.epoch} and best epoch {self.best_epoch} in {self.out} are kept"
+                if self.epoch else "no checkpoint was written")
+        return TrainingDiverged(f"epoch {self.epoch + 1}, {what}: training diverged and stopped ({kept}); "
+                                "try a lower --lr")
 
     def set_schedule(self, epochs: int, lr_step: int) -> None:
         """Change the number of epochs and the learning-rate step of a run in progress.
@@ -408,10 +429,17 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         write_json(trainer.out / "run.json", manifest)
     if on_start is not None:
         on_start(trainer)
-    for row in trainer.epochs(on_step):
-        logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
-        if on_epoch is not None:
-            on_epoch(row)
+    try:
+        for row in trainer.epochs(on_step):
+            logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+            if on_epoch is not None:
+                on_epoch(row)
+    except TrainingDiverged as err:
+        if main:
+            manifest.update({"status": "diverged", "error": str(err), "epochs_run": trainer.epoch,
+                             "best_epoch": trainer.best_epoch, "seconds": round(time.time() - started, 1)})
+            write_json(trainer.out / "run.json", manifest)
+        raise
     done = trainer.finish()
     barrier(trainer.dist)
     summary = TrainSummary(
