@@ -282,7 +282,7 @@ class BatchRun:
         journal.start(self.job.header, self.rows.values())
         logger.info("%s with %d worker(s), batch %d", self.engine.__name__, self.workers, self.batch_size)
         results = self.engine(self.predictor, self.todo, self.job.task, batch_size=self.batch_size,
-                              workers=self.workers)
+                              workers=self.workers, case_timeout=self.cfg.case_timeout)
         try:
             for row in results:
                 if self.cfg.anonymize_ids is not None:

@@ -13,6 +13,8 @@ Intensity = Literal["minmax", "fixed"]
 Precision = Literal["auto", "fp32", "mixed", "bf16"]
 DEFAULT_MAX_PIXELS = 60_000_000
 """Largest image (width x height x frames x samples) a batch command decodes by default."""
+DEFAULT_CASE_TIMEOUT = 300.0
+"""Seconds a worker process may spend on one case before the case fails and the worker is replaced."""
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "mixed", "bf16")
 TRAIN_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 """``mixed`` is for running a model only: training takes these."""
@@ -112,6 +114,7 @@ class BatchConfig(ModelRunConfig):
     ``verify_inputs``: a resume also compares each input's sha256 (not only size and
     mtime). ``anonymize_ids``: the file mapping anonymised case ids back to inputs.
     ``shard``: ``(K, N)``, run only part K of N of the discovered inputs (see :mod:`mmcli.batch`).
+    ``case_timeout``: seconds a worker process may spend on one case (:mod:`mmcli.engines`).
     """
 
     inputs: tuple[str, ...]
@@ -120,9 +123,12 @@ class BatchConfig(ModelRunConfig):
     verify_inputs: bool = False
     anonymize_ids: Path | None = None
     shard: tuple[int, int] | None = None
+    case_timeout: float = DEFAULT_CASE_TIMEOUT
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.case_timeout > 0:
+            raise UsageError(f"--case-timeout must be a number of seconds above 0, got {self.case_timeout}")
         if self.shard is not None:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):

@@ -10,9 +10,10 @@ A :class:`CaseTask` says what one case produces (``predict``: a report row and a
   whole chain (read, preprocess, model on a small batch, mask back to native size, mask
   file) single-threaded. Decoding and inference then never fight over the same cores,
   which on a few cores is faster than one model using them all while decoders interrupt.
-  A worker that crashes (a decoder bug on a hostile file) costs only its files: the pool
-  is restarted, the batch retried file by file, and only the file that crashes again is
-  reported as an error.
+  A worker that crashes (a decoder bug on a hostile file) or runs past the time limit
+  (``case_timeout`` seconds per file: a hung decoder, a stopped process) costs only its
+  files: that process is killed and replaced (:mod:`mmcli.workers`), the batch retried
+  file by file, and only the file that fails again alone is reported as an error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -27,19 +29,24 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from mmcli.config import PreprocessConfig
+from mmcli.config import DEFAULT_CASE_TIMEOUT, PreprocessConfig
 from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, worker_init
+from mmcli.errors import MMCLIError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.runtime import keep_freed_memory, usable_cores
 from mmcli.weights import load_checkpoint
+from mmcli.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTa
 
 def iter_rows_loader(
     predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int,
-    finishers: int | None = None, native_masks: bool | None = None,
+    finishers: int | None = None, native_masks: bool | None = None, case_timeout: float | None = DEFAULT_CASE_TIMEOUT,
 ) -> Iterator[dict[str, Any]]:
     """Decode in DataLoader workers, run the model on batches here, finish cases beside it.
 
@@ -118,7 +125,9 @@ def iter_rows_loader(
     PNG and DICOM writing) in ``finishers`` processes (default :func:`default_finishers`),
     so that neither the device nor the decoders wait for one writer. On the CPU, and with
     ``finishers=0``, one thread of this process finishes them. A finishing process that dies
-    costs nothing: the pool is restarted and that case is finished in this process.
+    costs nothing: the pool is restarted and that case is finished in this process; one that
+    takes over ``case_timeout`` seconds is killed with its pool and that case fails (the
+    decoders and the model in this process have no time limit).
     ``native_masks`` (default: off the CPU) says whether masks come back at native size.
     """
     keep_freed_memory()  # inherited by the forked decoders and finishers
@@ -130,9 +139,10 @@ def iter_rows_loader(
         worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
         pin_memory=predictor.device.type == "cuda",
     )
-    finisher = _Finisher(task, n_finish)
+    finisher = _Finisher(task, n_finish, case_timeout)
     pending: deque[tuple[InputFile, Future[dict[str, Any]], Any]] = deque()
     window = max(2 * batch_size, 4 * n_finish)
+    clean = False
     try:
         for batch in loader:
             pred = None
@@ -152,8 +162,9 @@ def iter_rows_loader(
                 yield finisher.result(*pending.popleft())
         while pending:
             yield finisher.result(*pending.popleft())
+        clean = True
     finally:
-        finisher.shutdown()
+        finisher.shutdown(clean=clean)
 
 
 def default_finishers(device: torch.device, decoders: int) -> int:
@@ -164,8 +175,8 @@ def default_finishers(device: torch.device, decoders: int) -> int:
 class _Finisher:
     """Finish cases in a thread (``processes=0``) or in a pool of processes that die with this one."""
 
-    def __init__(self, task: CaseTask, processes: int) -> None:
-        self.task, self.processes = task, processes
+    def __init__(self, task: CaseTask, processes: int, timeout: float | None = None) -> None:
+        self.task, self.processes, self.timeout = task, processes, timeout
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
@@ -190,7 +201,10 @@ class _Finisher:
 
     def result(self, file: InputFile, fut: Future[dict[str, Any]], work: Any) -> dict[str, Any]:
         try:
-            return fut.result()
+            return fut.result(timeout=self.timeout if self.processes else None)  # a thread cannot be stopped
+        except FutureTimeout:
+            self._kill()
+            return self.task.failed(file, f"timed out after {self.timeout:g} s")
         except BrokenProcessPool:
             logger.warning("%s: a finishing process died; finishing this case here", file.path)
             self._restart()
@@ -201,8 +215,25 @@ class _Finisher:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
 
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def _kill(self) -> None:
+        """Replace the pool at once (SIGKILL also ends a hung or stopped process); the cases that were in
+        the other processes are then finished in this one (:meth:`result`)."""
+        _kill_pool(self.pool)
+        self.pool = self._new_pool()
+
+    def shutdown(self, *, clean: bool = True) -> None:
+        """Wait for the pool after a run that finished; after a stop, end its processes at once."""
+        if clean:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            _kill_pool(self.pool)
+
+
+def _kill_pool(pool: ThreadPoolExecutor | ProcessPoolExecutor) -> None:
+    """Shut ``pool`` down without waiting, its processes (if any) killed first."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 _FINISHER: dict[str, Any] = {}
@@ -226,8 +257,8 @@ def _die_with_parent(parent: int) -> None:
 
     On Linux the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``),
     even after ``kill -9``; a parent already gone by now ends this process at once.
-    Ctrl-C and SIGTERM are left to the parent, which stops taking work and flushes its
-    journal: a worker only finishes the batch in hand.
+    Ctrl-C and SIGTERM are left to the parent, which ends its workers (SIGKILL, so a stopped
+    or hung one too) and flushes its journal.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -252,15 +283,27 @@ def _init_loader_worker(parent: int, worker_id: int) -> None:
     worker_init(worker_id)
 
 
-def _init_worker(parent: int, weights: str, sha256: str | None, precision: str, task: CaseTask) -> None:
+def _serve(conn: Connection, parent: int, weights: str, sha256: str | None, precision: str, task: CaseTask,
+           ) -> None:
+    """A process engine's worker: load the run's weights, then predict each list of files sent until ``None``.
+
+    Weights that are not the run's (the file was replaced since the run started) are a
+    ``fatal`` answer: the run stops rather than mix two models in one report.
+    """
     _start_worker(parent)
-    ckpt = load_checkpoint(weights, expected_sha256=sha256)
-    _WORKER["predictor"] = Predictor(ckpt, device="cpu", precision=precision)  # type: ignore[arg-type]
-    _WORKER["task"] = task
-
-
-def _worker_task(files: list[InputFile]) -> list[dict[str, Any]]:
-    return predict_files(_WORKER["predictor"], files, _WORKER["task"])
+    try:
+        predictor = Predictor(load_checkpoint(weights, expected_sha256=sha256), device="cpu",
+                              precision=precision)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - any failure to load stops the run, with its reason
+        conn.send(("fatal", f"{type(err).__name__}: {err}" if not isinstance(err, MMCLIError) else str(err)))
+        return
+    conn.send(("ready", None))
+    while (files := conn.recv()) is not None:
+        try:
+            conn.send(("rows", predict_files(predictor, files, task)))
+        except Exception as err:  # noqa: BLE001 - e.g. the model ran out of memory on this batch
+            logger.debug("predicting %d file(s) failed", len(files), exc_info=True)
+            conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -273,48 +316,57 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if fork else "spawn")
 
 
-def _retrying(inflight: dict[Any, tuple[list[InputFile], bool]]) -> bool:
-    return any(retried for _, retried in inflight.values())
+@dataclass(frozen=True)
+class _Chunk:
+    """Files sent to one worker together; ``alone``: a retry of one file, after its batch crashed or timed out."""
+
+    files: tuple[InputFile, ...]
+    alone: bool = False
 
 
 def iter_rows_processes(
-    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int
+    predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int,
+    case_timeout: float | None = DEFAULT_CASE_TIMEOUT,
 ) -> Iterator[dict[str, Any]]:
-    """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per task."""
+    """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per job.
+
+    A batch whose process dies, or which takes over ``case_timeout`` seconds per file, is
+    run again one file per job, by a fresh process; a file that then crashes alone, or
+    times out alone, gets an error row. Rows come in the order the jobs finish.
+
+    Raises:
+        MMCLIError: a worker cannot load the run's weights (the file changed since the run started).
+    """
     ckpt = predictor.checkpoint
-    initargs = (os.getpid(), str(ckpt.path), ckpt.sha256, predictor.precision, task)
-    todo: deque[tuple[list[InputFile], bool]] = deque(
-        (list(files[i : i + batch_size]), False) for i in range(0, len(files), batch_size)
-    )
-    while todo:
-        crashed: list[tuple[list[InputFile], bool]] = []
-        inflight: dict[Future[list[dict[str, Any]]], tuple[list[InputFile], bool]] = {}
-        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=initargs)
-        try:
-            while (todo or inflight) and not crashed:
-                # A retried file runs alone, so a crash can be blamed on that file.
-                while todo and len(inflight) < 2 * workers and not (inflight and (todo[0][1] or _retrying(inflight))):
-                    work = todo.popleft()
-                    inflight[pool.submit(_worker_task, work[0])] = work
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    work = inflight.pop(fut)
-                    try:
-                        rows = fut.result()
-                    except BrokenProcessPool:
-                        crashed.append(work)
-                        continue
-                    yield from rows
-            for fut, work in inflight.items():  # the pool broke: keep what finished, redo the rest
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    yield from fut.result()
+    pool = WorkerPool(_mp_context(), workers, _serve,
+                      (os.getpid(), str(ckpt.path), ckpt.sha256, predictor.precision, task))
+    limit = math.inf if case_timeout is None else case_timeout
+    todo = deque(_Chunk(tuple(files[i : i + batch_size])) for i in range(0, len(files), batch_size))
+    clean = False
+    try:
+        while todo or pool.busy:
+            while todo and pool.has_room():
+                chunk = todo.popleft()
+                pool.submit(chunk, chunk.files, limit * len(chunk.files))
+            for chunk, outcome, answer in pool.wait():
+                if outcome == "fatal":
+                    raise MMCLIError(f"a worker process cannot load the weights the run started with: {answer}; "
+                                     "the run is stopped (finished cases are kept: restore the weights and run "
+                                     "the same command again to resume)")
+                if outcome == "answer" and answer[0] == "rows":
+                    yield from answer[1]
+                elif len(chunk.files) > 1 or (outcome == "crashed" and not chunk.alone):
+                    # rerun one file per job: the file to blame is then the one that fails alone
+                    logger.info("a worker %s on %d file(s); running them one by one",
+                                _WHAT[outcome], len(chunk.files))
+                    todo.extendleft(_Chunk((f,), alone=True) for f in reversed(chunk.files))
                 else:
-                    crashed.append(work)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for chunk, retried in crashed:
-            if retried:
-                logger.warning("%s: %s", chunk[0].path, CRASH_REASON)
-                yield task.failed(chunk[0], CRASH_REASON)
-            else:
-                todo.extendleft(([f], True) for f in reversed(chunk))
+                    reason = answer[1] if outcome == "answer" else CRASH_REASON if outcome == "crashed" \
+                        else f"timed out after {case_timeout:g} s"
+                    yield task.failed(chunk.files[0], reason)
+        clean = True
+    finally:
+        pool.close(clean=clean)
+
+
+_WHAT = {"crashed": "process crashed", "timed_out": "ran past the time limit", "answer": "failed"}

@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mmcli.config import DEFAULT_MAX_PIXELS
+from mmcli.config import DEFAULT_CASE_TIMEOUT, DEFAULT_MAX_PIXELS
 from mmcli.errors import MMCLIError, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line: log files stay greppable
@@ -86,6 +86,12 @@ MaxPixelsOpt = Annotated[
     typer.Option("--max-pixels", min=0, metavar="N", callback=lambda value: value or None,  # 0: no limit
                  help="Refuse images over N pixels (width x height x frames), checked before decoding; 0: no limit."),
 ]
+CaseTimeoutOpt = Annotated[
+    float,
+    typer.Option("--case-timeout", min=0.001, metavar="SECONDS",
+                 help="A case still running after this long in a worker process fails (\"timed out after N s\") "
+                      "and its worker is replaced."),
+]
 FailFastOpt = Annotated[
     bool, typer.Option("--fail-fast", help="Stop at the first file that fails (the rest get status skipped).")
 ]
@@ -135,7 +141,7 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
     """Give a command the options of every command that runs the model, declared once, here.
 
     ``batch``: also the options of commands over INPUT... (``--fail-fast``,
-    ``--verify-inputs``, ``--anonymize-ids``). The command declares its own parameters
+    ``--verify-inputs``, ``--anonymize-ids``, ``--shard``, ``--case-timeout``). The command declares its own parameters
     and ``**run``; it receives these options in
     ``run`` (named as the config fields they fill, plus ``quiet``). In ``--help`` they come
     right after the command's required parameters.
@@ -147,7 +153,8 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
         ("raw_masks", RawMasksOpt, False),
         ("overwrite", OverwriteOpt, False),
         *([("fail_fast", FailFastOpt, False), ("verify_inputs", VerifyInputsOpt, False),
-           ("anonymize_ids", AnonymizeOpt, None), ("shard", ShardOpt, None)] if batch else []),
+           ("anonymize_ids", AnonymizeOpt, None), ("shard", ShardOpt, None),
+           ("case_timeout", CaseTimeoutOpt, DEFAULT_CASE_TIMEOUT)] if batch else []),
         ("quiet", QuietOpt, False),
     ]
 
