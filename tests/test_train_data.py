@@ -344,3 +344,39 @@ def test_site_geometry_moves_masks_with_images():
     assert agree > 0.99
     again, _ = site_augment(x, torch.Generator().manual_seed(1), ("rotate", "scale"))
     assert torch.equal(out, again)  # the same draws with or without masks
+
+
+def test_an_image_with_two_labels_is_refused(tmp_path):
+    _, cls = make_folders(tmp_path, n_seg=1, n_cls=3)
+    (cls / "labels.csv").write_text("file,label\nc0.png,normal\nc1.png,pneumonia\nc0,pneumonia\nc1.png,pneumonia\n")
+    with pytest.raises(InputError, match=r"labels.csv: 'c0' is labelled both 'normal' and 'pneumonia'"):
+        scan_folders([], [cls], CLASS_NAMES)
+    # the same label twice is harmless
+    (cls / "labels.csv").write_text("file,label\nc0.png,normal\nc0,normal\n")
+    assert {s.path.name: s.label for s in scan_folders([], [cls], CLASS_NAMES)}["c0.png"] == 0
+
+
+def test_an_image_labelled_differently_by_two_folders_is_refused(tmp_path):
+    _, cls = make_folders(tmp_path, n_seg=1, n_cls=2)
+    (cls / "sub").mkdir()
+    (cls / "c0.png").rename(cls / "sub" / "c0.png")
+    (cls / "labels.csv").write_text("file,label\nsub/c0.png,normal\n")
+    (cls / "sub" / "labels.csv").write_text("file,label\nc0.png,pneumonia\n")
+    image = (cls / "sub" / "c0.png").resolve()
+    with pytest.raises(InputError, match=rf"{image} is labelled 'normal' in .*cls/labels.csv and 'pneumonia' in "
+                                         rf".*sub/labels.csv"):
+        scan_folders([], [cls, cls / "sub"], CLASS_NAMES)
+    (cls / "sub" / "labels.csv").write_text("file,label\nc0.png,normal\n")
+    assert len(scan_folders([], [cls, cls / "sub"], CLASS_NAMES)) == 2
+
+
+def test_cli_train_refuses_conflicting_labels(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    _, cls = make_folders(tmp_path, n_seg=1, n_cls=4)
+    (cls / "labels.csv").write_text("file,label\nc0.png,normal\nc0.png,pneumonia\n")
+    res = CliRunner().invoke(app, ["train", "--cls-data", str(cls), "--variant", "enc", "--arch", "tiny",
+                                   "--image-size", "64", "--out", str(tmp_path / "run"), "-q"])
+    assert res.exit_code == 2 and "'c0' is labelled both 'normal' and 'pneumonia'" in " ".join(res.output.split())

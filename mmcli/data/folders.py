@@ -17,7 +17,7 @@ The *key* of an image is its path relative to the folder, posix, without its ima
 suffix (``sub/a.png`` -> ``sub/a``; the suffix is kept only where two images would
 otherwise share a key). A CSV row names the image whose key is its ``file`` value with
 an image suffix dropped, so ``sub/a.png``, ``sub/a`` and ``sub/a.jpeg`` all name ``sub/a``.
-A later row for the same key wins.
+Rows that give one key two different labels are refused; a repeated row is harmless.
 """
 
 from __future__ import annotations
@@ -104,7 +104,11 @@ def _labels(table: _Table) -> dict[str, str]:
         if label not in CLASS_NAMES:
             raise InputError(f"{table.path}: label {row[table.columns['label']]!r} of {file!r} is not one of "
                              f"{', '.join(CLASS_NAMES)}")
-        labels[row_key(file)] = label
+        key = row_key(file)
+        if labels.get(key, label) != label:
+            raise InputError(f"{table.path}: {key!r} is labelled both {labels[key]!r} and {label!r} "
+                             "(one label per image: remove the wrong row)")
+        labels[key] = label
     return labels
 
 

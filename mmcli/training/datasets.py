@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmcli.data.folders import read_mask, scan_dataset
+from mmcli.data.folders import LABELS_CSV, read_mask, scan_dataset
 from mmcli.data.transforms import resize_to_model
 from mmcli.errors import InputError
 from mmcli.io.readers import read_radiograph
@@ -64,20 +64,29 @@ def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names
     ignored): they feed the unlabelled streams of both tasks, e.g. a site's own films.
 
     An image found through several folders is one sample (by resolved path) that keeps its
-    first folder as ``source`` and takes a mask, label or patient id from any of them.
+    first folder as ``source`` and takes a mask, label or patient id from any of them; two
+    folders that give it different labels are refused.
 
     Args:
         class_names: the model's classes; each folder label (a name of
             :data:`mmcli.config.CLASS_NAMES`) becomes its index in them.
 
     Raises:
-        InputError: a folder is missing or holds no image, or a label is unknown.
+        InputError: a folder is missing or holds no image, a label is unknown, or an image
+            has two different labels (in one ``labels.csv`` or through two folders).
     """
     seg, cls, free = [Path(d) for d in seg_dirs], [Path(d) for d in cls_dirs], [Path(d) for d in unlabelled_dirs]
     found: dict[Path, Sample] = {}
+    labelled_by: dict[Path, Path] = {}
     for root in dict.fromkeys(seg + cls + free):
         for image in scan_dataset(root, masks=root in seg, labels=root in cls):
             old = found.get(image.path, Sample(image.path, str(root)))
+            if image.label is not None:
+                if old.label is not None and class_names[old.label] != image.label:
+                    raise InputError(f"{image.path} is labelled {class_names[old.label]!r} in "
+                                     f"{labelled_by[image.path] / LABELS_CSV} and {image.label!r} in "
+                                     f"{root / LABELS_CSV} (one label per image)")
+                labelled_by.setdefault(image.path, root)
             found[image.path] = Sample(
                 image.path, old.source,
                 mask=image.mask or old.mask,
