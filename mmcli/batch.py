@@ -37,7 +37,7 @@ from mmcli.config import BatchConfig
 from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.inference import Predictor
-from mmcli.io.discover import InputFile, discover_inputs
+from mmcli.io.discover import InputFile, discover_inputs, input_list_sha256
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
 from mmcli.runtime import default_batch_size, default_workers, has_fast_bf16
@@ -115,6 +115,15 @@ def take_shard(files: Sequence[InputFile], shard: tuple[int, int] | None) -> lis
     case ids come from the whole list, so they are those of a single run.
     """
     return list(files) if shard is None else list(files[shard[0] :: shard[1]])
+
+
+def input_list_record(files: Sequence[InputFile]) -> dict[str, Any]:
+    """``{"count", "sha256"}`` of an ordered input list (:func:`mmcli.io.discover.input_list_sha256`).
+
+    ``run.json`` records it for the whole list and, as ``share``, for the part a shard ran:
+    ``mmcli merge`` refuses shards of other lists, and shards that lack a case or hold one twice.
+    """
+    return {"count": len(files), "sha256": input_list_sha256([f.case_id for f in files])}
 
 
 def new_row(columns: Sequence[str], file: InputFile, **values: Any) -> dict[str, Any]:
@@ -238,8 +247,11 @@ class BatchRun:
         self._lock = RunLock(job.layout.lock, job.layout.report)
         self._lock.acquire()
         try:
-            files = take_shard(files, cfg.shard)
-            self.files = list(files) if cfg.anonymize_ids is None else anonymize(files, cfg.anonymize_ids)
+            # the whole list is anonymised (not only this shard's part), so that every shard records
+            # the fingerprint of the same ids that the merged report will hold
+            files = list(files) if cfg.anonymize_ids is None else anonymize(files, cfg.anonymize_ids)
+            self.files = take_shard(files, cfg.shard)
+            self.input_list = {**input_list_record(files), "share": input_list_record(self.files)}
             self._sources = {f.case_id: f.path for f in self.files}
             done = {} if cfg.overwrite else self._still_done()
         except BaseException:
@@ -325,6 +337,7 @@ class BatchRun:
             "precision": self.predictor.precision,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "platform": sys.platform},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "input_list": self.input_list,
             "counts": summary.counts(),
             "seconds": round(summary.seconds, 3),
             "outputs": {"folder": str(self.job.layout.folder), "reports": [str(p) for p in summary.reports]},

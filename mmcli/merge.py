@@ -9,11 +9,17 @@ Rows come from each shard's journal, which holds them exactly as the run made th
 merged CSV has the same bytes as a single run's); cases that a ``--fail-fast`` stop left
 ``skipped`` come from the shard's report. Shards made with other weights or settings are
 refused, and missing shards are named.
+
+A merge verifies before it writes. Each shard's ``run.json`` records the fingerprint of the
+whole ordered input list and of its own share (:func:`mmcli.batch.input_list_record`):
+shards of other input lists (a file added between two shard jobs) are refused, and so is a
+shard whose rows are not exactly its share (a case missing, duplicated or changed). A file
+path read from a shard's report or journal must lead into that shard's folder, and its copy
+into the merge's: ``masks/../../x`` is refused, never copied.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -28,11 +34,13 @@ import numpy as np
 
 from mmcli import __version__
 from mmcli.errors import UsageError
+from mmcli.io.discover import input_list_sha256
 from mmcli.io.writers import (
     Journal,
     RunLock,
     atomic_path,
     probe_writable,
+    read_csv_rows,
     read_mask_png,
     write_csv,
     write_hdf5,
@@ -48,18 +56,22 @@ _FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr")  # report columns that name a 
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard's report, its run folder, its manifest and its journal."""
+    """One shard's report, its run folder, its manifest and journal header, and its rows in order."""
 
     report: Path
     folder: Path
     manifest: dict[str, Any]
     header: dict[str, Any]
-    rows: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]]
 
     @property
     def part(self) -> tuple[int, int]:
         k, n = self.header["shard"]
         return int(k), int(n)
+
+    @property
+    def input_list(self) -> dict[str, Any]:
+        return self.manifest["input_list"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,8 @@ class MergeSummary:
 
 
 def _read_report_rows(report: Path) -> list[dict[str, Any]]:
-    """The rows of a predict report (CSV or HDF5), in order, values as stored."""
+    """The rows of a predict report (CSV or HDF5), in order, values as stored (CSV: read so
+    that writing them again gives the same cells)."""
     if report.suffix.lower() in _HDF5:
         with h5py.File(report, "r") as h5:
             table = {col: h5["cases"][col][()] for col in h5["cases"]}
@@ -85,9 +98,11 @@ def _read_report_rows(report: Path) -> list[dict[str, Any]]:
                 value = values[i]
                 row[col] = value.decode() if isinstance(value, bytes) else (None if np.isnan(value) else float(value))
             rows.append(row)
-        return rows
-    with open(report, newline="", encoding="utf-8") as f:
-        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    else:
+        rows = read_csv_rows(report, exact=True)
+    for row in rows:
+        row["case_id"] = str(row.get("case_id"))  # exact reading gives the text of a number back
+    return rows
 
 
 def _open_shard(report: Path) -> Shard:
@@ -100,11 +115,32 @@ def _open_shard(report: Path) -> Shard:
     header, journal_rows = Journal(folder / "journal.jsonl").read()
     if not header.get("shard"):
         raise UsageError(f"{report} was not made with --shard: nothing to merge")
-    rows = {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["input_list"] = _input_list(manifest["input_list"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"{report}: its run.json ({manifest_path}) records no input list, so mmcli cannot check "
+                         "that the shards together hold every input once: run the shard again with this "
+                         "version") from None
+    rows, seen = [], set()
     for row in _read_report_rows(report):
-        kept = journal_rows.get(str(row["case_id"]))
-        rows[str(row["case_id"])] = dict(kept) if kept is not None and kept.get("status") == row["status"] else row
-    return Shard(report, folder, json.loads(manifest_path.read_text(encoding="utf-8")), header, rows)
+        case_id = row["case_id"]
+        if case_id in seen:
+            raise UsageError(f"{report} holds case {case_id!r} twice: each shard holds each of its cases once")
+        seen.add(case_id)
+        kept = journal_rows.get(case_id)
+        rows.append(dict(kept) if kept is not None and kept.get("status") == row["status"] else row)
+    return Shard(report, folder, manifest, header, rows)
+
+
+def _input_list(record: dict[str, Any]) -> dict[str, Any]:
+    """A run.json's ``input_list`` (see :func:`mmcli.batch.input_list_record`) with its types checked."""
+    def part(r: dict[str, Any]) -> dict[str, Any]:
+        count, sha256 = int(r["count"]), str(r["sha256"])
+        if count < 0 or len(sha256) != 64:
+            raise ValueError("not an input list")
+        return {"count": count, "sha256": sha256}
+    return {**part(record), "share": part(record["share"])}
 
 
 def _same_run(shards: Sequence[Shard]) -> None:
@@ -130,18 +166,91 @@ def _same_run(shards: Sequence[Shard]) -> None:
         names = ", ".join(f"{k}/{n}" for k in missing)
         raise UsageError(f"shard(s) {names} missing: run `mmcli predict ... --shard K/{n}` for each, "
                          f"then merge all {n}")
+    for shard in shards[1:]:
+        a, b = first.input_list, shard.input_list
+        if (a["count"], a["sha256"]) != (b["count"], b["sha256"]):
+            raise UsageError(f"{shard.report} was made from another input list than {first.report} ({b['count']} "
+                             f"inputs, sha256 {b['sha256'][:12]}... against {a['count']}, {a['sha256'][:12]}...): "
+                             "the inputs changed between the shard jobs; run every shard again on the same inputs")
+    for shard in shards:
+        _check_share(shard)
+
+
+def _check_share(shard: Shard) -> None:
+    """The shard's rows are exactly its part of the input list: every N-th from the K-th, in order."""
+    (k, n), total = shard.part, int(shard.input_list["count"])
+    expected = len(range(k, total, n))
+    share = shard.input_list["share"]
+    if len(shard.rows) != expected or int(share["count"]) != expected:
+        what = "a case is missing" if len(shard.rows) < expected else "it holds cases that are not its own"
+        raise UsageError(f"{shard.report} has {len(shard.rows)} rows, but its share of the {total} inputs is "
+                         f"{expected}: {what}")
+    if input_list_sha256([r["case_id"] for r in shard.rows]) != share["sha256"]:
+        raise UsageError(f"{shard.report}: its rows are not the cases its run.json records for shard {k}/{n} "
+                         "(a case was changed, replaced or moved)")
 
 
 def _interleave(shards: Sequence[Shard]) -> list[tuple[Shard, dict[str, Any]]]:
     """Rows in the order of a single run: shard K holds inputs K, K + N, K + 2N, ..."""
     by_part = sorted(shards, key=lambda s: s.part[0])
-    lists = [list(s.rows.values()) for s in by_part]
     out = []
-    for i in range(max(map(len, lists))):
-        for shard, rows in zip(by_part, lists, strict=True):
-            if i < len(rows):
-                out.append((shard, rows[i]))
+    for i in range(max(len(s.rows) for s in by_part)):
+        for shard in by_part:
+            if i < len(shard.rows):
+                out.append((shard, shard.rows[i]))
     return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder in path.parents
+
+
+def _check_out(out: Path, folder: Path, shards: Sequence[Shard]) -> None:
+    for shard in shards:
+        own = Path(os.path.realpath(shard.folder))
+        if out == shard.report or any(p == own or _inside(p, own) for p in (Path(os.path.realpath(folder)), out)):
+            raise UsageError(f"--out {out} would write over shard {shard.report} or its folder: choose an --out "
+                             "outside the shards")
+
+
+_RUN_FILES = ("run.json", "journal.jsonl", ".lock")  # a merge's own files: never a case's file
+
+
+def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path) -> list[list[tuple[str, Path, Path]]]:
+    """For each row, ``(column, source, target)`` of each file it names, all checked before anything is written.
+
+    Raises:
+        UsageError: a path that leads out of the shard's own folder (``masks/../../x``, an
+            absolute path, a link), or whose copy would land outside the merge's folder or on
+            one of its own files, a file named twice, or one that does not exist.
+    """
+    real_folder = Path(os.path.realpath(folder))
+    taken: dict[Path, str] = {}
+    plans = []
+    for shard, row in pairs:
+        own = Path(os.path.realpath(shard.folder))
+        plan = []
+        for column in _FILE_COLUMNS:
+            if not row.get(column):
+                continue
+            named = str(row[column])
+            where = f"{shard.report}: case {row['case_id']!r} names the {column} file {named!r}"
+            source = Path(os.path.realpath(shard.report.parent / named))
+            if not _inside(source, own):
+                raise UsageError(f"{where}, which is not inside the shard's folder {own}: refused, nothing written")
+            target = folder / source.relative_to(own)
+            real_target = Path(os.path.realpath(target))
+            if not _inside(real_target, real_folder) or real_target in {real_folder / f for f in _RUN_FILES}:
+                raise UsageError(f"{where}, whose copy would not be a case's file in {folder}: refused, nothing "
+                                 "written")
+            if real_target in taken:
+                raise UsageError(f"{where}, which case {taken[real_target]!r} names too: refused, nothing written")
+            if not source.is_file():
+                raise UsageError(f"{where}, which does not exist: run the shard again")
+            taken[real_target] = str(row["case_id"])
+            plan.append((column, source, target))
+        plans.append(plan)
+    return plans
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -155,9 +264,15 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
     Args:
         columns: the report's columns (:data:`mmcli.predict.REPORT_COLUMNS`).
 
+    Everything is checked before anything is written: the shards' settings and input lists,
+    that each shard's rows are exactly its share of the inputs, and that every file a row
+    names lies in its shard's folder and is copied into ours.
+
     Raises:
         UsageError: no reports, a report that is not a finished shard, shards of runs with
-            other weights or settings, a shard given twice or missing, an unwritable ``out``.
+            other weights or settings or of other input lists, a shard given twice or
+            missing, a shard that lacks a case or holds one twice, a file path that leads out
+            of its shard's folder, an ``out`` that names a shard's files or cannot be written.
     """
     started = time.perf_counter()
     if not reports:
@@ -166,19 +281,23 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
     if out.suffix.lower() not in (".csv", *_HDF5):
         raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {out.name!r}")
     shards = [_open_shard(Path(r)) for r in reports]
-    _same_run(shards)
     folder = out.with_suffix("")
+    _check_out(out, folder, shards)
+    _same_run(shards)
+    pairs = _interleave(shards)
+    record = shards[0].input_list
+    if input_list_sha256([row["case_id"] for _, row in pairs]) != record["sha256"]:
+        raise UsageError(f"the rows of the {len(shards)} shards, in the order of one run, are not the input list "
+                         "their run.json records: run every shard again")
+    plans = _plan_copies(pairs, folder)
     probe_writable(folder)
     with RunLock(folder / ".lock", out):
         rows = []
-        for shard, row in _interleave(shards):
+        for (_, row), plan in zip(pairs, plans, strict=True):
             row = dict(row)
-            for column in _FILE_COLUMNS:  # files of the case in the shard's folder: the same place in ours
-                if row.get(column):
-                    source = shard.report.parent / str(row[column])
-                    target = folder / source.relative_to(shard.folder)
-                    _copy(source, target)
-                    row[column] = os.path.relpath(target, out.parent)
+            for column, source, target in plan:  # a case's files in the shard's folder: the same place in ours
+                _copy(source, target)
+                row[column] = os.path.relpath(target, out.parent)
             rows.append(row)
         if out.suffix.lower() in _HDF5:
             def mask(row: dict[str, Any]) -> np.ndarray | None:
@@ -198,6 +317,8 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
             "provenance": first.get("provenance"),
             "device": first.get("device"),
             "precision": first.get("precision"),
+            "input_list": {"count": record["count"], "sha256": record["sha256"],
+                           "share": {"count": record["count"], "sha256": record["sha256"]}},
             "counts": counts,
             "outputs": {"folder": str(folder), "reports": [str(out)]},
         })
