@@ -245,3 +245,103 @@ def test_keep_freed_memory_stops_page_faults() -> None:
     (ok, kept), (_, default) = faults("1"), faults("0")
     assert ok == "True"
     assert kept < 100 < 1000 < default  # page faults per model call (thousands by default)
+
+
+def _crashing_reader(monkeypatch, name, before_exit=None, once=None):
+    """Worker processes forked from here read ``name`` by dying (after ``before_exit()``; only while the
+    file ``once`` does not exist, if given)."""
+    real = engines.load_case
+
+    def crashing(file, *args, **kwargs):
+        if file.path.name == name and not (once is not None and once.exists()):
+            if once is not None:
+                once.touch()
+            if before_exit is not None:
+                before_exit()
+            os._exit(3)  # a decoder that takes the whole process down
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "load_case", crashing)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers inherit the patched reader")
+def test_a_hung_case_times_out_and_its_worker_is_replaced(tmp_path, folder, tiny_weights, monkeypatch):
+    import multiprocessing
+    import time
+
+    real = engines.load_case
+
+    def hanging(file, *args, **kwargs):
+        if file.path.name == "crash.png":
+            time.sleep(3600)  # a decoder stuck in a loop
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "load_case", hanging)
+    cfg = PredictConfig(inputs=(str(folder),), out=tmp_path / "r.csv", weights=str(tiny_weights),
+                        device="cpu", workers=2, batch_size=1, case_timeout=3)
+    rows = {}
+    started = time.monotonic()
+    summary = run_predict(cfg, on_case=lambda row: rows.update({row["case_id"]: row}))
+    assert time.monotonic() - started < 30
+    assert summary.ok == 5 and summary.failed == 1
+    assert rows["crash"]["error"] == "timed out after 3 s"
+    assert not multiprocessing.active_children()  # the hung worker was killed, the others ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers inherit the patched reader")
+def test_a_crash_retried_is_one_warning_line_naming_the_case(tmp_path, folder, tiny_weights, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    _crashing_reader(monkeypatch, "crash.png")
+    res = CliRunner().invoke(app, ["predict", str(folder), "--out", str(tmp_path / "r.csv"), "-w",
+                                   str(tiny_weights), "-j", "2", "-b", "3", "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    named = [line for line in res.output.splitlines() if "crash.png" in line]
+    assert len(named) == 1 and named[0].endswith(f"crash.png: {engines.CRASH_REASON}"), res.output
+    assert not any("img" in line for line in res.output.splitlines()), res.output  # the others are not blamed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers inherit the patched reader")
+def test_weights_replaced_mid_run_stop_it_with_one_line(tmp_path, tiny_weights, monkeypatch):
+    import json
+    import shutil
+
+    from conftest import make_checkpoint
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    for i in range(6):
+        save_png8(tmp_path / "scans" / f"s{i}.png", 64, 64, seed=i)
+    weights = tmp_path / "w.safetensors"
+    shutil.copyfile(tiny_weights, weights)
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
+    # the worker that reads s3.png replaces the weights file, then crashes (once): its replacement
+    # finds other weights
+    _crashing_reader(monkeypatch, "s3.png", before_exit=lambda: shutil.copyfile(other, weights),
+                     once=tmp_path / "crashed")
+    out = tmp_path / "r.csv"
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "scans"), "--out", str(out), "-w", str(weights),
+                                   "-j", "2", "-b", "1", "--device", "cpu", "-q"])
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: a worker process cannot load the weights the run "
+                                                   "started with"), res.output
+    assert "sha256 mismatch" in lines[0] and "Traceback" not in res.output
+    assert not out.exists()
+    journal = [json.loads(line) for line in (tmp_path / "r" / "journal.jsonl").read_text().splitlines()[1:]]
+    assert all(row["status"] == "ok" for row in journal)  # no case blamed for the weights
+
+
+def test_case_timeout_must_be_positive(tmp_path, folder, tiny_weights):
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    res = CliRunner().invoke(app, ["predict", str(folder), "--out", str(tmp_path / "r.csv"), "-w",
+                                   str(tiny_weights), "--case-timeout", "0"])
+    assert res.exit_code == 2 and "--case-timeout" in res.output
+    with pytest.raises(Exception, match="--case-timeout"):
+        PredictConfig(inputs=(str(folder),), out=tmp_path / "r.csv", case_timeout=-1)

@@ -1,4 +1,5 @@
-"""A batch job's stop signals: SIGTERM is a clean stop, and no worker outlives its run."""
+"""A batch job's stop signals: SIGTERM and Ctrl-C are clean stops, even with a stopped worker, and no
+worker outlives its run."""
 
 import os
 import signal
@@ -46,9 +47,9 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def _start(many, out, weights):
+def _start(many, out, weights, *extra):
     cmd = [sys.executable, "-m", "mmcli", "predict", str(many), "--out", str(out), "-w", str(weights),
-           "-j", "2", "-b", "1"]
+           "-j", "2", "-b", "1", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = out.with_suffix("") / "journal.jsonl"
     deadline = time.monotonic() + 60
@@ -104,3 +105,49 @@ def test_two_runs_started_together_into_one_out(tmp_path, many, tiny_weights):
     assert codes == [0, 2], results
     refused = next(err for code, err in results if code == 2)
     assert "another mmcli run (pid" in refused and "is writing" in refused and "Traceback" not in refused
+
+
+@pytest.mark.parametrize(("signum", "code", "cause"),
+                         [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_stopped_worker_does_not_hold_up_a_stop(tmp_path, many, tiny_weights, signum, code, cause):
+    out = tmp_path / "r.csv"
+    proc, workers = _start(many, out, tiny_weights)
+    stopped = min(workers)
+    try:
+        os.kill(stopped, signal.SIGSTOP)  # a worker that will never answer
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == code, err
+        assert f"Stopped by {cause}" in err and "Traceback" not in err
+        assert _gone_within(workers, 10), f"workers still alive: {_alive(workers)}"
+    finally:
+        for pid in _alive(workers):  # only this test's processes
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    journal = (out.with_suffix("") / "journal.jsonl").read_text().splitlines()
+    assert len(journal) >= 4  # the header and the finished cases: a rerun resumes from them
+
+
+def test_a_stopped_worker_costs_one_case_with_a_time_limit(tmp_path, many, tiny_weights):
+    for extra in sorted(many.iterdir())[12:]:
+        extra.unlink()
+    out = tmp_path / "r.csv"
+    proc, workers = _start(many, out, tiny_weights, "--case-timeout", "4")
+    stopped = min(workers)
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if _alive({stopped}):
+            os.kill(stopped, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "11 ok" in err and "1 failed" in err
+    assert sum("timed out after 4 s" in line for line in err.splitlines()) == 1
+    assert not _alive(workers)
