@@ -48,6 +48,7 @@ from mmcli.training.distributed import (
     init_distributed,
     shutdown,
 )
+from mmcli.training.fingerprint import check_resumed_data, data_digest, data_record
 from mmcli.training.step import evaluate, make_batch, train_step
 from mmcli.weights import Checkpoint, load_weights, save_checkpoint, weights_name
 
@@ -96,6 +97,7 @@ class Trainer:
             raise UsageError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
         if cfg.resume and not self.state_path.exists():
             raise UsageError(f"--resume: no run to continue in {self.out} (state.pt not found)")
+        self.resumed = self._read_state() if cfg.resume else None  # refused before any image is read
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, training=True)
         self.dist, self.device = init_distributed(self.device)
@@ -118,8 +120,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.epoch, self.best_score, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list[dict[str, Any]] = []
-        if cfg.resume:
-            self._load_state()
+        if self.resumed is not None:
+            self._load_state(self.resumed)
 
     # ---- data ----
 
@@ -127,6 +129,9 @@ class Trainer:
         cfg = self.cfg
         samples = scan_folders([Path(d) for d in cfg.seg_data], [Path(d) for d in cfg.cls_data], self.class_names,
                                [Path(d) for d in cfg.unlabelled_data])
+        self.data = data_record(samples, self.class_names)
+        if self.resumed is not None:
+            check_resumed_data(self.resumed, self.data, self.out)
         table, failures = load_table(samples, cfg.image_size, cfg.workers, voi_lut=cfg.voi_lut)
         for i, reason in failures:
             logger.warning("skipped %s: %s", samples[i].path, reason)
@@ -220,17 +225,25 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "history": self.history, "torch_rng": torch.get_rng_state(),
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(), "data": self.data,
         }
         tmp = self.state_path.with_name("state.pt.tmp")
         torch.save(state, tmp)
         tmp.replace(self.state_path)
 
-    def _load_state(self) -> None:
+    def _read_state(self) -> dict[str, Any]:
+        """The state of the run to resume.
+
+        Raises:
+            UsageError: the run was made with other settings.
+        """
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         changed = self.cfg.differences(state["config"])
         if changed:
             raise UsageError(f"--resume: these settings differ from the run in {self.out}: {', '.join(changed)}")
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -422,6 +435,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         "counts": trainer.counts(), "sampling": trainer.sampling(),
         "site_augment": site_augment_record(cfg.site_aug), "frozen": trainer.frozen,
         "unreadable": trainer.failures,
+        "data": {"sha256": data_digest(trainer.data), "files": len(trainer.data)},  # see mmcli.training.fingerprint
         "world_size": trainer.dist.world,
         "status": "running",
     }
