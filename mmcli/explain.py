@@ -4,19 +4,27 @@ Two views per radiograph:
 
 * **saliency**: the bridge's map, ``MultiMixOutput.saliency`` of the model's own forward
   pass: the exact tensor the decoder receives (|d max logit / d input|, see
-  :meth:`mmcli.models.multimix.MultiMix.saliency`), not a re-implementation;
+  :meth:`mmcli.models.multimix.MultiMix.saliency`), not a re-implementation. Raw, it is
+  pixel-sized speckle over a diffuse floor; the picture shows it smoothed and above its
+  floor (:func:`readable_saliency`), ``maps.h5`` keeps it raw;
 * **Grad-CAM** (Selvaraju et al. 2017) on the last encoder stage (the bottleneck) for the
-  predicted class, from the same forward pass (:meth:`mmcli.inference.Predictor.explain`).
+  pneumonia class (``target``: or normal, or the predicted class), from the same forward
+  pass (:meth:`mmcli.inference.Predictor.explain`), taken relative to a uniform image so
+  that the convolutions' zero padding leaves no bright bands along the edges.
+
+Each picture stands alone: the film at native resolution (at most 1024 px on a side) with
+the map over it, the predicted lung outline, a title (case, probability, label, the class
+the map explains) and a colour bar.
 
 Outputs in ``<out>/``::
 
     explain.csv               one row per input (EXPLAIN_COLUMNS)
-    saliency/<case>.png       heat-map overlay on the radiograph at native resolution
+    saliency/<case>.png       titled heat-map overlay on the radiograph, lung outline, colour bar
     gradcam/<case>.png        the same for Grad-CAM
-    maps.h5                   /saliency/<case>, /gradcam/<case>: (S, S) float32 on the model grid
+    maps.h5                   /saliency/<case> (raw), /gradcam/<case>: (S, S) float32 on the model grid
     run.json, journal.jsonl   settings and counts; finished cases, to resume a killed run
 
-``saliency_in_lungs`` is the share of the map's mass inside the predicted lung mask (model
+``saliency_in_lungs`` is the share of the raw map's mass inside the predicted lung mask (model
 grid); compare it with ``lung_fraction``, the share a uniform map would get.
 """
 
@@ -28,12 +36,11 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from mmcli import batch
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
@@ -45,13 +52,18 @@ from mmcli.quality import apply_policy, case_flags, lung_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPLAIN_COLUMNS", "ExplainCase", "ExplainConfig", "mass_inside", "open_explain"]
+__all__ = ["EXPLAIN_COLUMNS", "ExplainCase", "ExplainConfig", "Target", "mass_inside", "open_explain",
+           "readable_saliency"]
 
 EXPLAIN_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags", "saliency_in_lungs", "gradcam_in_lungs",
     "lung_fraction", "height", "width", "saliency_png", "gradcam_png",
 )
 VIEWS = ("saliency", "gradcam")
+Target = Literal["pneumonia", "normal", "predicted"]
+TARGETS: tuple[str, ...] = get_args(Target)
+SMOOTH_SIGMA = 1 / 64  # of the model grid's side: 4 px at 256, about the size of a rib's edge
+DISPLAY_MAX = 1024  # px on the long side of a picture
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +71,7 @@ class ExplainConfig(BatchConfig):
     """Resolved settings of one ``explain`` run (written to ``run.json``); ``out`` is a folder."""
 
     alpha: float = 0.6
+    target: Target = "pneumonia"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,12 +79,45 @@ class ExplainConfig(BatchConfig):
             raise UsageError(f"--out is a folder for the explanations, got a file name {self.out.name!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
 def mass_inside(heat: np.ndarray, mask: np.ndarray) -> float:
     """Share of the non-negative map ``heat`` (H, W) inside ``mask`` (H, W); NaN for an all-zero map."""
     total = float(heat.sum())
     return float(heat[mask].sum()) / total if total > 0 else float("nan")
+
+
+def readable_saliency(saliency: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
+    """The saliency as a person can read it: ``(B, 1, S, S)`` -> ``(B, 1, S, S)``, non-negative.
+
+    A vanilla gradient is pixel-sized speckle over a diffuse floor that covers the whole
+    film. Smoothing with a Gaussian of ``sigma * S`` px turns the speckle into regions, and
+    subtracting each map's median (the floor) leaves what stands out; the picture then
+    scales it by its 99th percentile (:func:`mmcli.plots.heatmap_overlay`).
+    """
+    radius = max(1, round(3 * sigma * saliency.shape[-1]))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / (sigma * saliency.shape[-1])) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.pad(saliency.float(), (radius,) * 4, mode="reflect")
+    x = F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    floor = x.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    return (x - floor).clamp_min(0)
+
+
+def _display_size(height: int, width: int) -> tuple[int, int]:
+    """The picture's size: native, shrunk to DISPLAY_MAX px on the long side (or grown to half that)."""
+    scale = min(DISPLAY_MAX, max(DISPLAY_MAX // 2, height, width)) / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize(a: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    t = torch.as_tensor(np.asarray(a, dtype=np.float32))[None, None]
+    if tuple(t.shape[-2:]) != size:
+        t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return t[0, 0].numpy()
 
 
 @dataclass(frozen=True)
@@ -87,6 +133,15 @@ class ExplainCase:
     qa: str = "warn"
     raw_masks: bool = False
     keep_pixels: bool = True  # overlays are drawn on the pixels the model saw
+    target: Target = "pneumonia"
+
+    def target_index(self) -> int | None:
+        """The class index Grad-CAM explains (None: the predicted class of each image)."""
+        if self.target == "predicted":
+            return None
+        if self.target not in self.class_names:
+            raise UsageError(f"--target {self.target}: the model's classes are {', '.join(self.class_names)}")
+        return self.class_names.index(self.target)
 
     def png(self, view: str, case_id: str) -> Path:
         return self.folder / view / f"{case_id}.png"
@@ -96,14 +151,13 @@ class ExplainCase:
 
     def run_model(self, predictor: Predictor, images: torch.Tensor,
                   native_sizes: Sequence[tuple[int, int]] | None = None) -> BatchPrediction:
-        return predictor.explain(images)  # its maps stay on the model grid: native sizes are not needed
+        # its maps stay on the model grid: native sizes are not needed
+        return predictor.explain(images, self.target_index())
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
         return batch.new_row(EXPLAIN_COLUMNS, file, status="error", error=reason)
 
     def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
-        from mmcli.plots import heatmap_overlay
-
         assert pred.saliency is not None and pred.gradcam is not None and pred.probabilities is not None
         maps = {"saliency": pred.saliency[k, 0].numpy(), "gradcam": pred.gradcam[k, 0].numpy()}
         lungs = lung_mask(pred.mask_logits[k, 0].numpy() >= 0, self.raw_masks)  # type: ignore[index]
@@ -115,17 +169,33 @@ class ExplainCase:
                             lung_fraction=round(float(lungs.mean()), 6))
         for view, heat in maps.items():
             row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
-            native = F.interpolate(torch.from_numpy(heat)[None, None], size=(height, width),
-                                   mode="bilinear", align_corners=False)[0, 0].clamp_min(0).numpy()
-            path = self.png(view, file.case_id)
-            with atomic_path(path) as tmp:
-                Image.fromarray(heatmap_overlay(pixels, native, alpha=self.alpha)).save(tmp, format="PNG")
-            row[f"{view}_png"] = os.path.relpath(path, self.folder)
         grid_meta = {**item["meta"], "pixel_spacing": None}  # the lungs here are on the model grid
         apply_policy(row, case_flags(grid_meta, lungs, pred, k, self.qa), self.qa)
+        shown = {"saliency": readable_saliency(pred.saliency[k : k + 1])[0, 0].numpy(), "gradcam": maps["gradcam"]}
+        explained = self.class_names[int(pred.probabilities[k].argmax())] if self.target == "predicted" \
+            else self.target
+        size = _display_size(height, width)
+        film = np.clip(_resize(pixels, size), 0, 1)
+        for view in VIEWS:
+            row[f"{view}_png"] = os.path.relpath(self._picture(view, row, film, _resize(shown[view], size), lungs,
+                                                               explained), self.folder)
         with atomic_path(self.partial(file.case_id)) as tmp, open(tmp, "wb") as f:
             np.savez(f, **maps)
         return row
+
+    def _picture(self, view: str, row: Mapping[str, Any], film: np.ndarray, heat: np.ndarray, lungs: np.ndarray,
+                 explained: str) -> Path:
+        """Write ``<view>/<case>.png``: the map over the film, the lung outline, a title and a colour bar."""
+        from mmcli.plots import explain_figure
+
+        label = row["label"] or "no label"
+        flags = f"  QA: {row['qa_flags'].replace(';', ', ')}" if row.get("qa_flags") else ""
+        what = f"Grad-CAM for {explained}" if view == "gradcam" else \
+            "saliency |d logit / d pixel| of the predicted class, smoothed"
+        title = f"{row['case_id']}\np(pneumonia) = {row['p_pneumonia']:.3f}, label {label}{flags}\n{what}"
+        scale = "Grad-CAM, relative" if view == "gradcam" else "saliency above its median, relative"
+        return explain_figure(self.png(view, str(row["case_id"])), film, heat, lungs, title=title,
+                              scale_label=f"{scale} (1 = 99th percentile)", alpha=self.alpha)
 
 def _old_map_ids(path: Path) -> set[str]:
     if not path.is_file():
@@ -184,7 +254,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     ckpt = predictor.checkpoint
     predictor.require_bridge()
     task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels,
-                       cfg.qa, cfg.raw_masks)
+                       cfg.qa, cfg.raw_masks, target=cfg.target)
+    task.target_index()  # a target the model has no class for is refused before any work
     have_maps = _old_map_ids(layout.folder / "maps.h5") if not cfg.overwrite else set()
 
     def still_done(row: Mapping[str, Any]) -> bool:
@@ -194,7 +265,7 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
 
     job = batch.Job(
         name="explain", layout=layout, columns=EXPLAIN_COLUMNS, task=task,
-        header=batch.resume_header(cfg, predictor, alpha=cfg.alpha),
+        header=batch.resume_header(cfg, predictor, alpha=cfg.alpha, target=cfg.target),
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, batch.provenance(ckpt)),
     )

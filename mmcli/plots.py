@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 PRED_COLOUR = "#ff8c00"  # predicted lung boundary: orange
 TRUE_COLOUR = "#00e5ff"  # reference lung boundary: cyan (both visible on grey, colour-blind safe pair)
+OUTLINE_COLOUR = "#ffffff"  # lung outline over a heat map: white stands apart from every colour of the map
+HEAT_CMAP = "turbo"
 
 
 def _figure(width: float, height: float) -> Any:
@@ -41,7 +43,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def dice_boxplot(path: Path, dice: Mapping[str, np.ndarray]) -> Path:
     """Box plot of per-case Dice, one box per dataset (``(N_d,)`` arrays), points overlaid."""
-    fig = _figure(1.5 + 1.6 * len(dice), 4)
+    fig = _figure(max(4.5, 1.5 + 1.6 * len(dice)), 4)  # wide enough for the title with one dataset
     ax = fig.add_subplot()
     names = list(dice)
     ax.boxplot([dice[n] for n in names], showfliers=False)
@@ -70,19 +72,28 @@ def roc_plot(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> P
 
 
 def reliability_plot(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = M.ECE_BINS) -> Path:
-    """Reliability diagram (top-label accuracy against confidence) per dataset, with its ECE."""
-    fig = _figure(5, 5)
-    ax = fig.add_subplot()
-    for name, (y, p) in data.items():
+    """Reliability diagram (top-label accuracy against confidence) per dataset, with its ECE.
+
+    Below it, the number of cases in each confidence bin (a point of 3 cases says little).
+    """
+    fig = _figure(5, 6.2)
+    ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    edges = np.linspace(0, 1, n_bins + 1)
+    width = (edges[1] - edges[0]) / max(1, len(data))
+    for i, (name, (y, p)) in enumerate(data.items()):
         probs = np.stack([1 - p, p], axis=1)
         count, conf, acc = M.calibration_bins(probs, y, n_bins)
         used = count > 0
         ece = M.expected_calibration_error(probs, y, n_bins)
-        ax.plot(conf[used], acc[used], "o-", label=f"{name} (ECE {ece:.3f})")
+        (line,) = ax.plot(conf[used], acc[used], "o-", label=f"{name} (ECE {ece:.3f}, n={y.size})")
+        bars = hist.bar(edges[:-1][used] + (i + 0.5) * width, count[used], width=width, color=line.get_color(),
+                        label=name)
+        hist.bar_label(bars, fontsize=6, padding=1)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title="Reliability diagram",
-           xlim=(0.45, 1.0), ylim=(0, 1.02))
+    ax.set(ylabel="accuracy", title="Reliability diagram", xlim=(0.45, 1.0), ylim=(0, 1.02))
     ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="confidence (top-class probability)", ylabel="cases per bin")
+    hist.margins(y=0.25)
     return _save(fig, path)
 
 
@@ -122,7 +133,7 @@ def worst_cases_grid(
     return _save(fig, path)
 
 
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6, cmap: str = "jet") -> np.ndarray:
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6, cmap: str = HEAT_CMAP) -> np.ndarray:
     """Blend a colour heat map over a grey radiograph.
 
     The map is scaled by its 99th percentile (clipped to 1) for display only, so a few
@@ -144,3 +155,46 @@ def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6, 
     grey = np.repeat(np.asarray(image, dtype=np.float32)[..., None], 3, axis=2)
     a = alpha * h[..., None]
     return np.round(255 * ((1 - a) * grey + a * colour)).astype(np.uint8)
+
+
+def explain_figure(path: Path, image: np.ndarray, heat: np.ndarray, lungs: np.ndarray | None, *, title: str,
+                   scale_label: str, alpha: float = 0.6, cmap: str = HEAT_CMAP) -> Path:
+    """A heat map over a radiograph that reads on its own: title, lung outline, colour bar.
+
+    The film is drawn pixel for pixel (one image pixel, one PNG pixel), the map blended
+    over it as in :func:`heatmap_overlay`, whose scale the colour bar shows.
+
+    Args:
+        image: ``(H, W)`` in [0, 1]. heat: ``(H, W)`` non-negative, same shape.
+        lungs: ``(h, w)`` bool lung mask on any grid (drawn stretched over the film), or None.
+        title: up to three lines (case, probability and label, what the map shows).
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    height, width = image.shape
+    dpi, top, side, pad = 100, 64, 118, 8  # px: title band, colour-bar column, margins
+    fig = _figure((width + side + pad) / dpi, (height + top + pad) / dpi)
+    fig.set_layout_engine(None)  # exact placement: the film keeps its pixels
+    fig_w, fig_h = width + side + pad, height + top + pad
+    ax = fig.add_axes((pad / fig_w, pad / fig_h, width / fig_w, height / fig_h))
+    ax.imshow(heatmap_overlay(image, heat, alpha=alpha, cmap=cmap), interpolation="none")
+    handles = []
+    if lungs is not None and lungs.any() and not lungs.all():
+        # with an origin, a contour's extent is the outer pixel edges, as imshow's: the mask spans the film
+        ax.contour(lungs.astype(np.float32), levels=[0.5], colors=OUTLINE_COLOUR, linewidths=1.2,
+                   extent=(-0.5, width - 0.5, height - 0.5, -0.5), origin="upper")
+        handles.append(Line2D([], [], color=OUTLINE_COLOUR, label="predicted lungs"))
+    ax.set(xlim=(-0.5, width - 0.5), ylim=(height - 0.5, -0.5))
+    ax.axis("off")
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize=7, facecolor="black", labelcolor="white",
+                  framealpha=0.6, edgecolor="none")
+    lines = [_shorten(line, max(24, width // 7)) for line in title.splitlines()]
+    fig.text(pad / fig_w, 1 - 6 / fig_h, "\n".join(lines), ha="left", va="top", fontsize=9, linespacing=1.3)
+    bar = fig.add_axes(((pad + width + 12) / fig_w, pad / fig_h, 14 / fig_w, height / fig_h))
+    fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[cmap]), cax=bar).set_label(scale_label, fontsize=8)
+    bar.tick_params(labelsize=7)
+    return _save(fig, path)

@@ -1,6 +1,8 @@
 """``mmcli explain`` end to end, and the Adebayo et al. (2018) model-randomisation sanity check."""
 
 import csv
+import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,15 +12,17 @@ from conftest import radiograph_like, save_png8
 from PIL import Image
 from typer.testing import CliRunner
 
+from mmcli import plots
 from mmcli.cli import app
 from mmcli.config import PreprocessConfig
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
-from mmcli.explain import mass_inside
+from mmcli.explain import mass_inside, readable_saliency
 from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile
 from mmcli.models import create_model, model_kwargs
-from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
+from mmcli.quality import lung_mask
+from mmcli.weights import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 runner = CliRunner()
 
@@ -51,8 +55,8 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
         assert (row["label"] == "uncertain") <= bool(row["qa_flags"])
         assert 0 <= float(row["saliency_in_lungs"]) <= 1 and 0 <= float(row["gradcam_in_lungs"]) <= 1
         for view in ("saliency", "gradcam"):
-            with Image.open(out / row[f"{view}_png"]) as img:
-                assert img.mode == "RGB" and img.size == (w, h)  # native resolution
+            with Image.open(out / row[f"{view}_png"]) as img:  # the film grown to 512 px, title and colour bar
+                assert img.size == (round(w * 512 / max(h, w)) + 126, round(h * 512 / max(h, w)) + 72)
     # the HDF5 saliency is exactly the tensor the model's forward feeds its decoder
     ckpt = load_checkpoint(tiny_weights)
     model = ckpt.build_model().eval()
@@ -125,3 +129,140 @@ def test_mass_inside():
     mask = np.array([[True, False], [True, False]])
     assert mass_inside(heat, mask) == pytest.approx(0.25)
     assert np.isnan(mass_inside(np.zeros((2, 2)), mask))
+
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = sorted(p for p in (ROOT / "examples" / "scans").iterdir() if p.suffix in (".jpeg", ".dcm"))
+
+
+def _capture_figures(monkeypatch):
+    """Keep every figure mmcli.plots saves (and still save it)."""
+    figures = []
+    save = plots._save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_explain_picture_has_title_outline_and_colour_bar(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    image = np.full((200, 300), 0.5, np.float32)
+    heat = np.zeros((200, 300), np.float32)
+    heat[80:120, 130:170] = 1.0
+    lungs = np.zeros((64, 64), bool)
+    lungs[16:48, 8:28] = True  # the left lung: x 37.5..131 px, y 50..150 px on the film
+    path = plots.explain_figure(tmp_path / "x.png", image, heat, lungs, title="a/b\np(pneumonia) = 0.700\nGrad-CAM "
+                                "for pneumonia", scale_label="relative")
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert rgb.shape == (200 + 72, 300 + 126, 3)  # the film pixel for pixel, a title band and a colour-bar column
+    film = rgb[64:264, 8:308]
+    assert (film[100, 150] != film[100, 250]).any() and film[100, 250].tolist() == [128, 128, 128]  # map, bare film
+    outline = (film == 255).all(axis=2)
+    assert outline[100, 35:41].any() and outline[100, 128:134].any() and not outline[100, 60:110].any()
+    bar = rgb[64:264, 308 + 12 + 3]
+    assert bar[2, 0] > bar[2, 2] and bar[-3, 2] > bar[-3, 0]  # red at 1 on top, blue at 0 below
+    fig = figures[-1]
+    assert [t.get_text() for t in fig.texts] == ["a/b\np(pneumonia) = 0.700\nGrad-CAM for pneumonia"]
+    assert fig.axes[1].get_ylabel() == "relative"
+
+
+def test_explain_target_option(tmp_path, tiny_weights, monkeypatch):
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    x = torch.stack([preprocess(radiograph_like(64, 64, seed), predictor.preprocess) for seed in range(3)])
+    normal, pneumonia, predicted = (predictor.explain(x, t).gradcam for t in (0, 1, None))
+    assert not torch.allclose(normal, pneumonia)
+    for k, c in enumerate(predictor.explain(x).probabilities.argmax(1).tolist()):
+        assert torch.equal(predicted[k], (normal, pneumonia)[c][k])
+
+    titles = []
+    monkeypatch.setattr(plots, "explain_figure", lambda path, *a, title, **kw: titles.append(title) or path)
+    save_png8(tmp_path / "s" / "a.png", 64, 64)
+    for target in ("normal", "predicted"):
+        res = _run(["explain", tmp_path / "s", "--out", tmp_path / target, "-w", tiny_weights, "-j", "0", "-q",
+                    "--target", target])
+        assert res.exit_code == 0, res.output
+        assert json.loads((tmp_path / target / "run.json").read_text())["settings"]["target"] == target
+    assert "Grad-CAM for normal" in titles[1]
+    assert titles[3].endswith(("Grad-CAM for normal", "Grad-CAM for pneumonia"))
+    assert all("a\np(pneumonia) = " in t for t in titles)
+    res = _run(["explain", tmp_path / "s", "--out", tmp_path / "o", "-w", tiny_weights, "--target", "lungs"])
+    assert res.exit_code == 2 and "--target must be one of pneumonia, normal, predicted" in res.output
+    res = _run(["explain", tmp_path / "s", "--out", tmp_path / "normal", "-w", tiny_weights, "-j", "0",
+                "--target", "pneumonia"])
+    assert res.exit_code == 2 and "target 'normal' -> 'pneumonia'" in res.output  # a resume keeps its target
+
+
+def test_gradcam_credits_nothing_to_the_padding(tiny_weights):
+    """A film of one grey level has nothing to show: all that its features hold is the padding's doing."""
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    cam = predictor.explain(torch.zeros(2, 1, 64, 64), 1).gradcam
+    assert cam.abs().max() == 0
+    cam = predictor.explain(preprocess(radiograph_like(64, 64), predictor.preprocess)[None], 1).gradcam
+    assert cam.max() == pytest.approx(1.0)
+
+
+def _border_to_centre(maps):
+    """Mean of each (B, 1, S, S) map in a strip of S/16 along the edges, over its mean in the central half."""
+    size = maps.shape[-1]
+    strip = torch.ones(size, size, dtype=torch.bool)
+    strip[size // 16 : -size // 16, size // 16 : -size // 16] = False
+    centre = torch.zeros(size, size, dtype=torch.bool)
+    centre[size // 4 : -size // 4, size // 4 : -size // 4] = True
+    return [float(m[0][strip].mean() / m[0][centre].mean()) for m in maps]
+
+
+@pytest.mark.skipif(not (ROOT / "weights" / "multimix-cxr-v2.safetensors").is_file(), reason="no default weights")
+def test_maps_on_the_example_films(one_thread):
+    """Measured on the shipped films with the default weights (the figures are in the changelog)."""
+    predictor = Predictor(load_weights(None), device="cpu", precision="fp32")
+    x = torch.stack([load_case(InputFile(p, p.stem), predictor.preprocess)["image"] for p in EXAMPLES])
+    out = predictor.explain(x, 1)
+    # no bright bands along the edges: before, three films had strips 1.7 to 3.4 times the centre
+    assert max(_border_to_centre(out.gradcam)) < 0.7
+    lungs = [lung_mask(m[0].numpy() >= 0, False) for m in out.mask_logits]
+    raw = [mass_inside(s[0].numpy(), lung) for s, lung in zip(out.saliency, lungs, strict=True)]
+    shown = [mass_inside(s[0].numpy(), lung) for s, lung in zip(readable_saliency(out.saliency), lungs, strict=True)]
+    assert min(np.subtract(shown, raw)) > 0.1  # the readable map puts more of itself on the lungs
+
+
+def test_readable_saliency_smooths_and_drops_the_floor():
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 0.3, (1, 1, 64, 64)).astype(np.float32)
+    raw[0, 0, 20:30, 20:30] += rng.uniform(0, 1, (10, 10))  # a region of large gradients in speckle
+    shown = readable_saliency(torch.from_numpy(raw)).numpy()
+    assert shown.shape == raw.shape and shown.min() == 0 and np.median(shown) == pytest.approx(0, abs=1e-4)
+    region = np.zeros((64, 64), bool)
+    region[18:32, 18:32] = True
+    assert mass_inside(shown[0, 0], region) > 0.5 > 0.2 > mass_inside(raw[0, 0], region)
+
+    def roughness(m):  # mean jump between neighbours over the mean value
+        return float(np.abs(np.diff(m, axis=-1)).mean() / m.mean())
+
+    assert roughness(shown[0, 0, 18:32, 18:32]) < roughness(raw[0, 0, 18:32, 18:32]) / 2
+
+
+def test_dice_boxplot_title_fits_with_one_dataset(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    plots.dice_boxplot(tmp_path / "d.png", {"jsrt": np.array([0.9, 0.95, 0.97])})
+    fig = figures[-1]
+    renderer = fig.canvas.get_renderer()
+    title = fig.axes[0].title
+    assert title.get_text() == "Lung segmentation: Dice per case"
+    box = title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_reliability_diagram_counts_cases_per_bin(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.02, 0.04, 0.97, 0.98, 0.62, 0.45])  # top-class confidence 0.98, 0.96, .97, .98, .62, .55
+    plots.reliability_plot(tmp_path / "r.png", {"set": (y, p)}, n_bins=10)
+    counts = figures[-1].axes[1]
+    assert sorted(b.get_height() for b in counts.patches) == [1, 1, 4]
+    assert sorted(t.get_text() for t in counts.texts) == ["1", "1", "4"]
+    assert counts.get_ylabel() == "cases per bin"
