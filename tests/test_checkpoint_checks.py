@@ -3,6 +3,7 @@
 import json
 import math
 
+import h5py
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -133,10 +134,12 @@ def test_outputs_record_the_weights_by_their_sha256(tmp_path, good):
     scan = save_png8(tmp_path / "scans" / "a.png", 64, 64)
     sha = W.file_sha256(good)
     res = runner.invoke(app, ["predict", str(scan), "--out", str(tmp_path / "r.csv"), "-w", str(good), "-q",
-                              "-j", "0"])
+                              "-j", "0", "--hdf5", str(tmp_path / "r.h5")])
     assert res.exit_code == 0, res.output
     provenance = json.loads((tmp_path / "r" / "run.json").read_text())["provenance"]
     assert provenance["weights"] == f"sha256:{sha[:12]}" and provenance["weights_sha256"] == sha
+    with h5py.File(tmp_path / "r.h5") as h5:
+        assert h5.attrs["weights"] == f"sha256:{sha[:12]}" and h5.attrs["weights_sha256"] == sha
 
 
 def test_a_case_whose_output_is_not_finite_has_no_answer():

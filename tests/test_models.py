@@ -371,3 +371,14 @@ def test_fast_cpu_kernels_keep_the_model_outputs() -> None:
     assert torch.equal(ours.cls_logits, theirs.cls_logits)
     assert torch.equal(ours.saliency, theirs.saliency)
     torch.testing.assert_close(ours.seg_logits, theirs.seg_logits, atol=1e-5, rtol=0)
+
+
+def test_model_arguments_are_bounded() -> None:
+    from mmcli.models.multimix import MAX_WIDTH
+
+    with torch.device("meta"):
+        create_model("multimix", widths=(16, 32, 64, 128, MAX_WIDTH))
+        for bad in ({"widths": (16, 32, 64, 128, MAX_WIDTH + 1)}, {"widths": (0, 8, 16, 32, 64)},
+                    {"in_chans": 5}, {"num_classes": 0}):
+            with pytest.raises(ValueError, match="widths|in_chans"):
+                create_model("multimix", **bad)
