@@ -112,9 +112,10 @@ def validate_description(ckpt: Checkpoint) -> None:
     Raises:
         WeightsError: an unknown model or model argument, model arguments out of bounds
             (:func:`mmcli.models.model_kwargs` builds the model on the meta device), a model
-            that is not grey in, one output per class; a temperature that is not a finite
-            number inside :data:`TEMPERATURE_RANGE`; an image size outside 64..1024 or other
-            than the one the weights were trained at; class names other than
+            that does not take one grey channel or has not one output per class; a
+            temperature that is not a finite number inside :data:`TEMPERATURE_RANGE`; an
+            image size outside 64..1024 or other than the one the weights were trained at, a
+            normalisation that is not finite; class names other than
             :data:`mmcli.config.CLASS_NAMES`, in that order.
     """
     where = ckpt.path or "checkpoint"
@@ -133,11 +134,14 @@ def validate_description(ckpt: Checkpoint) -> None:
     if not (math.isfinite(t) and t > 0):
         raise WeightsError(f"{where}: calibration temperature must be a finite number > 0, got {t}")
     if not t_low < t < t_high:
-        raise WeightsError(f"{where}: calibration temperature {t} is outside {t_low}..{t_high} (it would make "
-                           "every probability near 0 and 1, or near 0.5)")
+        raise WeightsError(f"{where}: calibration temperature {t} is outside {t_low}..{t_high} (it would push "
+                           "every probability to 0 or 1, or to 0.5)")
     size = ckpt.preprocess.image_size
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise WeightsError(f"{where}: model image size {size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    if not (math.isfinite(ckpt.preprocess.mean) and math.isfinite(ckpt.preprocess.std)):
+        raise WeightsError(f"{where}: preprocessing mean {ckpt.preprocess.mean} and std {ckpt.preprocess.std} "
+                           "must be finite numbers")
     trained = ckpt.trained_image_size
     if trained is not None and trained != size:
         raise WeightsError(f"{where}: preprocessing image size {size} is not the {trained} the weights were "

@@ -58,6 +58,7 @@ def _nan_weight(state):
     ({"class_names": ["pneumonia", "normal"]}, "class names ['pneumonia', 'normal'] are not mmcli's"),
     ({"class_names": ["normal", "covid"]}, "class names ['normal', 'covid'] are not mmcli's"),
     ({"class_names": ["normal", "pneumonia", "covid"]}, "are not mmcli's ['normal', 'pneumonia']"),
+    ({"preprocess": {"std": math.nan}}, "std nan must be finite numbers"),
     ({"preprocess": {"image_size": 128}}, "preprocessing image size 128 is not the 64 the weights were trained at"),
     ({"model_kwargs": {"widths": [16, 32, 64, 128, 10**7]}}, "widths must be 5 integers in 1..1024"),
     ({"model_kwargs": {"in_chans": 10**6}}, "in_chans must be in 1..4"),
