@@ -75,3 +75,15 @@ def test_temp_names_fit_name_max_whatever_the_final_name(tmp_path, length):
         assert len(os.fsencode(tmp.name)) <= 255
         tmp.write_bytes(b"x")
     assert (tmp_path / wide).read_bytes() == b"x"
+
+
+def test_every_csv_mmcli_writes_goes_through_write_csv():
+    # one place neutralises formula cells: no other module makes its own csv.writer
+    from pathlib import Path
+
+    import mmcli
+
+    root = Path(mmcli.__file__).parent
+    writers = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
+               if "csv.writer(" in p.read_text(encoding="utf-8") or "csv.DictWriter(" in p.read_text(encoding="utf-8")]
+    assert writers == ["io/writers.py"]

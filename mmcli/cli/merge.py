@@ -22,8 +22,10 @@ def merge(
     """Merge the shard reports of `mmcli predict --shard K/N` into one report.
 
     The merged report, its masks (<out>/masks/) and run.json are what a single run over
-    all inputs writes. Shards made with other weights or settings are refused, and
-    missing shards are named. Exit code 0 on success, 2 on usage errors.
+    all inputs writes. Everything is checked before anything is written: shards made with
+    other weights or settings or from another input list are refused, missing shards are
+    named, and so is a shard that lacks a case or holds one twice, or names a file outside
+    its own folder. Exit code 0 on success, 2 on a refusal, 1 when writing fails.
     """
     with exit_on_error():
         from mmcli.merge import merge_reports
