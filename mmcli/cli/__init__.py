@@ -11,7 +11,7 @@ import typer
 import typer.core
 
 from mmcli import __version__
-from mmcli.cli import evaluate, explain, info, merge, predict, train
+from mmcli.cli import evaluate, explain, info, merge, predict, report, train
 from mmcli.cli.common import setup_logging
 
 _OPTION_TYPE = typer.core.TyperOption.display_type_rich
@@ -61,6 +61,7 @@ app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("explain")(explain.explain)
 app.command("merge")(merge.merge)
+app.command("report")(report.report)
 app.command("info")(info.info)
 
 
