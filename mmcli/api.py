@@ -1,0 +1,160 @@
+"""A small Python API for notebooks and scripts: load the weights once, predict one image at a time.
+
+    >>> import mmcli
+    >>> model = mmcli.load()                      # the default weights, on the best device
+    >>> result = model.predict("scans/a.png")     # a path (PNG, JPEG, DICOM) or an (H, W) array
+    >>> result.p_pneumonia, result.label, result.flags, result.mask.shape
+
+A result is the row ``mmcli predict`` writes for the same file with the same settings: the
+same probability, label, quality-control flags and lung mask at native size (the model
+runs on one image here, so masks may differ from a batched run by a few boundary pixels
+where ``--precision`` is not fp32). A file that cannot be read raises
+:class:`mmcli.errors.CaseError` naming it and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcli.batch import label_for
+from mmcli.config import DEFAULT_MAX_PIXELS
+from mmcli.data.datasets import load_case
+from mmcli.data.transforms import preprocess
+from mmcli.errors import CaseError, UsageError
+from mmcli.inference import Precision, Predictor
+from mmcli.io.discover import InputFile
+from mmcli.qa import image_flags
+from mmcli.quality import apply_policy, case_flags, lung_mask
+from mmcli.weights import load_weights
+
+__all__ = ["Model", "Result", "load"]
+
+_QA_POLICIES = ("warn", "refuse", "off")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the model says about one image.
+
+    Attributes:
+        p_pneumonia: calibrated probability of pneumonia.
+        label: ``normal``, ``pneumonia``, or ``uncertain`` when a quality-control flag means
+            the model has no grounds for a label (see the README's quality control).
+        flags: the quality-control flags, empty when none fired (or with ``qa="off"``).
+        mask: ``(H, W)`` bool lung mask at the image's native size.
+        lung_fraction: share of the image's pixels inside the mask.
+        lung_area_mm2: lung area in mm², where the file gives its pixel spacing (DICOM), else None.
+        height, width: the image's native size.
+    """
+
+    p_pneumonia: float
+    label: str
+    flags: tuple[str, ...]
+    mask: np.ndarray
+    lung_fraction: float
+    lung_area_mm2: float | None
+    height: int
+    width: int
+
+
+class Model:
+    """Loaded weights, ready to predict; see :func:`load`."""
+
+    def __init__(self, predictor: Predictor, *, threshold: float, qa: str, raw_masks: bool, voi_lut: bool,
+                 max_pixels: int | None) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be in [0, 1], got {threshold}")
+        if qa not in _QA_POLICIES:
+            raise UsageError(f"qa must be one of {', '.join(_QA_POLICIES)}, got {qa!r}")
+        self.predictor = predictor
+        self.threshold, self.qa, self.raw_masks = threshold, qa, raw_masks
+        self.voi_lut, self.max_pixels = voi_lut, max_pixels
+
+    def __repr__(self) -> str:
+        ckpt = self.predictor.checkpoint
+        return (f"mmcli.Model({ckpt.path.name if ckpt.path else ckpt.model_name!r}, "
+                f"device={self.predictor.device}, "
+                f"precision={self.predictor.precision!r}, threshold={self.threshold}, qa={self.qa!r})")
+
+    def predict(self, image: str | os.PathLike[str] | np.ndarray) -> Result:
+        """Predict one image: a file (PNG, JPEG, DICOM...) or an ``(H, W)`` grey array.
+
+        An array is taken as the reader's output: floats in [0, 1], or unsigned integers
+        scaled by their type's maximum (uint8 / 255, uint16 / 65535).
+
+        Raises:
+            CaseError: the file cannot be read, or the model's output is not finite.
+            UsageError: an array of another shape or range.
+        """
+        if isinstance(image, np.ndarray):
+            pixels = _as_pixels(image)
+            height, width = pixels.shape
+            meta = {"height": height, "width": width, "pixel_spacing": None, "format": "array"}
+            if self.qa != "off":
+                meta["image_flags"] = image_flags(pixels, height=height, width=width)
+            x = preprocess(pixels, self.predictor.preprocess)
+            source = "the array"
+        else:
+            path = Path(image).expanduser().resolve()
+            item = load_case(InputFile(path, path.stem), self.predictor.preprocess, voi_lut=self.voi_lut,
+                             max_pixels=self.max_pixels, image_qa=self.qa != "off")
+            if item["error"] is not None:
+                raise CaseError(path, item["error"])
+            meta, x, source = item["meta"], item["image"], str(path)
+        height, width = int(meta["height"]), int(meta["width"])
+        pred = self.predictor.predict(x[None], [(height, width)])
+        failure = pred.failure(0)
+        if failure is not None or pred.probabilities is None:
+            raise CaseError(source, failure or "these weights give no probability")
+        native = pred.native_mask(0)
+        mask = lung_mask(native if native is not None else _native(pred.mask_logits, height, width),
+                         self.raw_masks)
+        prob = float(pred.probabilities[0, -1])
+        row = {"status": "ok", "label": label_for(prob, self.threshold, self.predictor.checkpoint.class_names)}
+        apply_policy(row, case_flags(meta, mask, pred, 0, self.qa), self.qa)
+        if row["status"] != "ok":
+            raise CaseError(source, row["error"])
+        spacing = meta.get("pixel_spacing")
+        return Result(
+            p_pneumonia=prob, label=row["label"], flags=tuple(f for f in (row["qa_flags"] or "").split(";") if f),
+            mask=mask, lung_fraction=float(mask.sum()) / mask.size,
+            lung_area_mm2=float(mask.sum()) * float(spacing[0]) * float(spacing[1]) if spacing else None,
+            height=height, width=width,
+        )
+
+
+def _native(mask_logits: torch.Tensor | None, height: int, width: int) -> np.ndarray:
+    from mmcli.data.transforms import mask_to_native
+
+    if mask_logits is None:
+        raise UsageError("these weights give no lung mask")
+    return mask_to_native(mask_logits[0], height, width).numpy()
+
+
+def _as_pixels(image: np.ndarray) -> np.ndarray:
+    if image.ndim != 2:
+        raise UsageError(f"an image array must be (H, W) grey, got shape {image.shape}")
+    if np.issubdtype(image.dtype, np.unsignedinteger):
+        return (image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max))
+    pixels = image.astype(np.float32)
+    if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+        raise UsageError("a float image array must hold finite values in [0, 1]")
+    return pixels
+
+
+def load(weights: str | os.PathLike[str] | None = None, *, device: str = "auto", precision: Precision = "auto",
+         threshold: float = 0.5, qa: str = "warn", raw_masks: bool = False, voi_lut: bool = False,
+         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Model:
+    """Load weights (a registered name such as ``multimix-cxr-v2``, a file, or None for the
+    default) with the settings ``mmcli predict`` takes as options of the same names.
+
+    Raises:
+        WeightsError: the weights cannot be found, verified or loaded.
+    """
+    predictor = Predictor(load_weights(weights), device=device, precision=precision)
+    return Model(predictor, threshold=threshold, qa=qa, raw_masks=raw_masks, voi_lut=voi_lut, max_pixels=max_pixels)
