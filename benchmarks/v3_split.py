@@ -11,6 +11,7 @@
   PA), as many normal as pneumonia films per view, chosen at random with ``--seed``; the
   other NIH training films go to ``cls-adult-train-vb-rest`` without labels (for the
   unlabelled streams). This breaks the view shortcut in the labels the classifier sees.
+* ``cls-adult-test-ap`` and ``cls-adult-test-pa``: the NIH test films of one view each.
 
 The folders are symbolic links into ``--data``. The list of every file with its set,
 patient and part is written to ``--list`` (``docs/results/holdout-v3.csv`` is the committed one).
@@ -83,6 +84,11 @@ def split(data: Path, out: Path, listing: Path, *, seed: int = 0, fraction: floa
                                                     labels)
             rest = sorted(set(train) - keep)
             folders["cls-adult-train-vb-rest"] = _ensure(out / "cls-adult-train-vb-rest", src, rest, meta, fields, {})
+            test = [f for f, p in sorted(parts[name].items()) if p == "test"]
+            for view in VIEWS:  # the test films of one view, so that evaluate reports each view on its own
+                names = [f for f in test if meta[f]["view"] == view]
+                folders[f"cls-adult-test-{view.lower()}"] = _ensure(out / f"cls-adult-test-{view.lower()}", src,
+                                                                    names, meta, fields, labels)
     listing.parent.mkdir(parents=True, exist_ok=True)
     with open(listing, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -1,0 +1,142 @@
+"""The few-label claim on adults: adult NIH ROC AUC against the number of adult labels.
+
+For each budget N, N adult NIH training films keep their label (drawn from the
+view-balanced part of ``benchmarks/v3_split.py``, balanced by class within view, seeded);
+two runs start from ``multimix-cxr-v2`` with the same masks and the same Kermany and NIH
+(cls-cross) labels as weights v3:
+
+* ``semi``: MultiMix as the paper trains it, the other adult NIH films as unlabelled
+  data (pseudo labels and the foreground consistency on);
+* ``sup``: the same network, labels and schedule with the semi-supervised losses off
+  (``--lambda-u 0 --beta 0``) and no unlabelled adult films: supervised on the same labels.
+
+Both arms share initialisation, architecture and schedule, so the difference is what the
+unlabelled adult films add. Every run is judged by ``mmcli evaluate`` on the held-out adult
+NIH patients (overall and within AP and PA).
+
+    OMP_NUM_THREADS=1 python benchmarks/adult_few_labels.py --data runs/v3/data --out runs/v3-few
+
+A run whose ``result.json`` exists is not run again; an interrupted training resumes.
+``table.md`` and ``table.json`` hold the curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from paper_table import _cell, _metric  # noqa: E402
+
+from mmcli.io.writers import write_json  # noqa: E402
+
+BUDGETS = (25, 50, 100, 200, 358)  # 358: every view-balanced adult label
+ARMS = ("semi", "sup")
+TEST = ("cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+SCHEDULE = ("--epochs", "4", "--steps-per-epoch", "25", "--lr-step", "3", "--batch-size", "8", "--lr", "1e-4")
+
+
+def _mmcli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
+
+
+def budget_folders(data: Path, out: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """Folders with ``n`` labelled adult NIH films (balanced by class within view) and the others unlabelled."""
+    src = data / "cls-adult-train-vb"
+    with open(src / "meta.csv", newline="", encoding="utf-8") as f:
+        meta = {r["file"]: r for r in csv.DictReader(f)}
+    rng = np.random.default_rng([seed, n])
+    strata: dict[tuple[str, str], list[str]] = {}
+    for name, row in sorted(meta.items()):
+        strata.setdefault((row["view"], row["label"]), []).append(name)
+    picked: list[str] = []
+    for names in strata.values():  # the same share of every (view, class) stratum
+        k = round(n * len(names) / len(meta))
+        picked += [names[j] for j in rng.permutation(len(names))[:k]]
+    every = sorted(meta) + sorted(p.name for p in (data / "cls-adult-train-vb-rest").glob("*.png"))
+    lab, free = out / f"adult-{n}-s{seed}-labelled", out / f"adult-{n}-s{seed}-unlabelled"
+    for folder, files in ((lab, sorted(picked)), (free, sorted(set(every) - set(picked)))):
+        if folder.is_dir() or not files:
+            continue
+        folder.mkdir(parents=True)
+        for name in files:
+            target = src / name if (src / name).exists() else data / "cls-adult-train-vb-rest" / name
+            (folder / name).symlink_to(target.resolve())
+        if folder is lab:
+            with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["file", "label", "patient"])
+                w.writerows([name, meta[name]["label"], meta[name]["patient"]] for name in files)
+    return lab, free
+
+
+def run(data: Path, out: Path, n: int, arm: str, seed: int) -> dict[str, Any]:
+    row_dir = out / f"{arm}-{n}-s{seed}"
+    lab, free = budget_folders(data, out / "data", n, seed)
+    train_dir = row_dir / "train"
+    cmd = ["train", "--init", "multimix-cxr-v2",
+           *(a for s in ("seg-in", "seg-cross", "seg-adult") for a in ("--seg-data", str(data / f"{s}-train"))),
+           *(a for s in ("cls-in", "cls-cross") for a in ("--cls-data", str(data / f"{s}-train"))),
+           "--cls-data", str(lab), *SCHEDULE, "--balance-sources", "--patience", "0", "--seed", str(seed),
+           "--precision", "bf16", "--out", str(train_dir), "-q"]
+    cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--beta", "0"]
+    if (train_dir / "state.pt").is_file():
+        cmd.append("--resume")
+    if not (train_dir / "best.safetensors").is_file() or "--resume" in cmd:
+        _mmcli(*cmd)
+    _mmcli("evaluate", *(str(data / s) for s in TEST), "--out", str(row_dir / "eval"), "--weights",
+           str(train_dir / "best.safetensors"), "--precision", "fp32", "--overwrite", "--no-plots", "-q")
+    summary = json.loads((row_dir / "eval" / "summary.json").read_text())
+    result = {"arm": arm, "labels": n, "seed": seed, "datasets": summary["datasets"]}
+    write_json(row_dir / "result.json", result)
+    return result
+
+
+def write_table(out: Path, results: list[dict[str, Any]]) -> str:
+    lines = ["# Adult NIH ROC AUC against the number of adult labels", "",
+             "| adult labels | seed | arm | ROC AUC | AUC within AP | AUC within PA | balanced accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["labels"], r["seed"], r["arm"])):
+        cells = [_cell(_metric(r, t, "classification", "roc_auc")) for t in TEST]
+        bal = _cell(_metric(r, "cls-adult-test", "classification", "balanced_accuracy"))
+        lines.append(f"| {r['labels']} | {r['seed']} | {r['arm']} | {' | '.join(cells)} | {bal} |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/v3_split.py")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budgets", type=int, nargs="*", default=list(BUDGETS))
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    data, out = args.data.resolve(), args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seeds:
+            for n in args.budgets:
+                for arm in args.arms:
+                    if not (out / f"{arm}-{n}-s{seed}" / "result.json").is_file():
+                        run(data, out, n, arm, seed)
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("*/result.json"))]
+    print(write_table(out, results))
+    if args.json:
+        write_json(args.json, {"schedule": SCHEDULE, "rows": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

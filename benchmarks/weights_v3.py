@@ -1,0 +1,168 @@
+"""Weights v3: every candidate recipe trained with ``mmcli train`` and judged by ``mmcli evaluate``.
+
+Each candidate starts from ``multimix-cxr-v2`` (or from scratch) and trains on the training
+parts of ``benchmarks/v3_split.py``: JSRT, COVID-19 and seg-adult masks; Kermany, NIH
+(cls-cross) and adult NIH (cls-adult) labels; every folder drawn at the same rate
+(``--balance-sources``), every film also unlabelled data for the task it has no label for.
+The candidates differ in how the adult NIH labels are given (all of them, or balanced by
+class within each view, the rest unlabelled), the schedule and the loss weights (see
+``CANDIDATES``). Rows ``v1`` and ``v2`` are the registered weights, not trained.
+
+Every row is evaluated on the held-out patients of the six sets, the adult NIH test films
+also within each view (AP, PA). ``table.md`` / ``table.json`` add the ROC AUC that the view
+alone reaches on the adult NIH test films (score: PA 1, AP 0) and, per set, the share of
+films with any quality-control flag.
+
+    python benchmarks/v3_split.py --data ../shared/data --out runs/v3/data
+    OMP_NUM_THREADS=1 python benchmarks/weights_v3.py --data runs/v3/data --out runs/v3 --rows A-vb
+
+A row whose ``result.json`` exists is not run again, and an interrupted training resumes
+(``--resume``): rerun the same command to finish the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from paper_table import _cell, _metric  # noqa: E402
+
+from mmcli import metrics as M  # noqa: E402
+from mmcli.io.writers import write_json  # noqa: E402
+
+TEST_SETS = ("seg-in-test", "seg-cross-test", "seg-adult-test", "cls-in-test", "cls-cross-test",
+             "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+MASKS = ("--seg-data", "seg-in-train", "--seg-data", "seg-cross-train", "--seg-data", "seg-adult-train")
+LABELS = ("--cls-data", "cls-in-train", "--cls-data", "cls-cross-train")
+VIEW_BALANCED = ("--cls-data", "cls-adult-train-vb", "--unlabelled-data", "cls-adult-train-vb-rest")
+ALL_ADULT = ("--cls-data", "cls-adult-train")
+SCHEDULE = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "1e-4")
+
+# name -> (what it tries, the folders and options after the shared ones)
+CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "A-vb": ("from v2; adult NIH labels balanced by class within view, the rest unlabelled",
+             ("--init", "multimix-cxr-v2", *VIEW_BALANCED, *SCHEDULE)),
+    "B-all": ("from v2; every adult NIH label (the view imbalance left in)",
+              ("--init", "multimix-cxr-v2", *ALL_ADULT, *SCHEDULE)),
+}
+REGISTERED = ("v1", "v2")
+ROWS = (*REGISTERED, *CANDIDATES)
+
+
+def _mmcli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
+
+
+def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
+    """``mmcli train`` of candidate ``name`` into ``train_dir``, resumed if interrupted; its run.json."""
+    _, options = CANDIDATES[name]
+    folders = [str(data / a) if not a.startswith("-") and a.endswith(("-train", "-vb", "-rest")) else a
+               for a in (*MASKS, *LABELS, *options)]
+    cmd = ["train", *folders, "--balance-sources", "--patience", "0", "--seed", "0", "--precision", "bf16",
+           "--out", str(train_dir), "-q"]
+    if (train_dir / "state.pt").is_file():
+        cmd.append("--resume")
+    if not (train_dir / "best.safetensors").is_file() or "--resume" in cmd:
+        _mmcli(*cmd)
+    return json.loads((train_dir / "run.json").read_text())
+
+
+def view_auc(data: Path) -> dict[str, float]:
+    """ROC AUC on the adult NIH test films of a score that knows only the view (PA 1, AP 0)."""
+    with open(data / "cls-adult-test" / "meta.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([r["label"] == "pneumonia" for r in rows], dtype=int)
+    s = np.array([r["view"] == "PA" for r in rows], dtype=float)
+    low, high = M.bootstrap_ci(M.roc_auc, y, s)
+    return {"value": M.roc_auc(y, s), "ci_low": low, "ci_high": high, "n": len(rows)}
+
+
+def flag_rates(eval_dir: Path) -> dict[str, float]:
+    """Per dataset, the share of evaluated films that carry any quality-control flag."""
+    with open(eval_dir / "per_case.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, float] = {}
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == name and r.get("status", "ok") == "ok"]
+        out[name] = sum(bool(r.get("qa_flags")) for r in mine) / max(len(mine), 1)
+    return out
+
+
+def run_row(name: str, data: Path, out: Path) -> dict[str, Any]:
+    row_dir = out / name
+    result: dict[str, Any] = {"row": name}
+    if name in REGISTERED:
+        weights = f"multimix-cxr-{name}"
+    else:
+        result["recipe"] = CANDIDATES[name][0]
+        result["train"] = train(name, data, row_dir / "train")
+        result["history"] = (row_dir / "train" / "history.csv").read_text()
+        weights = str(row_dir / "train" / "best.safetensors")
+    _mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
+           "--precision", "fp32", "--overwrite", "--no-plots", "-q")
+    summary = json.loads((row_dir / "eval" / "summary.json").read_text())
+    result.update(weights=weights, datasets=summary["datasets"], any_flag=flag_rates(row_dir / "eval"))
+    write_json(row_dir / "result.json", result)
+    return result
+
+
+CLS = (("cls-adult-test", "adult NIH"), ("cls-adult-test-ap", "adult NIH, AP"),
+       ("cls-adult-test-pa", "adult NIH, PA"), ("cls-in-test", "Kermany"), ("cls-cross-test", "NIH (v2 split)"))
+SEG = (("seg-in-test", "JSRT"), ("seg-cross-test", "COVID-19 (gb)"), ("seg-adult-test", "seg-adult (V7)"))
+
+
+def write_table(out: Path, results: list[dict[str, Any]], view: dict[str, float]) -> str:
+    lines = ["# Weights v3 candidates", "",
+             f"ROC AUC of the view alone on the adult NIH test films (PA 1, AP 0): {_cell(view)} (n={view['n']}).",
+             "", "| row | set | ROC AUC | accuracy (always-normal) | balanced accuracy | ECE | any QA flag |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for key, label in CLS:
+            auc = _metric(r, key, "classification", "roc_auc")
+            acc = _metric(r, key, "classification", "accuracy")
+            lines.append(f"| {r['row']} | {label} | {_cell(auc)} | {_cell(acc)} ({_cell(acc, 'baseline')}) | "
+                         f"{_cell(_metric(r, key, 'classification', 'balanced_accuracy'))} | "
+                         f"{_cell(_metric(r, key, 'classification', 'ece'))} | "
+                         f"{r.get('any_flag', {}).get(key, float('nan')):.3f} |")
+    lines += ["", "| row | set | Dice | any QA flag |", "|---|---|---|---|"]
+    for r in results:
+        for key, label in SEG:
+            lines.append(f"| {r['row']} | {label} | {_cell(_metric(r, key, 'segmentation', 'dice'))} | "
+                         f"{r.get('any_flag', {}).get(key, float('nan')):.3f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/v3_split.py")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write every row's result here")
+    args = p.parse_args(argv)
+    data, out = args.data.resolve(), args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.rows:
+        if not args.report_only and not (out / name / "result.json").is_file():
+            run_row(name, data, out)
+    results = [json.loads(f.read_text()) for r in ROWS if (f := out / r / "result.json").is_file()]
+    view = view_auc(data)
+    print(write_table(out, results, view))
+    if args.json:
+        write_json(args.json, {"view_only_auc": view, "rows": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
