@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,10 +30,14 @@ from typing import TypeVar
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom import config
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from mmcli.errors import CaseError
+from mmcli.io.dicom import TEXT_VRS, redact
 from mmcli.io.writers import atomic_path
 
 __all__ = ["AlgorithmInfo", "write_dicom_seg", "write_dicom_sr", "LABEL_CODES"]
@@ -57,6 +60,7 @@ LABEL_CODES: dict[str, hd.sr.CodedConcept] = {
 _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 _QUALITY_FINDING = hd.sr.CodedConcept("111052", "DCM", "Quality Finding")
 _CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+_SEGMENTATION_FRAME = hd.sr.CodedConcept("121214", "DCM", "Referenced Segmentation Frame")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +113,10 @@ def write_dicom_seg(source: Path, mask: np.ndarray, out: Path, *, algorithm: Alg
             series_description=SEG_DESCRIPTION, content_qualification=hd.ContentQualificationValues.RESEARCH,
             content_label="LUNG", content_description="Automatic lung segmentation",
             content_date=date, content_time=time, series_date=date, series_time=time,
+            specific_character_set=_character_set(src),
         )
 
-    seg = _build(source, "DICOM SEG", build)
+    seg = _build(source, src, "DICOM SEG", build)
     # Without a Frame of Reference highdicom 0.28 writes Pixel Measures without Slice Thickness
     # (valid, CP 1426) but hd.seg.segread() rejects that; the spacing stays in the referenced source
     shared = seg.SharedFunctionalGroupsSequence[0]
@@ -178,9 +183,12 @@ def write_dicom_sr(
             manufacturer=MANUFACTURER, is_complete=True,  # complete, but PRELIMINARY and UNVERIFIED
             series_description=SR_DESCRIPTION, content_qualification=hd.ContentQualificationValues.RESEARCH,
             content_date=date, content_time=time, series_date=date, series_time=time,
+            specific_character_set=_character_set(src),
         )
 
-    return _save(_build(source, "DICOM SR", build), out, date, time)
+    sr = _build(source, src, "DICOM SR", build)
+    _segment_references_without_frame(sr)
+    return _save(sr, out, date, time)
 
 
 def _measurement_groups(
@@ -229,28 +237,104 @@ def _measurement_groups(
     return [image_group, lung_group]
 
 
+def _segment_references_without_frame(ds: pydicom.Dataset) -> None:
+    """Reference the lung segment by its number alone (the SEG has one frame, one segment).
+
+    highdicom's Referenced Segmentation Frame item names both the frame and the segment, but the
+    Image Reference Macro allows Referenced Segment Number only where Referenced Frame Number is
+    absent (dciodvfy: "shall not be present when ReferencedFrameNumber is present"); TID 1410
+    leaves the frame out when a reference selects all frames of a SEG with a single segment.
+    """
+    for item in ds.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == _SEGMENTATION_FRAME.value:
+            for ref in item.get("ReferencedSOPSequence", []):
+                if "ReferencedSegmentNumber" in ref and "ReferencedFrameNumber" in ref:
+                    del ref.ReferencedFrameNumber
+        _segment_references_without_frame(item)
+
+
 def _read_source(source: Path) -> pydicom.Dataset:
-    """The source header (no pixels), with what highdicom needs present and nothing invalid."""
+    """The source header (no pixels), with what highdicom needs present and nothing invalid.
+
+    Values the standard does not allow (a birth date ``1956-03-14``, a time ``25:99:99``, an
+    age ``62``, a zero spacing) are left out rather than copied into the new objects; Type 2
+    attributes highdicom reads unconditionally are then present, maybe empty.
+    """
     try:
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        with warnings.catch_warnings():  # pydicom's warnings quote header values: nothing shown
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types on malformed headers
-        raise CaseError(source, f"cannot read the source DICOM header: {exc}") from None
+        raise CaseError(source, f"cannot read the source DICOM header ({type(exc).__name__})") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
         if not ds.get(keyword):
             raise CaseError(source, f"source DICOM has no {keyword}; cannot reference it from a SEG or SR")
-    if int(ds.get("NumberOfFrames") or 1) != 1:
-        raise CaseError(source, f"source DICOM has {ds.NumberOfFrames} frames; only single-frame images are supported")
+    if _frames(ds) != 1:
+        raise CaseError(source, "source DICOM is multi-frame; only single-frame images are supported")
     ds = copy.deepcopy(ds)
-    # Type 2 patient/study attributes highdicom reads unconditionally: present, maybe empty
+    _leave_out_invalid(ds)
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                     "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
         if keyword not in ds:
             setattr(ds, keyword, "")
-    if not re.fullmatch(r"\d{3}[DWMY]", str(ds.get("PatientAge", "000Y"))):
-        del ds.PatientAge  # e.g. "62": an invalid value would be copied into the new objects
     if "PixelSpacing" in ds and not _valid_spacing(ds.PixelSpacing):
         del ds.PixelSpacing  # e.g. a zero spacing: not copied into the SEG's pixel measures
     return ds
+
+
+def _frames(ds: pydicom.Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 0
+
+
+# mmcli writes these itself or references them as they are; the character set is chosen apart
+_KEPT = frozenset({"SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "SpecificCharacterSet"})
+
+
+def _leave_out_invalid(ds: pydicom.Dataset) -> None:
+    """Delete every text value of ``ds`` (nested items too) that its VR does not allow: copied as it is
+    it would make the new objects invalid, or make highdicom refuse them."""
+    with warnings.catch_warnings():  # pydicom warns about invalid values, quoting them: nothing shown
+        warnings.simplefilter("ignore")
+        for tag in list(ds.keys()):
+            try:
+                elem = ds[tag]
+                if elem.VR == "SQ":
+                    for item in elem.value or ():
+                        _leave_out_invalid(item)
+                    continue
+                if elem.VR not in TEXT_VRS or elem.VR == "UI" or elem.keyword in _KEPT or elem.value is None:
+                    continue
+                values = elem.value if isinstance(elem.value, (list, tuple, MultiValue)) else [elem.value]
+                for value in values:
+                    validate_value(elem.VR, str(value), config.RAISE)
+            except Exception:  # noqa: BLE001 - invalid, or undecodable: either way not copied
+                del ds[tag]
+
+
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
+
+
+def _character_set(ds: pydicom.Dataset) -> str | list[str] | None:
+    """The Specific Character Set of the new objects: the source's where the standard allows it, else UTF-8.
+
+    The values are copied as pydicom decoded them, so UTF-8 (ISO_IR 192) holds them whatever the
+    source's set was: e.g. ``ISO 2022 IR 87`` alone (a code extension with no Value 1) is not allowed.
+    """
+    raw = ds.get("SpecificCharacterSet")
+    terms = [str(t).strip() for t in (raw if isinstance(raw, (list, tuple, MultiValue)) else [raw or ""])]
+    if terms in ([], [""]):
+        return None
+    known = {v.value for v in hd.SpecificCharacterSetValues}
+    extensions = {t for t in known if t.startswith("ISO 2022")}
+    if len(terms) == 1 and terms[0] in known - extensions:
+        return terms[0]
+    if len(terms) > 1 and terms[0] not in _MULTI_BYTE_EXTENSIONS and all(t in extensions for t in terms[1:]) \
+            and terms[0] in extensions | {""}:
+        return ["ISO 2022 IR 6" if t == "" else t for t in terms]  # highdicom wants Value 1 spelled out
+    return "ISO_IR 192"
 
 
 def _valid_spacing(value: object) -> bool:
@@ -285,18 +369,19 @@ def _uid(src: pydicom.Dataset, algorithm: AlgorithmInfo, kind: str, what: str) -
     return generate_uid(entropy_srcs=[str(src.SOPInstanceUID), algorithm.weights_sha256, kind, what])
 
 
-def _build(source: Path, what: str, make: Callable[[], _T]) -> _T:
-    """Run highdicom: its errors become this case's CaseError, its warnings DEBUG log lines."""
+def _build(source: Path, src: pydicom.Dataset, what: str, make: Callable[[], _T]) -> _T:
+    """Run highdicom: its errors become this case's CaseError, its warnings DEBUG log lines, both
+    without any header value of ``src`` (:func:`mmcli.io.dicom.redact`)."""
     # e.g. "unlikely to represent the intended person name": the source's name is copied as it is
     with warnings.catch_warnings(record=True) as caught:  # filter local to the block; logged below
         warnings.simplefilter("always")
         try:
             return make()
         except Exception as exc:  # highdicom raises ValueError, TypeError, AttributeError...
-            raise CaseError(source, f"cannot build the {what}: {type(exc).__name__}: {exc}") from None
+            raise CaseError(source, redact(f"cannot build the {what}: {type(exc).__name__}: {exc}", src)) from None
         finally:
             for note in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
-                log.debug("%s: %s: %s", source, what, note)
+                log.debug("%s: %s: %s", source, what, redact(note, src))
 
 
 def _save(ds: pydicom.Dataset, out: Path, date: str, time: str) -> Path:

@@ -8,7 +8,8 @@ Outputs for ``--out results.csv`` (or ``results.h5``)::
     results/journal.jsonl     finished cases, read back to resume a killed run
 
 Each case fails alone: a file that cannot be read gets status ``error`` and its reason,
-the rest of the batch goes on.
+the rest of the batch goes on. A DICOM SEG or SR that cannot be written (``--dicom-seg``,
+``--dicom-sr``) costs no prediction: the case stays ``ok`` and ``dicom_error`` says why.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mmcli.batch import (
 )
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.data.transforms import mask_to_native
-from mmcli.errors import UsageError
+from mmcli.errors import CaseError, UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
@@ -51,7 +52,7 @@ __all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "ru
 
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags",
-    "lung_fraction", "lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr",
+    "lung_fraction", "lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr", "dicom_error",
 )
 HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
@@ -144,10 +145,9 @@ class DicomOutputs:
 
     def write(self, file: InputFile, row: dict[str, Any], mask: np.ndarray | None, report_dir: Path,
               ) -> dict[str, str]:
-        """Write the objects of one case; returns their paths relative to ``report_dir``.
-
-        Raises:
-            CaseError: an object cannot be written (the case then fails with the reason).
+        """Write the objects of one case; returns the report cells: their paths relative to
+        ``report_dir``, and ``dicom_error`` for each one that could not be written (then the SR,
+        if asked for, is still written, without a reference to the SEG). Never raises.
         """
         from mmcli import __version__
         from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr  # highdicom: only when asked
@@ -155,18 +155,36 @@ class DicomOutputs:
         algorithm = AlgorithmInfo(version=__version__, weights_name=self.weights_name,
                                   weights_sha256=self.weights_sha256)
         out: dict[str, str] = {}
+        errors: list[str] = []
         seg = None
         if self.seg and mask is not None:
-            seg = write_dicom_seg(file.path, mask, self.folder / f"{file.case_id}.seg.dcm", algorithm=algorithm)
-            out["dicom_seg"] = os.path.relpath(seg, report_dir)
+            seg = _written(errors, "DICOM SEG", lambda: write_dicom_seg(
+                file.path, mask, self.folder / f"{file.case_id}.seg.dcm", algorithm=algorithm))
+            if seg is not None:
+                out["dicom_seg"] = os.path.relpath(seg, report_dir)
         if self.sr:
-            sr = write_dicom_sr(file.path, self.folder / f"{file.case_id}.sr.dcm", p_pneumonia=row["p_pneumonia"],
-                                label=row["label"] if row["label"] in self.labels else None,  # not "uncertain"
-                                lung_area_mm2=row["lung_area_mm2"],
-                                qa_flags=[f for f in (row.get("qa_flags") or "").split(";") if f],
-                                algorithm=algorithm, seg=seg)
-            out["dicom_sr"] = os.path.relpath(sr, report_dir)
+            sr = _written(errors, "DICOM SR", lambda: write_dicom_sr(
+                file.path, self.folder / f"{file.case_id}.sr.dcm", p_pneumonia=row["p_pneumonia"],
+                label=row["label"] if row["label"] in self.labels else None,  # not "uncertain"
+                lung_area_mm2=row["lung_area_mm2"], qa_flags=[f for f in (row.get("qa_flags") or "").split(";") if f],
+                algorithm=algorithm, seg=seg))
+            if sr is not None:
+                out["dicom_sr"] = os.path.relpath(sr, report_dir)
+        if errors:
+            out["dicom_error"] = "; ".join(errors)
         return out
+
+
+def _written(errors: list[str], what: str, write: Callable[[], Path]) -> Path | None:
+    """``write()``'s path, or None with the reason added to ``errors``: the reasons :mod:`mmcli.dicom_out`
+    gives quote no header value, and an unexpected error is named by its type alone (its text might)."""
+    try:
+        return write()
+    except CaseError as err:
+        errors.append(f"{what} not written: {err.reason}")
+    except Exception as err:  # noqa: BLE001 - a DICOM output never costs the case its prediction
+        errors.append(f"{what} not written: unexpected {type(err).__name__}")
+    return None
 
 
 def _write_reports(cfg: PredictConfig, layout: RunLayout, rows: list[dict[str, Any]], attrs: dict[str, Any],

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -231,3 +236,156 @@ def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights)
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "a.csv"), "-w", str(tiny_weights),
                                    "--dicom-seg", "--anonymize-ids", str(tmp_path / "ids.json")])
     assert res.exit_code == 2 and "cannot be combined with --anonymize-ids" in res.output
+
+
+DCIODVFY = shutil.which("dciodvfy")
+needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+@needs_dciodvfy
+def test_seg_and_sr_pass_dciodvfy(written: dict) -> None:
+    assert _dciodvfy_errors(written["seg"]) == []
+    assert _dciodvfy_errors(written["sr"]) == []
+
+
+def _malformed(tmp_path: Path) -> Path:
+    """RG1 with a birth date in ISO form, an impossible study time and a lone code-extension character set."""
+    ds = pydicom.dcmread(DATA / "RG1_J2KI.dcm", stop_before_pixels=True)
+    quiet = logging.getLogger("pydicom")
+    level, quiet.level = quiet.level, logging.ERROR  # it logs each value it re-encodes for the new set
+    with warnings.catch_warnings():  # pydicom warns about the invalid values set here
+        warnings.simplefilter("ignore")
+        ds.SpecificCharacterSet = "ISO 2022 IR 87"
+        ds.PatientName = "\x1b$B%d%^%@\x1b(B^\x1b$B%?%m%&\x1b(B".encode("latin-1")  # ヤマダ^タロウ in ISO 2022 JP
+        ds.PatientBirthDate = "1956-03-14"
+        ds.StudyTime = "25:99:99"
+        ds.save_as(tmp_path / "malformed.dcm")
+    quiet.level = level
+    return tmp_path / "malformed.dcm"
+
+
+def test_malformed_source_attributes_are_left_out_not_fatal(tmp_path: Path) -> None:
+    source = _malformed(tmp_path)
+    hdr = _header(DATA / "RG1_J2KI.dcm")
+    mask = _blob(hdr.Rows, hdr.Columns)
+    seg = write_dicom_seg(source, mask, tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    sr = write_dicom_sr(source, tmp_path / "sr.dcm", p_pneumonia=0.5, label="normal", lung_area_mm2=1.0,
+                        qa_flags=[], algorithm=ALGORITHM, seg=seg)
+    for path in (seg, sr):
+        ds = pydicom.dcmread(path)
+        assert ds.SpecificCharacterSet == "ISO_IR 192"  # the name is kept, in UTF-8
+        assert str(ds.PatientName) == "ヤマダ^タロウ"
+        assert ds.PatientBirthDate == "" and ds.StudyTime == ""  # Type 2: present, empty
+        assert ds.PatientID == hdr.PatientID and ds.StudyDate == hdr.StudyDate  # valid values as they are
+        assert (ds.ContentDate, ds.ContentTime) == (hdr.StudyDate, "000000")  # no valid study time
+        if DCIODVFY is not None:
+            assert _dciodvfy_errors(path) == []
+
+
+def test_a_library_error_is_reported_without_header_values(tmp_path: Path) -> None:
+    from mmcli.dicom_out import _build, _read_source
+
+    src = _read_source(DATA / "RG1_J2KI.dcm")
+    name = str(src.PatientName)
+
+    def refuse() -> None:
+        warnings.warn(f"odd name {name!r}", UserWarning, stacklevel=1)
+        raise ValueError(f"cannot use {src.PatientID} / {name}")
+
+    with pytest.raises(CaseError) as caught:
+        _build(DATA / "RG1_J2KI.dcm", src, "DICOM SEG", refuse)
+    assert caught.value.reason == "cannot build the DICOM SEG: ValueError: cannot use [header value] / [header value]"
+
+
+MARKER = "ZQX7MARK31"  # fits every text VR (AE and SH hold 16 characters)
+_FREE_TEXT = ("AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT")
+_PLANTED = ("PatientName", "PatientID", "PatientComments", "PatientAddress", "InstitutionName", "InstitutionAddress",
+            "StudyDescription", "SeriesDescription", "ReferringPhysicianName", "OperatorsName", "AccessionNumber",
+            "StudyID", "StationName", "DeviceSerialNumber", "ImageComments", "AdditionalPatientHistory",
+            "RequestingPhysician", "Manufacturer", "ManufacturerModelName", "ProtocolName", "EthnicGroup",
+            "Occupation", "DerivationDescription", "RequestedProcedureDescription", "PerformedProcedureStepID")
+
+
+def _plant(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``MARKER`` in every free-text attribute of ``ds`` (nested ones too), with the usual ones added."""
+    for keyword in _PLANTED:
+        setattr(ds, keyword, MARKER)
+    ds.OtherPatientIDsSequence = [pydicom.Dataset()]
+    ds.OtherPatientIDsSequence[0].PatientID = MARKER
+    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = MARKER
+    for elem in ds.iterall():
+        if elem.VR in _FREE_TEXT:
+            elem.value = f"{MARKER}^{MARKER}" if elem.VR == "PN" else MARKER
+    return ds
+
+
+def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_weights):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = DATA / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # the smallest
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _plant(pydicom.dcmread(source)).save_as(scans / "marked.dcm")
+        malformed = _plant(pydicom.dcmread(source))
+        malformed.PatientBirthDate, malformed.StudyTime = "1956-03-14", "25:99:99"
+        malformed.SpecificCharacterSet = "ISO 2022 IR 87"
+        malformed.save_as(scans / "malformed.dcm")
+        no_uid = _plant(pydicom.dcmread(source))
+        del no_uid.SOPInstanceUID  # read and predicted, but no SEG or SR can reference it
+        no_uid.save_as(scans / "no_uid.dcm", enforce_file_format=False)
+        unreadable = _plant(pydicom.dcmread(source))
+        unreadable.PhotometricInterpretation = MARKER  # a valid code string, but no image type
+        unreadable.save_as(scans / "unreadable.dcm")
+    out = tmp_path / "out" / "r.csv"
+    res = subprocess.run([sys.executable, "-m", "mmcli", "-vv", "predict", str(scans), "--out", str(out), "--hdf5",
+                          str(tmp_path / "out" / "r.h5"), "-w", str(tiny_weights), "-j", "1", "--dicom-seg",
+                          "--dicom-sr"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr  # the unreadable file fails; a missing DICOM output does not
+    import csv
+
+    with open(out, newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert [rows[c]["status"] for c in ("marked", "malformed", "no_uid", "unreadable")] == ["ok", "ok", "ok", "error"]
+    assert rows["malformed"]["dicom_seg"] and rows["malformed"]["dicom_sr"] and not rows["malformed"]["dicom_error"]
+    assert rows["no_uid"]["dicom_error"] == ("DICOM SEG not written: source DICOM has no SOPInstanceUID; cannot "
+                                             "reference it from a SEG or SR; DICOM SR not written: source DICOM "
+                                             "has no SOPInstanceUID; cannot reference it from a SEG or SR")
+    assert rows["no_uid"]["p_pneumonia"] and not rows["no_uid"]["dicom_seg"]
+    assert rows["unreadable"]["error"] == ("unsupported photometric interpretation (not a defined term): "
+                                           "expected MONOCHROME1 or MONOCHROME2")
+    checked = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".dcm"]  # the DICOM
+    assert {p.name for p in checked} >= {"r.csv", "r.h5", "journal.jsonl", "run.json"}  # objects carry the patient
+    secrets = (MARKER, "1956-03-14", "25:99:99")
+    for text in (res.stdout, res.stderr):
+        assert not [s for s in secrets if s in text], text
+    for path in checked:
+        assert not [s for s in secrets if s.encode() in path.read_bytes()], path
+    assert "DEBUG" in res.stderr and "no SOPInstanceUID" in res.stderr  # the log did run, and says why
+
+
+def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tiny_weights):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copyfile(DATA / "Fake_MONOHR1.dcm", scans / "a.dcm")
+    (tmp_path / "r" / "dicom").mkdir(parents=True)
+    (tmp_path / "r" / "dicom" / "a.seg.dcm").mkdir()  # a folder where the SEG should go
+    res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
+                                   "-j", "0", "--dicom-seg", "--dicom-sr", "-q"])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "r.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "ok" and row["p_pneumonia"] and row["mask"] and not row["error"]
+    assert row["dicom_seg"] == "" and row["dicom_sr"] == "r/dicom/a.sr.dcm"  # the SR, without the SEG
+    assert row["dicom_error"].startswith("DICOM SEG not written: cannot write a.seg.dcm")
+    assert f"{scans / 'a.dcm'}: DICOM SEG not written" in res.output  # one warning line

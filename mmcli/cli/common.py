@@ -235,13 +235,16 @@ class Ticker:
 
 
 def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet: bool) -> None:
-    """Loop over a run's rows with progress; each failed case gets one warning line naming its file."""
+    """Loop over a run's rows with progress; each failed case, and each case whose DICOM output could not be
+    written, gets one warning line naming its file."""
     with Ticker(name, total, quiet=quiet) as ticker:
         for row in rows:
             failed = row.get("status") in ("error", "missing")
             name = row.get("source") or row.get("case_id")  # no source with --anonymize-ids
             if failed:
                 logger.warning("%s: %s", name, row.get("error"))
+            elif row.get("dicom_error"):  # the case is ok; only its DICOM output is missing
+                logger.warning("%s: %s", name, row["dicom_error"])
             else:
                 logger.info("%s: %s", name, row.get("status"))
             ticker.advance(failed=failed)

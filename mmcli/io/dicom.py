@@ -2,6 +2,7 @@
 optional VOI LUT or window, scaling by the stored bit range, MONOCHROME1 inversion, spacing.
 
 No patient identifiers ever leave this module: only pixels, sizes, bit depth and spacing.
+Messages quote no header value either (a library's reason goes through :func:`redact`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,15 @@ log = logging.getLogger(__name__)
 _GREY_DICOM = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little / big endian
 _DEFER_SIZE = "1 MB"  # larger DICOM values are read when used: none over the pixel budget
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+                      "UR", "UT"})
+"""Value representations whose values are text (what :func:`redact` hides)."""
+_REDACTED = "[header value]"
+_SHORTEST_REDACTED = 3  # "M", "CR", "PA" say nothing about a patient, and are everywhere in messages
+# Defined terms of (0028,0004): only these are quoted in a message (any other value might be anything)
+_PHOTOMETRIC_TERMS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                                "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV",
+                                "XYB"})
 
 
 def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None) -> Radiograph:
@@ -45,11 +57,11 @@ def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None
     except (ReadError, MemoryError):
         raise
     except Exception as exc:  # element values are parsed lazily, on first access
-        raise ReadError(path, f"cannot parse DICOM header: {exc}") from None
+        raise ReadError(path, redact(f"cannot parse DICOM header: {exc}", ds)) from None
     try:
         raw = ds.pixel_array
     except Exception as exc:  # missing decoder plugin, corrupt or short pixel data, ...
-        raise ReadError(path, _pixel_error(ds, exc)) from None
+        raise ReadError(path, redact(_pixel_error(ds, exc), ds)) from None
     if raw.shape != (rows, cols) or raw.dtype.kind not in "iu":
         raise ReadError(path, f"unexpected DICOM pixel array {raw.dtype} {raw.shape}, expected ({rows}, {cols})")
     bits = min(bits, raw.dtype.itemsize * 8)
@@ -59,7 +71,7 @@ def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None
     except MemoryError:
         raise
     except Exception as exc:
-        raise ReadError(path, f"invalid modality LUT / rescale: {exc}") from None
+        raise ReadError(path, redact(f"invalid modality LUT / rescale: {exc}", ds)) from None
     if photometric == "MONOCHROME1":
         # invert after the cast so MONOCHROME1 is exactly 1 - the MONOCHROME2 reading
         np.subtract(np.float32(1.0), pixels, out=pixels)
@@ -79,11 +91,12 @@ def _check_dicom_header(ds: pydicom.Dataset, path: Path, max_pixels: int | None)
     if n_frames > 1:
         raise ReadError(path, f"multi-frame DICOM ({n_frames} frames) is not supported")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    shown = photometric if photometric in _PHOTOMETRIC_TERMS else "(not a defined term)" if photometric \
+        else "(missing)"
     if samples != 1 or photometric.startswith(("RGB", "YBR", "PALETTE", "ARGB", "CMYK", "HSV")):
-        kind = photometric or f"{samples} samples per pixel"
+        kind = shown if photometric else f"{samples} samples per pixel"
         raise ReadError(path, f"colour DICOM ({kind}) is not supported: expected a grey radiograph")
     if photometric not in _GREY_DICOM:
-        shown = repr(photometric) if photometric else "(missing)"
         raise ReadError(path, f"unsupported photometric interpretation {shown}: expected MONOCHROME1 or MONOCHROME2")
     allocated = _as_int(ds.get("BitsAllocated"), default=0)
     bits = _as_int(ds.get("BitsStored"), default=allocated)
@@ -173,7 +186,7 @@ def _apply_voi(values: np.ndarray, ds: pydicom.Dataset, path: Path) -> np.ndarra
     except MemoryError:
         raise
     except Exception as exc:  # bad width, unknown VOI function, odd LUT depth, ...
-        log.warning("ignoring unusable VOI LUT / window in %s: %s", path, exc)
+        log.warning("ignoring unusable VOI LUT / window in %s: %s", path, redact(str(exc), ds))
     return None
 
 
@@ -196,6 +209,46 @@ def _pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str
         if all(math.isfinite(v) and v > 0 for v in (row, col)):
             return (row, col), key
     return None, None
+
+
+def header_texts(ds: pydicom.Dataset) -> set[str]:
+    """Every text value in ``ds`` (nested sequences and each part of a person name too) of 3 characters or more."""
+    found: set[str] = set()
+    for value in _text_values(ds):
+        parts = [value, *value.replace("=", "^").split("^")] if "^" in value or "=" in value else [value]
+        found.update(p.strip() for p in parts if len(p.strip()) >= _SHORTEST_REDACTED)
+    return found
+
+
+def _text_values(ds: pydicom.Dataset) -> Iterator[str]:
+    with warnings.catch_warnings():  # reading an invalid value warns, quoting it: local filter, nothing shown
+        warnings.simplefilter("ignore")
+        for tag in list(ds.keys()):
+            try:
+                elem = ds[tag]
+                if elem.VR == "SQ":
+                    for item in elem.value or ():
+                        yield from _text_values(item)
+                elif elem.VR in TEXT_VRS and elem.value is not None:
+                    values = elem.value if isinstance(elem.value, (list, tuple, pydicom.multival.MultiValue)) \
+                        else [elem.value]
+                    yield from (str(v) for v in values)
+                    yield str(elem.value) if len(values) < 2 else "\\".join(str(v) for v in values)
+            except Exception:  # noqa: BLE001 - a value that cannot be decoded cannot be quoted either
+                continue
+
+
+def redact(text: str, ds: pydicom.Dataset | None) -> str:
+    """``text`` (e.g. a library's error message) with every header value of ``ds`` (:func:`header_texts`) hidden.
+
+    Errors and log lines must never carry what a header holds (names, ids, dates, free text).
+    """
+    values = header_texts(ds) if ds is not None else set()
+    if not values:
+        return text
+    # whole values only: a count "150" in a message is not hidden inside "41500"
+    pattern = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.sub(f"(?<![A-Za-z0-9])(?:{pattern})(?![A-Za-z0-9])", _REDACTED, text)
 
 
 def _as_int(value: object, *, default: int) -> int:
