@@ -249,7 +249,8 @@ class BatchRun:
         try:
             # the whole list is anonymised (not only this shard's part), so that every shard records
             # the fingerprint of the same ids that the merged report will hold
-            files = list(files) if cfg.anonymize_ids is None else anonymize(files, cfg.anonymize_ids)
+            files = list(files) if cfg.anonymize_ids is None else anonymize(
+                files, cfg.anonymize_ids, outputs=(job.layout.folder, job.layout.report))
             self.files = take_shard(files, cfg.shard)
             self.input_list = {**input_list_record(files), "share": input_list_record(self.files)}
             self._sources = {f.case_id: f.path for f in self.files}

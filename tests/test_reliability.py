@@ -196,3 +196,63 @@ def test_peak_memory_of_one_worker_on_a_59_megapixel_image(tmp_path, tiny_weight
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kib > before or before < 1.5 * 2**20  # the largest child so far is this run or one smaller
     assert peak_kib < 1.5 * 2**20, f"peak {peak_kib / 2**20:.2f} GiB"
+
+
+def test_the_id_mapping_is_private_from_its_creation(tmp_path, monkeypatch):
+    import os
+
+    import mmcli.io.identity as identity
+    from mmcli.io.discover import InputFile
+
+    chmod = os.chmod
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("the mapping must be created 0600, not made so afterwards")
+
+    monkeypatch.setattr(identity.os, "chmod", no_chmod)
+    old = os.umask(0)  # the most open umask: the mode must come from the creation itself
+    try:
+        mapping = tmp_path / "private" / "ids.json"
+        identity.anonymize([InputFile(tmp_path / "a.png", "a")], mapping)
+        assert mapping.stat().st_mode & 0o777 == 0o600
+        chmod(mapping, 0o644)  # a copy someone left readable is replaced by a private file
+        identity.anonymize([InputFile(tmp_path / "b.png", "b")], mapping)
+        assert mapping.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert {v["case_id"] for v in json.loads(mapping.read_text())["cases"].values()} == {"a", "b"}
+    assert sorted(p.name for p in mapping.parent.iterdir()) == ["ids.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("inside", ["r/ids.json", "r/private/ids.json", "r.csv"])
+def test_an_id_mapping_among_the_outputs_is_refused(tmp_path, scans, tiny_weights, inside):
+    mapping = tmp_path / inside
+    res = _run("predict", scans, "--out", tmp_path / "r.csv", "-w", tiny_weights, "-j", "0",
+               "--anonymize-ids", mapping)
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert f"--anonymize-ids {mapping}" in line and "kept apart from the outputs" in line
+    assert not mapping.exists() and not (tmp_path / "r.csv").exists()
+
+
+def test_an_id_mapping_inside_an_explain_folder_is_refused(tmp_path, scans, tiny_weights):
+    res = _run("explain", scans, "--out", tmp_path / "e", "-w", tiny_weights, "-j", "0",
+               "--anonymize-ids", tmp_path / "e" / "ids.json")
+    assert res.exit_code == 2 and "kept apart from the outputs" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("text", [
+    '{"salt": "00112233445566778899aabbccddeeff", "cases": {"abc": {"case_id": "s0", "sou',  # cut short
+    '{"salt": "00112233445566778899aabbccddeeff"}',  # no cases
+    '{"salt": "00112233445566778899aabbccddeeff", "cases": ["s0"]}',
+    '{"salt": "0011", "cases": {}}',
+    "",
+])
+def test_a_corrupt_id_mapping_is_refused_and_kept(tmp_path, scans, tiny_weights, text):
+    mapping = tmp_path / "ids.json"
+    mapping.write_text(text)
+    res = _run("predict", scans, "--out", tmp_path / "r.csv", "-w", tiny_weights, "-j", "0",
+               "--anonymize-ids", mapping)
+    assert res.exit_code == 2
+    assert f"--anonymize-ids {mapping}: not a mapping file written by mmcli" in _one_error_line(res)
+    assert mapping.read_text() == text  # older mappings are never written over

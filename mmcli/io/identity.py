@@ -6,7 +6,9 @@
 * **Anonymised ids** (``--anonymize-ids FILE``) replace each case id, and so each mask
   name and HDF5 key, by a salted hash of its relative path, for sites whose file names
   carry patient names. The salt and the mapping back to the inputs are kept in ``FILE``,
-  which the user keeps apart from the outputs; the same file gives the same ids on a rerun.
+  which must lie apart from the outputs and is readable by its owner only (0600 from its
+  creation); the same file gives the same ids on a rerun, and one that is not a whole
+  mapping is refused rather than written over.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any
 
 from mmcli.errors import UsageError
 from mmcli.io.discover import InputFile
-from mmcli.io.writers import write_json
 
 FINGERPRINT = "_input"
 """Journal key of a case's input fingerprint (not a report column)."""
@@ -67,30 +68,71 @@ def same_input(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> 
     return old.get("mtime_ns") == new.get("mtime_ns")
 
 
-def _load_salt(mapping: Path) -> bytes:
-    if not mapping.is_file():
-        return secrets.token_bytes(16)
-    try:
-        return bytes.fromhex(json.loads(mapping.read_text(encoding="utf-8"))["salt"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--anonymize-ids {mapping}: not a mapping written by mmcli ({err})") from None
-
-
-def anonymize(files: Sequence[InputFile], mapping: Path) -> list[InputFile]:
-    """The same inputs under salted-hash case ids; writes (or extends) the mapping file first.
+def _load_mapping(mapping: Path) -> tuple[bytes, dict[str, Any]]:
+    """The salt and the cases of an existing mapping file; a new salt and no cases where there is none.
 
     Raises:
-        UsageError: ``mapping`` exists but is not a mapping file mmcli wrote.
+        UsageError: the file exists but is not a whole mapping written by mmcli (its older
+            mappings must not be dropped by writing a new file over it).
+    """
+    if not os.path.lexists(mapping):
+        return secrets.token_bytes(16), {}
+    try:
+        data = json.loads(mapping.read_text(encoding="utf-8"))
+        salt, cases = bytes.fromhex(data["salt"]), data["cases"]
+        if len(salt) < 16 or not isinstance(cases, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("case_id"), str) for v in cases.values()):
+            raise ValueError("no salt of 16 bytes, or cases that are not {id: {case_id, source}}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        raise UsageError(f"--anonymize-ids {mapping}: not a mapping file written by mmcli ({reason}); it is left as "
+                         "it is: restore it, or name a new file") from None
+    return salt, cases
+
+
+def _check_apart(mapping: Path, outputs: Sequence[Path]) -> None:
+    for out in outputs:
+        out = out.expanduser().resolve()
+        if mapping == out or out in mapping.parents:
+            raise UsageError(f"--anonymize-ids {mapping}: the mapping names the patients' files, so it must be "
+                             f"kept apart from the outputs, not inside {out}: choose a path outside it")
+
+
+def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON that only its owner may read, atomically.
+
+    The file is created with mode 0600 (``os.open``), so there is no moment at which others
+    could read it, whatever the umask; it then replaces ``path`` in one rename.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def anonymize(files: Sequence[InputFile], mapping: Path, *, outputs: Sequence[Path] = ()) -> list[InputFile]:
+    """The same inputs under salted-hash case ids; writes (or extends) the mapping file first.
+
+    ``outputs``: the run's output folder and files; the mapping may lie in none of them.
+
+    Raises:
+        UsageError: ``mapping`` lies among the outputs, or exists but is not a mapping file mmcli wrote.
     """
     mapping = mapping.expanduser().resolve()
-    salt = _load_salt(mapping)
-    out, known = [], {}
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        known = dict(json.loads(mapping.read_text(encoding="utf-8"))["cases"])
+    _check_apart(mapping, outputs)
+    salt, known = _load_mapping(mapping)
+    out = []
     for file in files:
         digest = hmac.new(salt, file.case_id.encode("utf-8"), hashlib.sha256).hexdigest()[:_ID_DIGITS]
         out.append(InputFile(file.path, digest))
         known[digest] = {"case_id": file.case_id, "source": str(file.path)}
-    write_json(mapping, {"salt": salt.hex(), "cases": dict(sorted(known.items()))})
-    os.chmod(mapping, 0o600)  # it names the patients' files: for its owner's eyes only
+    write_private_json(mapping, {"salt": salt.hex(), "cases": dict(sorted(known.items()))})
     return out
