@@ -142,9 +142,10 @@ def iter_rows_loader(
     finisher = _Finisher(task, n_finish, case_timeout)
     pending: deque[tuple[InputFile, Future[dict[str, Any]], Any]] = deque()
     window = max(2 * batch_size, 4 * n_finish)
+    batches = iter(loader)
     clean = False
     try:
-        for batch in loader:
+        for batch in batches:
             pred = None
             if batch["images"] is not None:
                 sizes = [(int(batch["items"][pos]["meta"]["height"]), int(batch["items"][pos]["meta"]["width"]))
@@ -165,6 +166,10 @@ def iter_rows_loader(
         clean = True
     finally:
         finisher.shutdown(clean=clean)
+        if not clean:  # a stop: decoders ignore SIGTERM, and a stopped one would hold up the exit
+            for process in getattr(batches, "_workers", ()):
+                if process.is_alive():
+                    process.kill()
 
 
 def default_finishers(device: torch.device, decoders: int) -> int:
