@@ -210,6 +210,8 @@ def test_folders_that_hold_an_mmcli_run_are_not_searched(scans: Path) -> None:
     _mark_run(scans / "old")
     touch(scans / "ev" / "roc.png")  # an earlier evaluate --out scans/ev
     _mark_run(scans / "ev", "summary.json", '{"mmcli_version": "1"}')
+    touch(scans / "killed" / "masks" / "y.png")  # an earlier run killed before its end: only its journal
+    _mark_run(scans / "killed", "journal.jsonl", '{"header": {"weights_sha256": "ab"}}\n{"case_id": "y"}\n')
     touch(scans / "mine" / "z.png")  # a user's own run.json is no mmcli run
     touch(scans / "mine" / "run.json", b'{"experiment": 3}')
     assert ids(discover_inputs([scans])) == ["a/x", "b/x", "b/y", "c/1.2.3.4", "c/IM0001", "mine/z"]

@@ -159,9 +159,10 @@ def _is_candidate(path: Path) -> bool:
     return not stat.S_ISDIR(mode)
 
 
-RUN_MARKERS = ("run.json", "summary.json")
+RUN_MARKERS = ("run.json", "summary.json", "journal.jsonl")
 """Files by which a folder is known as an mmcli run's: every command writes ``run.json``
-(``evaluate`` its ``summary.json``), with ``mmcli_version`` in it or in its ``provenance``."""
+(``evaluate`` its ``summary.json``) with ``mmcli_version`` in it or in its ``provenance``;
+a run killed before its end left a ``journal.jsonl`` that starts with its header."""
 
 
 def holds_run(folder: Path) -> bool:
@@ -169,15 +170,18 @@ def holds_run(folder: Path) -> bool:
     for name in RUN_MARKERS:
         try:
             with open(folder / name, encoding="utf-8") as f:
-                data = json.load(f)
+                data = json.loads(f.readline()) if name.endswith(".jsonl") else json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and (
-            "mmcli_version" in data
-            or isinstance(data.get("provenance"), dict) and "mmcli_version" in data["provenance"]
-        ):
+        if isinstance(data, dict) and _mmcli_wrote(data):
             return True
     return False
+
+
+def _mmcli_wrote(data: dict) -> bool:
+    provenance, header = data.get("provenance"), data.get("header")
+    return ("mmcli_version" in data or isinstance(provenance, dict) and "mmcli_version" in provenance
+            or isinstance(header, dict) and "weights_sha256" in header)
 
 
 def _skip_run(folder: Path) -> bool:
