@@ -178,7 +178,7 @@ def holds_run(folder: Path) -> bool:
     return False
 
 
-def _mmcli_wrote(data: dict) -> bool:
+def _mmcli_wrote(data: dict[str, object]) -> bool:
     provenance, header = data.get("provenance"), data.get("header")
     return ("mmcli_version" in data or isinstance(provenance, dict) and "mmcli_version" in provenance
             or isinstance(header, dict) and "weights_sha256" in header)
