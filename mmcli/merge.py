@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,7 +300,7 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
                 row[column] = os.path.relpath(target, out.parent)
             rows.append(row)
         if out.suffix.lower() in _HDF5:
-            def mask(row: dict[str, Any]) -> np.ndarray | None:
+            def mask(row: Mapping[str, Any]) -> np.ndarray | None:
                 return read_mask_png(out.parent / row["mask"]) if row.get("mask") else None
 
             write_hdf5(out, rows, columns, masks=mask, attrs=dict(shards[0].manifest.get("provenance", {})))
