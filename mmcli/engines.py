@@ -335,9 +335,11 @@ def iter_rows_processes(
 ) -> Iterator[dict[str, Any]]:
     """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per job.
 
-    A batch whose process dies, or which takes over ``case_timeout`` seconds per file, is
-    run again one file per job, by a fresh process; a file that then crashes alone, or
-    times out alone, gets an error row. Rows come in the order the jobs finish.
+    A process that dies, or takes over ``case_timeout`` seconds per file of its job, is
+    killed and replaced (:class:`mmcli.workers.WorkerPool`); the files of that job run
+    again one per job, and a file that then fails alone gets an error row (a single file
+    that timed out gets it at once: it would only hang again). Rows come in the order the
+    jobs finish.
 
     Raises:
         MMCLIError: a worker cannot load the run's weights (the file changed since the run started).
@@ -365,10 +367,11 @@ def iter_rows_processes(
                     logger.info("a worker %s on %d file(s); running them one by one",
                                 _WHAT[outcome], len(chunk.files))
                     todo.extendleft(_Chunk((f,), alone=True) for f in reversed(chunk.files))
+                elif outcome == "answer":
+                    yield task.failed(chunk.files[0], answer[1])
                 else:
-                    reason = answer[1] if outcome == "answer" else CRASH_REASON if outcome == "crashed" \
-                        else f"timed out after {case_timeout:g} s"
-                    yield task.failed(chunk.files[0], reason)
+                    yield task.failed(chunk.files[0], CRASH_REASON if outcome == "crashed"
+                                      else f"timed out after {case_timeout:g} s")
         clean = True
     finally:
         pool.close(clean=clean)
