@@ -345,3 +345,32 @@ def test_case_timeout_must_be_positive(tmp_path, folder, tiny_weights):
     assert res.exit_code == 2 and "--case-timeout" in res.output
     with pytest.raises(Exception, match="--case-timeout"):
         PredictConfig(inputs=(str(folder),), out=tmp_path / "r.csv", case_timeout=-1)
+
+
+class _HangsInChild(PredictCase):
+    """Finishing img1 hangs its process, unless it runs in the test's own process."""
+
+    def finish(self, file, item, pred, k):
+        if file.case_id == "img1" and os.getpid() != int(os.environ["MMCLI_TEST_PARENT"]):
+            import time
+
+            time.sleep(3600)
+        return super().finish(file, item, pred, k)
+
+
+@pytest.mark.slow  # a spawned finisher imports torch, then the limit runs out: about 11 s
+def test_a_hung_finisher_costs_its_case_only(tmp_path, folder, tiny_weights, monkeypatch):
+    import multiprocessing
+
+    from mmcli.io.discover import discover_inputs
+
+    monkeypatch.setenv("MMCLI_TEST_PARENT", str(os.getpid()))
+    files = [f for f in discover_inputs([folder]) if f.case_id != "crash"]
+    predictor = Predictor(load_checkpoint(tiny_weights), device="cpu", precision="fp32")
+    task = _HangsInChild(0.5, tmp_path / "masks", tmp_path, ("normal", "pneumonia"))
+    rows = list(engines.iter_rows_loader(predictor, files, task, batch_size=2, workers=0, finishers=1,
+                                         case_timeout=5))
+    assert [r["case_id"] for r in rows] == [f.case_id for f in files]
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
+    assert rows[1]["error"] == "timed out after 5 s"
+    assert not multiprocessing.active_children()
