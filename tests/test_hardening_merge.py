@@ -176,3 +176,13 @@ def test_an_earlier_run_inside_the_inputs_adds_no_cases(tmp_path, scans, tiny_we
     assert len(_cells(scans / "first.csv")) == len(_cells(scans / "second.shard-0-of-1.csv")) == 6
     assert len(list((scans / "first" / "masks").glob("*.png"))) == 5
     assert os.path.exists(scans / "second.shard-0-of-1" / "run.json")
+
+
+def test_anonymised_shards_record_the_ids_the_merge_holds(tmp_path, scans, tiny_weights):
+    work, mapping = tmp_path / "w", tmp_path / "ids.json"
+    reports = [_predict(scans, work / "r.csv", tiny_weights, "--shard", f"{k}/2", "--anonymize-ids", mapping)
+               and work / f"r.shard-{k}-of-2.csv" for k in range(2)]
+    res = _merge(*reports, out=work / "m.csv")
+    assert res.exit_code == 0, res.output
+    ids = [row[0] for row in _cells(work / "m.csv")[1:]]
+    assert len(ids) == 5 and set(ids) == set(json.loads(mapping.read_text())["cases"])
