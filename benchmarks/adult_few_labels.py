@@ -88,10 +88,9 @@ def run(data: Path, out: Path, n: int, arm: str, seed: int) -> dict[str, Any]:
            "--cls-data", str(lab), *SCHEDULE, "--balance-sources", "--patience", "0", "--seed", str(seed),
            "--precision", "bf16", "--out", str(train_dir), "-q"]
     cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--beta", "0"]
-    if (train_dir / "state.pt").is_file():
-        cmd.append("--resume")
-    if not (train_dir / "best.safetensors").is_file() or "--resume" in cmd:
-        _mmcli(*cmd)
+    run_json = train_dir / "run.json"
+    if not (run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished"):
+        _mmcli(*cmd, *(["--resume"] if (train_dir / "state.pt").is_file() else []))
     _mmcli("evaluate", *(str(data / s) for s in TEST), "--out", str(row_dir / "eval"), "--weights",
            str(train_dir / "best.safetensors"), "--precision", "fp32", "--overwrite", "--no-plots", "-q")
     summary = json.loads((row_dir / "eval" / "summary.json").read_text())

@@ -69,11 +69,13 @@ def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
                for a in (*MASKS, *LABELS, *options)]
     cmd = ["train", *folders, "--balance-sources", "--patience", "0", "--seed", "0", "--precision", "bf16",
            "--out", str(train_dir), "-q"]
+    run_json = train_dir / "run.json"
+    if run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished":
+        return json.loads(run_json.read_text())
     if (train_dir / "state.pt").is_file():
         cmd.append("--resume")
-    if not (train_dir / "best.safetensors").is_file() or "--resume" in cmd:
-        _mmcli(*cmd)
-    return json.loads((train_dir / "run.json").read_text())
+    _mmcli(*cmd)
+    return json.loads(run_json.read_text())
 
 
 def view_auc(data: Path) -> dict[str, float]:
