@@ -16,8 +16,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
-    "INVERTED", "MASK_IMPLAUSIBLE", "MASK_STATS", "NOT_RADIOGRAPH", "ROTATED", "MaskStats",
-    "anatomical_mask", "film_thumbnails", "image_flags", "inversion_features", "mask_flags",
+    "INVERTED", "LEFT_LUNG", "MASK_IMPLAUSIBLE", "MASK_STATS", "NOT_RADIOGRAPH", "RIGHT_LUNG", "ROTATED",
+    "MaskStats", "anatomical_mask", "film_thumbnails", "image_flags", "inversion_features", "lung_sides",
+    "mask_flags",
     "radiograph_stats", "rotation_features", "thumbnail", "upright_features", "upright_scores",
 ]
 
@@ -67,6 +68,8 @@ class _Parts:
     cy: np.ndarray  # (n,) centroid row / H
     cx: np.ndarray  # (n,) centroid column / W
     bottom: np.ndarray  # (n,) lowest row reached / H
+    x0: np.ndarray  # (n,) first column reached / W
+    x1: np.ndarray  # (n,) last column reached + 1, / W
     f: int
 
 
@@ -111,10 +114,12 @@ def _parts(m: np.ndarray) -> _Parts:
     with np.errstate(invalid="ignore", divide="ignore"):
         cy = np.bincount(idx, wts * ((rows + 0.5) * f), n + 1)[1:] / area / H
         cx = np.bincount(idx, wts * ((cols + 0.5) * f), n + 1)[1:] / area / W
-    # the lowest cell row of each piece, from its bounding box
-    stops = np.array([box[0].stop for box in ndi.find_objects(labels, n)], dtype=np.float64)
-    bottom = np.minimum(stops * f, H) / H
-    return _Parts(labels, counts, area, cy, cx, bottom, f)
+    # the lowest cell row and the column span of each piece, from its bounding box
+    boxes = np.array([(b[0].stop, b[1].start, b[1].stop) for b in ndi.find_objects(labels, n)],
+                     dtype=np.float64).reshape(-1, 3)
+    bottom = np.minimum(boxes[:, 0] * f, H) / H
+    x0, x1 = boxes[:, 1] * f / W, np.minimum(boxes[:, 2] * f, W) / W
+    return _Parts(labels, counts, area, cy, cx, bottom, x0, x1, f)
 
 
 def _fill_holes(m: np.ndarray, f: int, counts: np.ndarray | None = None) -> np.ndarray:
@@ -190,6 +195,85 @@ def anatomical_mask(
         out = np.ascontiguousarray(kept.reshape(kept.shape[0] * p.f, -1)[: m.shape[0], : m.shape[1]])
         counts = None
     return _fill_holes(out, p.f, counts) if fill_holes else out
+
+
+RIGHT_LUNG, LEFT_LUNG = 1, 2
+"""Values of :func:`lung_sides`' label map: also the segment numbers of the DICOM SEG."""
+# A mask treated as a whole is two lungs joined at the mediastinum when, in the middle half of
+# its column span, some column holds at most this share of the fullest column on either side of it
+WAIST = 0.5
+# With no such waist, a mask with at least this share of its pixels on each side of the image's
+# mid column is both lungs fused (cut at the mid column); with less it is one lung
+MIN_SIDE_SHARE = 0.2
+
+
+def lung_sides(mask: np.ndarray, *, min_component: float = MIN_COMPONENT) -> np.ndarray:
+    """Split a lung mask into the patient's right and left lung, as seen on a standard PA/AP film:
+    the patient's right lung lies on the image's left (the smaller column indices).
+
+    1. Two lungs apart: when the two largest pieces of at least ``min_component`` of the frame lie
+       side by side (their column spans overlap by less than half the narrower span), the one whose
+       centroid has the smaller column is the right lung, the other the left lung. Any other piece
+       (``--raw-masks``) joins the side of the cut (midway between the lungs' inner edges, or
+       between their centroids where the spans overlap) that its centroid lies on.
+    2. Otherwise (one piece, or pieces stacked in one lung) the mask is judged as a whole:
+
+       a. two lungs joined at the mediastinum: in the middle half of the mask's column span some
+          column holds at most ``WAIST`` of the fullest column on either side of it; cut at the
+          first such lowest column;
+       b. no waist, but at least ``MIN_SIDE_SHARE`` of the pixels on each side of the image's mid
+          column: both lungs fused; cut at the mid column ``W // 2``;
+       c. else one lung, wholly on the side of the mid column where its centroid lies.
+
+       Across a cut, columns left of it are the right lung.
+
+    Args:
+        mask: (H, W) bool (or 0/1) lung mask, ideally from :func:`anatomical_mask`.
+
+    Returns:
+        (H, W) uint8: 0 background, ``RIGHT_LUNG`` (1) or ``LEFT_LUNG`` (2); nonzero exactly on ``mask``.
+    """
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), not of shape {m.shape}")
+    if not m.any():
+        return np.zeros(m.shape, np.uint8)
+    p = _parts(m)
+    big = np.flatnonzero(p.area >= min_component * m.size)
+    big = big[np.argsort(-p.area[big], kind="stable")][:2]
+    if big.size == 2:
+        a, b = sorted(big, key=lambda i: p.cx[i])
+        overlap = min(p.x1[a], p.x1[b]) - max(p.x0[a], p.x0[b])
+        if overlap < 0.5 * min(p.x1[a] - p.x0[a], p.x1[b] - p.x0[b]):
+            cut = (p.x1[a] + p.x0[b]) / 2 if overlap <= 0 else (p.cx[a] + p.cx[b]) / 2
+            side = np.where(p.cx < cut, RIGHT_LUNG, LEFT_LUNG)
+            side[a], side[b] = RIGHT_LUNG, LEFT_LUNG
+            cells = np.r_[0, side].astype(np.uint8)[p.labels]
+            full = np.repeat(np.repeat(cells, p.f, axis=0), p.f, axis=1)[: m.shape[0], : m.shape[1]]
+            return np.where(m, full, np.uint8(0))
+    profile = np.count_nonzero(m, axis=0)
+    cut = _waist(profile)
+    if cut is None:
+        half = m.shape[1] // 2
+        right_share = profile[:half].sum() / profile.sum()
+        one_lung = min(right_share, 1.0 - right_share) < MIN_SIDE_SHARE  # then the cut lies beyond it
+        cut = (m.shape[1] if right_share >= 0.5 else 0) if one_lung else half
+    out = m.astype(np.uint8) * np.uint8(LEFT_LUNG)
+    out[:, :cut][m[:, :cut]] = RIGHT_LUNG
+    return out
+
+
+def _waist(profile: np.ndarray) -> int | None:
+    """The first lowest column in the middle half of the span of ``profile`` (W,) (mask pixels per
+    column) when it holds at most ``WAIST`` of the fullest column on either side of it, else None."""
+    cols = np.flatnonzero(profile)
+    c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    lo, hi = c0 + (c1 - c0) // 4, c1 - (c1 - c0) // 4
+    if hi - lo < 1 or lo <= c0:
+        return None
+    cut = lo + int(np.argmin(profile[lo:hi]))
+    sides = min(int(profile[c0:cut].max()), int(profile[cut + 1: c1].max(initial=0)))
+    return cut if profile[cut] <= WAIST * sides else None
 
 
 def mask_flags(
