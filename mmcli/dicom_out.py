@@ -39,8 +39,9 @@ from pydicom.valuerep import validate_value
 from mmcli.errors import CaseError
 from mmcli.io.dicom import TEXT_VRS, redact
 from mmcli.io.writers import atomic_path
+from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
-__all__ = ["AlgorithmInfo", "write_dicom_seg", "write_dicom_sr", "LABEL_CODES"]
+__all__ = ["AlgorithmInfo", "LABEL_CODES", "LUNG_SEGMENTS", "write_dicom_seg", "write_dicom_sr"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -61,6 +62,11 @@ _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 _QUALITY_FINDING = hd.sr.CodedConcept("111052", "DCM", "Quality Finding")
 _CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 _SEGMENTATION_FRAME = hd.sr.CodedConcept("121214", "DCM", "Referenced Segmentation Frame")
+#: Segment number (the value in :func:`mmcli.qa.lung_sides`' label map), label and SNOMED CT code of each lung
+LUNG_SEGMENTS: tuple[tuple[int, str, hd.sr.CodedConcept], ...] = (
+    (RIGHT_LUNG, "Right lung", hd.sr.CodedConcept("3341006", "SCT", "Right lung")),
+    (LEFT_LUNG, "Left lung", hd.sr.CodedConcept("44029006", "SCT", "Left lung")),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,45 +79,49 @@ class AlgorithmInfo:
     weights_sha256: str
 
 
-def write_dicom_seg(source: Path, mask: np.ndarray, out: Path, *, algorithm: AlgorithmInfo) -> Path:
+def write_dicom_seg(source: Path, sides: np.ndarray, out: Path, *, algorithm: AlgorithmInfo) -> Path:
     """Write a binary DICOM Segmentation of the lungs of ``source`` to ``out`` and return ``out``.
 
-    ``mask`` is (H, W) bool at the source's native size (H, W = Rows, Columns); one segment
-    "Lung" (SCT 91723000 Anatomical Structure / SCT 39607008 Lung), algorithm type AUTOMATIC.
-    An empty mask still gives one (empty) frame. Raises :class:`CaseError` when it cannot be written.
+    ``sides`` is (H, W) at the source's native size (H, W = Rows, Columns): a label map of 0, 1 (the
+    patient's right lung) and 2 (left lung), as :func:`mmcli.qa.lung_sides` gives, or a bool lung mask
+    that is split by it. Two segments (:data:`LUNG_SEGMENTS`), category SCT 91723000 Anatomical
+    Structure: 1 "Right lung" (SCT 3341006) and 2 "Left lung" (SCT 44029006), algorithm type AUTOMATIC;
+    one frame each, empty or not. Raises :class:`CaseError` when it cannot be written.
     """
     src = _read_source(source)
-    mask = np.asarray(mask)
-    if mask.shape != (src.Rows, src.Columns):
-        raise CaseError(source, f"mask shape {mask.shape} differs from the DICOM's Rows x Columns "
+    sides = np.asarray(sides)
+    if sides.shape != (src.Rows, src.Columns):
+        raise CaseError(source, f"mask shape {sides.shape} differs from the DICOM's Rows x Columns "
                                 f"({src.Rows}, {src.Columns})")
-    if mask.dtype != bool:
-        if mask.dtype.kind not in "iuf" or not np.isin(mask, (0, 1)).all():
-            raise CaseError(source, f"mask must be boolean (or 0/1), got {mask.dtype}")
-        mask = mask.astype(bool)
+    if sides.dtype == bool:
+        sides = lung_sides(sides)
+    elif sides.dtype.kind not in "iuf" or not np.isin(sides, (0, RIGHT_LUNG, LEFT_LUNG)).all():
+        raise CaseError(source, f"mask must be boolean or a label map of 0, {RIGHT_LUNG} (right lung) and "
+                                f"{LEFT_LUNG} (left lung), got {sides.dtype}")
+    sides = sides.astype(np.uint8)
     date, time = _fixed_datetime(src)
 
     def build() -> hd.seg.Segmentation:
-        description = hd.seg.SegmentDescription(
-            segment_number=1, segment_label="Lung",
-            segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=codes.SCT.Lung,
+        descriptions = [hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=code,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
                 name=algorithm.name, family=codes.cid7162.ArtificialIntelligence, version=algorithm.version,
                 source=MANUFACTURER,
                 parameters={"weights": algorithm.weights_name, "weights_sha256": algorithm.weights_sha256}),
-            tracking_uid=_uid(src, algorithm, "seg", "segment-1"), tracking_id="mmcli lung",
-        )
+            tracking_uid=_uid(src, algorithm, "seg", f"segment-{number}"), tracking_id=f"mmcli {label.lower()}",
+        ) for number, label, code in LUNG_SEGMENTS]
         return hd.seg.Segmentation(
-            source_images=[src], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
+            source_images=[src], pixel_array=sides, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
             series_instance_uid=_uid(src, algorithm, "seg", "series"), series_number=SEG_SERIES_NUMBER,
             sop_instance_uid=_uid(src, algorithm, "seg", "instance"), instance_number=1,
             manufacturer=MANUFACTURER, manufacturer_model_name=algorithm.name,
             software_versions=algorithm.version, device_serial_number=algorithm.weights_sha256[:16] or "unknown",
             omit_empty_frames=False,  # an empty mask is a result too
             series_description=SEG_DESCRIPTION, content_qualification=hd.ContentQualificationValues.RESEARCH,
-            content_label="LUNG", content_description="Automatic lung segmentation",
+            content_label="LUNGS", content_description="Automatic segmentation of the right and left lung",
             content_date=date, content_time=time, series_date=date, series_time=time,
             specific_character_set=_character_set(src),
         )
@@ -143,15 +153,18 @@ def write_dicom_sr(
     qa_flags: Sequence[str],
     algorithm: AlgorithmInfo,
     seg: Path | None = None,
+    side_areas_mm2: tuple[float | None, float | None] = (None, None),
 ) -> Path:
     """Write a TID 1500 Measurement Report (Comprehensive 3D SR) about ``source`` to ``out``.
 
     One image-level measurement group (TID 1501) holds the pneumonia probability (DCM 122157
     "Probability", unit UCUM "1" "no units", range 0..1), the label as the group's coded
     "Finding" (DCM 121071, highdicom's ``finding_type``): SCT 233604007 Pneumonia or SCT 17621005
-    Normal, and each QA flag as a TEXT item "Quality Finding" (DCM 111052). The lung area
-    (SCT 42798000 "Area", UCUM "mm2", finding site SCT Lung) goes in a planar ROI group (TID 1410)
-    that references segment 1 of ``seg`` when a SEG is given, else in the image-level group.
+    Normal, each QA flag as a TEXT item "Quality Finding" (DCM 111052), and the area of both lungs
+    (SCT 42798000 "Area", UCUM "mm2", finding site SCT Lung). With a SEG (:func:`write_dicom_seg`), one
+    planar ROI group (TID 1410) per lung references its segment, finding SCT Right lung / Left lung,
+    with that lung's area from ``side_areas_mm2`` (right, left); without one, those areas go in the
+    image-level group, each with its lung as finding site.
     Raises :class:`CaseError` when it cannot be written.
     """
     src = _read_source(source)
@@ -159,13 +172,15 @@ def write_dicom_sr(
         raise CaseError(source, f"pneumonia probability {p_pneumonia!r} is not in [0, 1]")
     if label is not None and label.lower() not in LABEL_CODES:
         raise CaseError(source, f"label {label!r} has no SR code; known: {', '.join(LABEL_CODES)}")
-    if lung_area_mm2 is not None and not (math.isfinite(lung_area_mm2) and lung_area_mm2 >= 0):
-        raise CaseError(source, f"lung area {lung_area_mm2!r} mm2 is not a non-negative number")
+    for area in (lung_area_mm2, *side_areas_mm2):
+        if area is not None and not (math.isfinite(area) and area >= 0):
+            raise CaseError(source, f"lung area {area!r} mm2 is not a non-negative number")
     seg_ds = _read_seg(seg, src) if seg is not None else None
     date, time = _fixed_datetime(src)
 
     def build() -> hd.sr.Comprehensive3DSR:
-        groups = _measurement_groups(src, p_pneumonia, label, lung_area_mm2, qa_flags, algorithm, seg_ds)
+        groups = _measurement_groups(src, p_pneumonia, label, (lung_area_mm2, *side_areas_mm2), qa_flags,
+                                     algorithm, seg_ds)
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -191,23 +206,28 @@ def write_dicom_sr(
     return _save(sr, out, date, time)
 
 
+def _area(value: float | None, site: hd.sr.CodedConcept) -> hd.sr.Measurement | None:
+    return None if value is None else hd.sr.Measurement(
+        name=codes.SCT.Area, value=float(value), unit=codes.UCUM.SquareMillimeter,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site)],
+    )
+
+
 def _measurement_groups(
-    src: pydicom.Dataset, p_pneumonia: float | None, label: str | None, lung_area_mm2: float | None,
-    qa_flags: Sequence[str], algorithm: AlgorithmInfo, seg_ds: pydicom.Dataset | None,
+    src: pydicom.Dataset, p_pneumonia: float | None, label: str | None,
+    areas_mm2: tuple[float | None, float | None, float | None], qa_flags: Sequence[str], algorithm: AlgorithmInfo,
+    seg_ds: pydicom.Dataset | None,
 ) -> list[hd.sr.Template]:
-    """The image-level group and, with a SEG, the lung ROI group (see :func:`write_dicom_sr`)."""
+    """The image-level group and, with a SEG, a ROI group per lung (see :func:`write_dicom_sr`);
+    ``areas_mm2``: both lungs, right lung, left lung."""
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version, family=codes.DCM.ArtificialIntelligence,
         parameters=[f"weights={algorithm.weights_name}", f"weights_sha256={algorithm.weights_sha256}"],
     )
-    area = None if lung_area_mm2 is None else hd.sr.Measurement(
-        name=codes.SCT.Area, value=float(lung_area_mm2), unit=codes.UCUM.SquareMillimeter,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
-    )
+    side_areas = [_area(value, code) for value, (_, _, code) in zip(areas_mm2[1:], LUNG_SEGMENTS, strict=True)]
     measurements = [] if p_pneumonia is None else [
         hd.sr.Measurement(name=_PROBABILITY, value=float(p_pneumonia), unit=codes.UCUM.NoUnits)]
-    if area is not None and seg_ds is None:
-        measurements.append(area)
+    measurements += [a for a in [_area(areas_mm2[0], codes.SCT.Lung), *([] if seg_ds else side_areas)] if a]
     image_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=_uid(src, algorithm, "sr", "image-group"), identifier="mmcli image findings"),
@@ -221,29 +241,29 @@ def _measurement_groups(
             name=_QUALITY_FINDING, value=str(flag), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if seg_ds is None:
         return [image_group]
-    # not from_segmentation(): highdicom 0.28 looks for the segment number per frame, but
-    # itself puts it in the shared functional groups of a single-frame SEG
-    segment = hd.sr.ReferencedSegmentationFrame(
-        sop_class_uid=seg_ds.SOPClassUID, sop_instance_uid=seg_ds.SOPInstanceUID, frame_number=1,
-        segment_number=1, source_image=hd.sr.SourceImageForSegmentation.from_source_image(src))
-    lung_group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(src, algorithm, "sr", "lung-group"),
-                                                     identifier="mmcli lung"),
-        referenced_segment=segment,
-        finding_type=codes.SCT.Lung,
-        algorithm_id=algorithm_id,
-        measurements=None if area is None else [area],
-    )
-    return [image_group, lung_group]
+    groups: list[hd.sr.Template] = [image_group]
+    for (number, label_text, code), area in zip(LUNG_SEGMENTS, side_areas, strict=True):
+        # frame k holds segment k (write_dicom_seg keeps empty frames); the frame number is dropped again
+        # in _segment_references_without_frame
+        segment = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg_ds.SOPClassUID, sop_instance_uid=seg_ds.SOPInstanceUID, frame_number=number,
+            segment_number=number, source_image=hd.sr.SourceImageForSegmentation.from_source_image(src))
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(src, algorithm, "sr", f"lung-group-{number}"),
+                                                         identifier=f"mmcli {label_text.lower()}"),
+            referenced_segment=segment, finding_type=code, algorithm_id=algorithm_id,
+            measurements=None if area is None else [area],
+        ))
+    return groups
 
 
 def _segment_references_without_frame(ds: pydicom.Dataset) -> None:
-    """Reference the lung segment by its number alone (the SEG has one frame, one segment).
+    """Reference each lung segment by its number alone (the SEG has one frame per segment).
 
     highdicom's Referenced Segmentation Frame item names both the frame and the segment, but the
     Image Reference Macro allows Referenced Segment Number only where Referenced Frame Number is
-    absent (dciodvfy: "shall not be present when ReferencedFrameNumber is present"); TID 1410
-    leaves the frame out when a reference selects all frames of a SEG with a single segment.
+    absent (dciodvfy: "shall not be present when ReferencedFrameNumber is present"): the segment
+    number selects that segment's frames.
     """
     for item in ds.get("ContentSequence", []):
         if item.ConceptNameCodeSequence[0].CodeValue == _SEGMENTATION_FRAME.value:
@@ -268,7 +288,7 @@ def _read_source(source: Path) -> pydicom.Dataset:
         raise CaseError(source, f"cannot read the source DICOM header ({type(exc).__name__})") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
         if not ds.get(keyword):
-            raise CaseError(source, f"source DICOM has no {keyword}; cannot reference it from a SEG or SR")
+            raise CaseError(source, f"source DICOM has no {keyword}; cannot reference it from a SEG, SR or SC")
     if _frames(ds) != 1:
         raise CaseError(source, "source DICOM is multi-frame; only single-frame images are supported")
     ds = copy.deepcopy(ds)

@@ -48,7 +48,7 @@ from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.io.writers import atomic_path, write_csv
-from mmcli.quality import apply_policy, case_flags, lung_mask
+from mmcli.quality import apply_policy, case_flags, lung_mask, native_lung_mask
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class ExplainCase:
         height, width = pixels.shape
         row = batch.new_row(EXPLAIN_COLUMNS, file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
                             label=batch.label_for(p, self.threshold, self.class_names),
-                            lung_fraction=round(float(lungs.mean()), 6))
+                            lung_fraction=round(float(
+                                native_lung_mask(pred, k, height, width, self.raw_masks).mean()), 6))
         for view, heat in maps.items():
             row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
         grid_meta = {**item["meta"], "pixel_spacing": None}  # the lungs here are on the model grid

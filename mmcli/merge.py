@@ -51,7 +51,7 @@ __all__ = ["MergeSummary", "merge_reports"]
 
 _HDF5 = (".h5", ".hdf5")
 _VARYING = ("shard",)  # header keys that differ between the shards of one run
-_FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr")  # report columns that name a file of the run
+_FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr", "dicom_sc")  # report columns that name a file of the run
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ Outputs for ``--out results.csv`` (or ``results.h5``)::
     results/journal.jsonl     finished cases, read back to resume a killed run
 
 Each case fails alone: a file that cannot be read gets status ``error`` and its reason,
-the rest of the batch goes on. A DICOM SEG or SR that cannot be written (``--dicom-seg``,
-``--dicom-sr``) costs no prediction: the case stays ``ok`` and ``dicom_error`` says why.
+the rest of the batch goes on. A DICOM SEG, SR or SC that cannot be written (``--dicom-seg``,
+``--dicom-sr``, ``--dicom-sc``) costs no prediction: the case stays ``ok`` and ``dicom_error`` says why.
+
+The patient's right and left lung (``right_lung_*``, ``left_lung_*``) come from the reported mask by
+:func:`mmcli.qa.lung_sides`; fractions are of the image at its native size.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from mmcli.batch import (
     shard_path,
 )
 from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
-from mmcli.data.transforms import mask_to_native
 from mmcli.errors import CaseError, UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
-from mmcli.quality import apply_policy, case_flags, lung_mask
+from mmcli.qa import lung_sides
+from mmcli.quality import apply_policy, case_flags, lung_cells, native_lung_mask
 from mmcli.weights import weights_name
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ __all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "ru
 
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags",
-    "lung_fraction", "lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr", "dicom_error",
+    "lung_fraction", "right_lung_fraction", "left_lung_fraction", "lung_area_mm2", "right_lung_area_mm2",
+    "left_lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr", "dicom_sc", "dicom_error",
 )
 HDF5_SUFFIXES = (".h5", ".hdf5")
 REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
@@ -65,12 +69,13 @@ class PredictConfig(BatchConfig):
     hdf5: Path | None = None
     dicom_seg: bool = False
     dicom_sr: bool = False
+    dicom_sc: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.dicom_seg or self.dicom_sr) and self.anonymize_ids is not None:
-            raise UsageError("--dicom-seg and --dicom-sr cannot be combined with --anonymize-ids: a DICOM object "
-                             "derived from an image carries that image's patient and study")
+        if (self.dicom_seg or self.dicom_sr or self.dicom_sc) and self.anonymize_ids is not None:
+            raise UsageError("--dicom-seg, --dicom-sr and --dicom-sc cannot be combined with --anonymize-ids: a DICOM "
+                             "object derived from an image carries that image's patient and study")
         if self.out.suffix.lower() not in REPORT_SUFFIXES:
             raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
         if self.hdf5 is not None and self.hdf5.suffix.lower() not in HDF5_SUFFIXES:
@@ -112,29 +117,23 @@ class PredictCase:
             prob = float(pred.probabilities[k, -1])
             row["p_pneumonia"] = round(prob, 6)
             row["label"] = label_for(prob, self.threshold, self.class_names)
-        mask = None
+        mask = sides = None
         if pred.mask_logits is not None:
-            native = pred.native_mask(k)
-            if native is None:
-                native = mask_to_native(pred.mask_logits[k], height, width).numpy()
-            mask = lung_mask(native, self.raw_masks)
-            lung_pixels = int(mask.sum())
-            row["lung_fraction"] = round(lung_pixels / mask.size, 6)
-            spacing = meta.get("pixel_spacing")
-            if spacing:
-                row["lung_area_mm2"] = round(lung_pixels * float(spacing[0]) * float(spacing[1]), 2)
+            mask = native_lung_mask(pred, k, height, width, self.raw_masks)
+            sides = lung_sides(mask)
+            row.update(lung_cells(sides, meta.get("pixel_spacing")))
             mask_path = self.masks_dir / f"{file.case_id}.png"
             write_mask_png(mask_path, mask)
             row["mask"] = os.path.relpath(mask_path, self.report_dir)
         apply_policy(row, case_flags(meta, mask, pred, k, self.qa), self.qa)
         if self.dicom is not None and meta.get("format") == "dicom" and row["status"] == "ok":
-            row.update(self.dicom.write(file, row, mask, self.report_dir))
+            row.update(self.dicom.write(file, row, sides, self.report_dir, item.get("pixels")))
         return row
 
 
 @dataclass(frozen=True)
 class DicomOutputs:
-    """``--dicom-seg`` / ``--dicom-sr``: DICOM objects for each DICOM input, under ``<folder>/dicom/``."""
+    """``--dicom-seg`` / ``--dicom-sr`` / ``--dicom-sc``: DICOM objects of each DICOM input, in ``<folder>/dicom/``."""
 
     folder: Path
     seg: bool
@@ -142,12 +141,17 @@ class DicomOutputs:
     weights_name: str
     weights_sha256: str
     labels: tuple[str, ...] = ("normal", "pneumonia")  # the findings a report can state
+    sc: bool = False
 
-    def write(self, file: InputFile, row: dict[str, Any], mask: np.ndarray | None, report_dir: Path,
-              ) -> dict[str, str]:
+    def write(self, file: InputFile, row: dict[str, Any], sides: np.ndarray | None, report_dir: Path,
+              pixels: np.ndarray | None = None) -> dict[str, str]:
         """Write the objects of one case; returns the report cells: their paths relative to
         ``report_dir``, and ``dicom_error`` for each one that could not be written (then the SR,
         if asked for, is still written, without a reference to the SEG). Never raises.
+
+        Args:
+            sides: (H, W) uint8 lung label map (:func:`mmcli.qa.lung_sides`) at native size, or None.
+            pixels: (H, W) float film in [0, 1] (the reader's), for the secondary capture.
         """
         from mmcli import __version__
         from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr  # highdicom: only when asked
@@ -156,20 +160,29 @@ class DicomOutputs:
                                   weights_sha256=self.weights_sha256)
         out: dict[str, str] = {}
         errors: list[str] = []
+        flags = [f for f in (row.get("qa_flags") or "").split(";") if f]
         seg = None
-        if self.seg and mask is not None:
+        if self.seg and sides is not None:
             seg = _written(errors, "DICOM SEG", lambda: write_dicom_seg(
-                file.path, mask, self.folder / f"{file.case_id}.seg.dcm", algorithm=algorithm))
+                file.path, sides, self.folder / f"{file.case_id}.seg.dcm", algorithm=algorithm))
             if seg is not None:
                 out["dicom_seg"] = os.path.relpath(seg, report_dir)
         if self.sr:
             sr = _written(errors, "DICOM SR", lambda: write_dicom_sr(
                 file.path, self.folder / f"{file.case_id}.sr.dcm", p_pneumonia=row["p_pneumonia"],
                 label=row["label"] if row["label"] in self.labels else None,  # not "uncertain"
-                lung_area_mm2=row["lung_area_mm2"], qa_flags=[f for f in (row.get("qa_flags") or "").split(";") if f],
-                algorithm=algorithm, seg=seg))
+                lung_area_mm2=row["lung_area_mm2"], qa_flags=flags, algorithm=algorithm, seg=seg,
+                side_areas_mm2=(row["right_lung_area_mm2"], row["left_lung_area_mm2"])))
             if sr is not None:
                 out["dicom_sr"] = os.path.relpath(sr, report_dir)
+        if self.sc:
+            from mmcli.dicom_sc import write_dicom_sc
+
+            sc = _written(errors, "DICOM SC", lambda: write_dicom_sc(
+                file.path, pixels, sides, self.folder / f"{file.case_id}.sc.dcm", p_pneumonia=row["p_pneumonia"],
+                label=row["label"], qa_flags=flags, algorithm=algorithm))
+            if sc is not None:
+                out["dicom_sc"] = os.path.relpath(sc, report_dir)
         if errors:
             out["dicom_error"] = "; ".join(errors)
         return out
@@ -214,17 +227,18 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     files, predictor = open_inputs(cfg, exclude=others)
     ckpt = predictor.checkpoint
     dicom = None
-    if cfg.dicom_seg or cfg.dicom_sr:
+    if cfg.dicom_seg or cfg.dicom_sr or cfg.dicom_sc:
         dicom = DicomOutputs(layout.folder / "dicom", cfg.dicom_seg, cfg.dicom_sr, weights_name(ckpt),
-                             ckpt.sha256 or "")
+                             ckpt.sha256 or "", sc=cfg.dicom_sc)
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
-                       cfg.voi_lut, cfg.max_pixels, cfg.qa, cfg.raw_masks, dicom=dicom)
+                       cfg.voi_lut, cfg.max_pixels, cfg.qa, cfg.raw_masks, keep_pixels=cfg.dicom_sc, dicom=dicom)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
-        header=resume_header(cfg, predictor, dicom_seg=cfg.dicom_seg, dicom_sr=cfg.dicom_sr),
+        header=resume_header(cfg, predictor, dicom_seg=cfg.dicom_seg, dicom_sr=cfg.dicom_sr,
+                             **({"dicom_sc": True} if cfg.dicom_sc else {})),  # runs from before it still resume
         settings=asdict(cfg),  # write_json turns paths into strings
         still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()
-                                   for c in ("mask", "dicom_seg", "dicom_sr") if row.get(c)),
+                                   for c in ("mask", "dicom_seg", "dicom_sr", "dicom_sc") if row.get(c)),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
     )
     return BatchRun(job, files, predictor, cfg, command)

@@ -13,15 +13,15 @@ features); this module only decides what a flagged case becomes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from mmcli.qa import INVERTED, NOT_RADIOGRAPH, ROTATED, anatomical_mask, mask_flags
+from mmcli.qa import INVERTED, LEFT_LUNG, NOT_RADIOGRAPH, RIGHT_LUNG, ROTATED, anatomical_mask, mask_flags
 
 __all__ = ["NO_GROUNDS", "OUT_OF_DISTRIBUTION", "QA_POLICIES", "UNCERTAIN", "apply_policy", "case_flags",
-           "is_flagged", "lung_mask"]
+           "is_flagged", "lung_cells", "lung_mask", "native_lung_mask"]
 
 QA_POLICIES: tuple[str, ...] = ("warn", "refuse", "off")
 OUT_OF_DISTRIBUTION = "out_of_distribution"
@@ -34,6 +34,29 @@ def lung_mask(raw: np.ndarray, raw_masks: bool) -> np.ndarray:
     """The mask a case reports: the anatomical one (at most two plausible lungs, holes filled),
     or the network's own with ``--raw-masks``."""
     return raw if raw_masks else anatomical_mask(raw)
+
+
+def native_lung_mask(pred: Any, k: int, height: int, width: int, raw_masks: bool) -> np.ndarray:
+    """Case ``k``'s reported lung mask (:func:`lung_mask`), ``(height, width)`` bool at the image's native size:
+    the one the device brought back (``pred.native_mask(k)``), else its ``(1, S, S)`` logits resized here."""
+    native = pred.native_mask(k)
+    if native is None:
+        from mmcli.data.transforms import mask_to_native  # torch: only where the logits are still on the grid
+
+        native = mask_to_native(pred.mask_logits[k], height, width).numpy()
+    return lung_mask(native, raw_masks)
+
+
+def lung_cells(sides: np.ndarray, pixel_spacing: Sequence[float] | None) -> dict[str, float | None]:
+    """Report cells of a lung label map (:func:`mmcli.qa.lung_sides`, (H, W) at native size): the share of
+    the image each lung and both cover, and with the (row, col) ``pixel_spacing`` in mm, their areas in mm^2."""
+    right, left = int(np.count_nonzero(sides == RIGHT_LUNG)), int(np.count_nonzero(sides == LEFT_LUNG))
+    cells: dict[str, float | None] = {}
+    for name, pixels in (("lung", right + left), ("right_lung", right), ("left_lung", left)):
+        cells[f"{name}_fraction"] = round(pixels / sides.size, 6)
+        cells[f"{name}_area_mm2"] = round(pixels * float(pixel_spacing[0]) * float(pixel_spacing[1]), 2) \
+            if pixel_spacing else None
+    return cells
 
 
 def case_flags(meta: dict[str, Any], mask: np.ndarray | None, pred: Any, k: int, policy: str) -> list[str]:

@@ -15,13 +15,18 @@ import pydicom
 import pytest
 
 from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
+from mmcli.dicom_sc import RESEARCH_NOTICE, write_dicom_sc
 from mmcli.errors import CaseError
+from mmcli.io.readers import read_radiograph
+from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
 DATA = Path(__file__).parent / "data" / "dicom"
 SOURCES = sorted(DATA.glob("*.dcm"))
 ALGORITHM = AlgorithmInfo(version="0.1.0", weights_name="multimix-test", weights_sha256="0123456789abcdef" * 4)
 PNEUMONIA = ("233604007", "SCT")
 NORMAL = ("17621005", "SCT")
+RIGHT, LEFT = ("3341006", "SCT"), ("44029006", "SCT")
+SIDE_AREAS = (23210.5, 20000.0)
 
 
 def _header(path: Path) -> pydicom.Dataset:
@@ -61,15 +66,26 @@ def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     mask = _blob(hdr.Rows, hdr.Columns)
     seg = write_dicom_seg(source, mask, out / "lung.seg.dcm", algorithm=ALGORITHM)
     sr = write_dicom_sr(source, out / "findings.sr.dcm", p_pneumonia=0.8125, label="pneumonia", lung_area_mm2=43210.5,
-                        qa_flags=["low_contrast", "lung_touches_border"], algorithm=ALGORITHM, seg=seg)
-    return {"source": source, "hdr": hdr, "mask": mask, "seg": seg, "sr": sr, "out": out}
+                        qa_flags=["low_contrast", "lung_touches_border"], algorithm=ALGORITHM, seg=seg,
+                        side_areas_mm2=SIDE_AREAS)
+    pixels = read_radiograph(source).pixels
+    sc = write_dicom_sc(source, pixels, lung_sides(mask), out / "overlay.sc.dcm", p_pneumonia=0.8125,
+                        label="uncertain", qa_flags=["rotated"], algorithm=ALGORITHM)
+    return {"source": source, "hdr": hdr, "mask": mask, "seg": seg, "sr": sr, "sc": sc, "out": out, "pixels": pixels}
 
 
 def test_seg_round_trip(written: dict) -> None:
     hdr, mask = written["hdr"], written["mask"]
     seg = hd.seg.segread(written["seg"])
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
-    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask)
+    sides = lung_sides(mask)
+    frames = seg.pixel_array.astype(bool)  # (2, H, W): frame k holds segment k
+    assert frames.shape == (2, hdr.Rows, hdr.Columns) and frames[0].any() and frames[1].any()
+    np.testing.assert_array_equal(frames[0], sides == RIGHT_LUNG)
+    np.testing.assert_array_equal(frames[1], sides == LEFT_LUNG)
+    np.testing.assert_array_equal(frames.any(axis=0), mask)
+    cols = np.arange(hdr.Columns)
+    assert (frames[0] * cols).sum() / frames[0].sum() < (frames[1] * cols).sum() / frames[1].sum()  # right: image left
     assert (seg.Rows, seg.Columns) == (hdr.Rows, hdr.Columns)
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     ref = seg.ReferencedSeriesSequence[0]
@@ -82,15 +98,21 @@ def test_seg_round_trip(written: dict) -> None:
     assert seg.Manufacturer == "mmcli"
     assert seg.PatientOrientation == hdr.get("PatientOrientation", "")  # Type 2C: no Frame of Reference
     assert len(seg.get("PatientAge") or "nnnY") == 4  # an invalid source value ("62") is not copied
-    segment = seg.SegmentSequence[0]
-    assert (segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType) == (1, "Lung", "AUTOMATIC")
-    category, kind = segment.SegmentedPropertyCategoryCodeSequence[0], segment.SegmentedPropertyTypeCodeSequence[0]
-    assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
-    assert (kind.CodeValue, kind.CodingSchemeDesignator) == ("39607008", "SCT")
-    algo = segment.SegmentationAlgorithmIdentificationSequence[0]
-    assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("mmcli", "0.1.0")
-    assert ALGORITHM.weights_sha256 in algo.AlgorithmParameters and "multimix-test" in algo.AlgorithmParameters
-    assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
+    assert [f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+            for f in seg.PerFrameFunctionalGroupsSequence] == [1, 2]
+    assert len(seg.SegmentSequence) == 2
+    for segment, number, label, code in zip(seg.SegmentSequence, (1, 2), ("Right lung", "Left lung"), (RIGHT, LEFT),
+                                            strict=True):
+        assert (segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType) == \
+            (number, label, "AUTOMATIC")
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        kind = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
+        assert (kind.CodeValue, kind.CodingSchemeDesignator) == code
+        algo = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("mmcli", "0.1.0")
+        assert ALGORITHM.weights_sha256 in algo.AlgorithmParameters and "multimix-test" in algo.AlgorithmParameters
+        assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
 
 
 def test_sr_round_trip(written: dict) -> None:
@@ -102,20 +124,82 @@ def test_sr_round_trip(written: dict) -> None:
     assert "research use" in sr.SeriesDescription and sr.Manufacturer == "mmcli"
     [group] = sr.content.get_image_measurement_groups()
     assert (group.finding_type.value, group.finding_type.scheme_designator) == PNEUMONIA
-    [prob] = group.get_measurements()
+    prob, total = group.get_measurements()  # the sides' areas are in their segments' groups
     assert (prob.name.value, prob.value) == ("122157", 0.8125)
+    assert (total.name.value, total.value, total.unit.value) == ("42798000", 43210.5, "mm2")
     assert (prob.unit.value, prob.unit.scheme_designator) == ("1", "UCUM")
     assert group.source_images[0].referenced_sop_instance_uid == hdr.SOPInstanceUID
     assert [i.TextValue for i in _items(sr, "Quality Finding")] == ["low_contrast", "lung_touches_border"]
-    assert [i.TextValue for i in _items(sr, "Algorithm Name")] == ["mmcli", "mmcli"]
+    assert [i.TextValue for i in _items(sr, "Algorithm Name")] == ["mmcli"] * 3
     assert {i.TextValue for i in _items(sr, "Algorithm Version")} == {"0.1.0"}
-    [roi] = sr.content.get_planar_roi_measurement_groups()
-    assert roi.referenced_segmentation_frame.referenced_sop_instance_uid == seg_uid
-    [area] = roi.get_measurements()
-    assert (area.name.value, area.value, area.unit.value) == ("42798000", 43210.5, "mm2")
+    rois = sr.content.get_planar_roi_measurement_groups()
+    assert [(r.finding_type.value, r.finding_type.scheme_designator) for r in rois] == [RIGHT, LEFT]
+    refs = [ref for item in _items(sr, "Referenced Segmentation Frame") for ref in item.ReferencedSOPSequence]
+    assert [(r.ReferencedSOPInstanceUID, r.ReferencedSegmentNumber) for r in refs] == [(seg_uid, 1), (seg_uid, 2)]
+    assert not any("ReferencedFrameNumber" in r for r in refs)
+    for roi, expected in zip(rois, SIDE_AREAS, strict=True):
+        [area] = roi.get_measurements()
+        assert (area.name.value, area.value, area.unit.value) == ("42798000", expected, "mm2")
     evidence = {ref.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert evidence == {hdr.SOPInstanceUID, seg_uid}
+
+
+def test_sc_round_trip(written: dict) -> None:
+    hdr, sides = written["hdr"], lung_sides(written["mask"])
+    sc = pydicom.dcmread(written["sc"])
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and sc.Modality == "OT"
+    assert sc.StudyInstanceUID == hdr.StudyInstanceUID and sc.get("PatientID", "") == hdr.get("PatientID", "")
+    assert sc.SeriesInstanceUID not in (hdr.SeriesInstanceUID, _header(written["seg"]).SeriesInstanceUID)
+    assert sc.SeriesNumber == 992 and "research use" in sc.SeriesDescription and sc.Manufacturer == "mmcli"
+    assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD" and sc.ImageType[0] == "DERIVED"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == hdr.SOPInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
+    assert (sc.DateOfSecondaryCapture, sc.ContentDate) == (_fixed(hdr), _fixed(hdr))
+    image = sc.pixel_array
+    # the film (shrunk to 2048 on its long side) under a black band with the text
+    scale = min(1.0, 2048 / max(hdr.Rows, hdr.Columns))
+    film_h, film_w = round(hdr.Rows * scale), round(hdr.Columns * scale)
+    assert image.shape[1] == max(film_w, image.shape[1]) and image.shape[0] > film_h
+    band = image[: image.shape[0] - film_h]
+    red = (band[..., 0] > 200) & (band[..., 1] < 120) & (band[..., 2] < 120)  # the research notice
+    white = (band > 200).all(axis=-1)  # the findings
+    assert red[: band.shape[0] // 4].any() and white.any() and not (band[-2:] > 0).any()
+    film = image[-film_h:]
+    cyan = (film[..., 0] == 0) & (film[..., 1] == 230) & (film[..., 2] == 255)
+    yellow = (film[..., 0] == 255) & (film[..., 1] == 210) & (film[..., 2] == 0)
+    cols = np.arange(film.shape[1])
+    assert cyan.any() and yellow.any() and (cyan * cols).sum() / cyan.sum() < (yellow * cols).sum() / yellow.sum()
+    assert (sides == RIGHT_LUNG).any()
+
+
+def _fixed(hdr: pydicom.Dataset) -> str:
+    return str(hdr.get("StudyDate") or hdr.get("SeriesDate") or hdr.get("ContentDate") or "19000101")
+
+
+def test_render_overlay_widens_a_small_film_for_its_text() -> None:
+    from mmcli.dicom_sc import render_overlay
+
+    film = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    sides = np.zeros((64, 64), np.uint8)
+    sides[10:50, 8:28], sides[10:50, 36:56] = RIGHT_LUNG, LEFT_LUNG
+    image = render_overlay(film, sides, ["p(pneumonia) 0.500    label: normal"])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[1] > 64 and image.shape[0] > 64  # as wide as the notice, the film centred below it
+    film_part = image[-64:, (image.shape[1] - 64) // 2: (image.shape[1] - 64) // 2 + 64]
+    assert (film_part[10, 8:28] == (0, 230, 255)).all()  # the top edge of the right lung, in cyan
+    assert (film_part[10, 36:56] == (255, 210, 0)).all()
+    assert (film_part[30, 12:24] == film_part[30, 12:24, :1]).all()  # inside a lung: the grey film
+
+
+def test_sc_without_pixels_or_of_the_wrong_size_is_a_case_error(tmp_path: Path) -> None:
+    common = {"p_pneumonia": 0.5, "label": "normal", "qa_flags": [], "algorithm": ALGORITHM}
+    with pytest.raises(CaseError, match="pixels were not kept"):
+        write_dicom_sc(SOURCES[0], None, None, tmp_path / "sc.dcm", **common)
+    with pytest.raises(CaseError, match=r"film shape \(10, 10\) differs"):
+        write_dicom_sc(SOURCES[0], np.zeros((10, 10)), None, tmp_path / "sc.dcm", **common)
+    assert not list(tmp_path.iterdir())
+    assert RESEARCH_NOTICE == "RESEARCH USE ONLY \u2014 not for diagnosis"
 
 
 def test_same_inputs_same_bytes(written: dict) -> None:
@@ -123,31 +207,37 @@ def test_same_inputs_same_bytes(written: dict) -> None:
     seg = write_dicom_seg(written["source"], written["mask"], out / "lung.seg.dcm", algorithm=ALGORITHM)
     sr = write_dicom_sr(written["source"], out / "findings.sr.dcm", p_pneumonia=0.8125, label="pneumonia",
                         lung_area_mm2=43210.5, qa_flags=["low_contrast", "lung_touches_border"],
-                        algorithm=ALGORITHM, seg=seg)
+                        algorithm=ALGORITHM, seg=seg, side_areas_mm2=SIDE_AREAS)
+    sc = write_dicom_sc(written["source"], written["pixels"], lung_sides(written["mask"]), out / "overlay.sc.dcm",
+                        p_pneumonia=0.8125, label="uncertain", qa_flags=["rotated"], algorithm=ALGORITHM)
     assert seg.read_bytes() == written["seg"].read_bytes()
     assert sr.read_bytes() == written["sr"].read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["findings.sr.dcm", "lung.seg.dcm"]  # no temp files left
+    assert sc.read_bytes() == written["sc"].read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["findings.sr.dcm", "lung.seg.dcm", "overlay.sc.dcm"]
 
 
 def test_other_weights_other_uids(tmp_path: Path) -> None:
     source = DATA / "RG1_J2KI.dcm"
-    mask = np.zeros((1955, 1841), np.uint8)  # 0/1 is taken as bool; an empty mask gives one empty frame
+    mask = np.zeros((1955, 1841), np.uint8)  # a label map: no lung, two empty frames
     other = AlgorithmInfo(version="0.1.0", weights_name="other", weights_sha256="f" * 64)
     a = _header(write_dicom_seg(source, mask, tmp_path / "a.dcm", algorithm=ALGORITHM))
     b = hd.seg.segread(write_dicom_seg(source, mask, tmp_path / "b.dcm", algorithm=other))
     assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
-    assert not b.pixel_array.any() and b.NumberOfFrames == 1
+    assert not b.pixel_array.any() and b.NumberOfFrames == 2
     assert "PixelMeasuresSequence" not in b.SharedFunctionalGroupsSequence[0]  # source spacing is 0\0
 
 
 def test_sr_without_seg_normal_no_flags(tmp_path: Path) -> None:
     source = DATA / "cxr.dcm"  # no patient module at all
     sr = hd.sr.srread(write_dicom_sr(source, tmp_path / "sr.dcm", p_pneumonia=0.03, label="normal",
-                                     lung_area_mm2=51000.0, qa_flags=[], algorithm=ALGORITHM))
+                                     lung_area_mm2=51000.0, qa_flags=[], algorithm=ALGORITHM,
+                                     side_areas_mm2=(27000.0, 24000.0)))
     [group] = sr.content.get_image_measurement_groups()
     assert (group.finding_type.value, group.finding_type.scheme_designator) == NORMAL
-    measured = sorted((m.name.value, m.value, m.unit.value) for m in group.get_measurements())
-    assert measured == [("122157", 0.03, "1"), ("42798000", 51000.0, "mm2")]
+    measured = [(m.name.value, m.value, m.unit.value, m.finding_sites[0].value.value if m.finding_sites else None)
+                for m in group.get_measurements()]
+    assert measured == [("122157", 0.03, "1", None), ("42798000", 51000.0, "mm2", "39607008"),
+                        ("42798000", 27000.0, "mm2", RIGHT[0]), ("42798000", 24000.0, "mm2", LEFT[0])]
     assert not sr.content.get_planar_roi_measurement_groups() and not _items(sr, "Quality Finding")
     assert sr.PatientID == "" and sr.ContentDate == "20160804"
 
@@ -169,7 +259,7 @@ def test_source_without_spacing_or_dates(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "bare.dcm")
     mask = _blob(ds.Rows, ds.Columns)
     seg = hd.seg.segread(write_dicom_seg(tmp_path / "bare.dcm", mask, tmp_path / "seg.dcm", algorithm=ALGORITHM))
-    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask)
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool).any(axis=0), mask)
     assert (seg.ContentDate, seg.ContentTime, seg.InstanceCreationDate) == ("19000101", "000000", "19000101")
 
 
@@ -178,6 +268,8 @@ def test_mask_of_wrong_size_is_a_case_error(tmp_path: Path) -> None:
         write_dicom_seg(SOURCES[0], np.ones((1024, 1023), bool), tmp_path / "seg.dcm", algorithm=ALGORITHM)
     with pytest.raises(CaseError, match="boolean"):
         write_dicom_seg(SOURCES[0], np.full((1024, 1024), 0.5), tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    with pytest.raises(CaseError, match="left lung"):
+        write_dicom_seg(SOURCES[0], np.full((1024, 1024), 3, np.uint8), tmp_path / "seg.dcm", algorithm=ALGORITHM)
     assert not list(tmp_path.iterdir())
 
 
@@ -216,11 +308,12 @@ def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights)
     save_png8(scans / "plain.png", 64, 64)
     out = tmp_path / "r.csv"
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(out), "-w", str(tiny_weights), "-q", "-j", "0",
-                                   "--dicom-seg", "--dicom-sr"])
+                                   "--dicom-seg", "--dicom-sr", "--dicom-sc"])
     assert res.exit_code == 0, res.output
     with open(out, newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
-    assert rows["plain"]["status"] == "ok" and rows["plain"]["dicom_seg"] == rows["plain"]["dicom_sr"] == ""
+    assert rows["plain"]["status"] == "ok"
+    assert rows["plain"]["dicom_seg"] == rows["plain"]["dicom_sr"] == rows["plain"]["dicom_sc"] == ""
     dicoms = [r for k, r in rows.items() if k != "plain"]
     assert len(dicoms) == len(list(DATA.glob("*.dcm")))
     for row in dicoms:
@@ -230,9 +323,17 @@ def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights)
         assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
             source.SOPInstanceUID
         assert (seg.Rows, seg.Columns) == (int(row["height"]), int(row["width"]))
-        np.testing.assert_array_equal(seg.pixel_array.astype(bool), read_mask_png(tmp_path / row["mask"]))
+        frames = seg.pixel_array.astype(bool)
+        np.testing.assert_array_equal(frames.any(axis=0), read_mask_png(tmp_path / row["mask"]))
+        for frame, side in zip(frames, ("right", "left"), strict=True):
+            assert frame.mean() == pytest.approx(float(row[f"{side}_lung_fraction"]), abs=1e-6)
         sr = hd.sr.srread(tmp_path / row["dicom_sr"])
         assert sr.StudyInstanceUID == source.StudyInstanceUID and "research use" in sr.SeriesDescription
+        sc = pydicom.dcmread(tmp_path / row["dicom_sc"])
+        assert row["dicom_sc"] == f"r/dicom/{row['case_id']}.sc.dcm" and not row["dicom_error"]
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sc.BurnedInAnnotation == "YES" and sc.SourceImageSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "a.csv"), "-w", str(tiny_weights),
                                    "--dicom-seg", "--anonymize-ids", str(tmp_path / "ids.json")])
     assert res.exit_code == 2 and "cannot be combined with --anonymize-ids" in res.output
@@ -248,9 +349,10 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 @needs_dciodvfy
-def test_seg_and_sr_pass_dciodvfy(written: dict) -> None:
+def test_seg_sr_and_sc_pass_dciodvfy(written: dict) -> None:
     assert _dciodvfy_errors(written["seg"]) == []
     assert _dciodvfy_errors(written["sr"]) == []
+    assert _dciodvfy_errors(written["sc"]) == []
 
 
 def _malformed(tmp_path: Path) -> Path:
@@ -344,18 +446,20 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
     out = tmp_path / "out" / "r.csv"
     res = subprocess.run([sys.executable, "-m", "mmcli", "-vv", "predict", str(scans), "--out", str(out), "--hdf5",
                           str(tmp_path / "out" / "r.h5"), "-w", str(tiny_weights), "-j", "1", "--dicom-seg",
-                          "--dicom-sr"], capture_output=True, text=True, timeout=300)
+                          "--dicom-sr", "--dicom-sc"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr  # the unreadable file fails; a missing DICOM output does not
     import csv
 
     with open(out, newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
     assert [rows[c]["status"] for c in ("marked", "malformed", "no_uid", "unreadable")] == ["ok", "ok", "ok", "error"]
-    assert rows["malformed"]["dicom_seg"] and rows["malformed"]["dicom_sr"] and not rows["malformed"]["dicom_error"]
-    assert rows["no_uid"]["dicom_error"] == ("DICOM SEG not written: source DICOM has no SOPInstanceUID; cannot "
-                                             "reference it from a SEG or SR; DICOM SR not written: source DICOM "
-                                             "has no SOPInstanceUID; cannot reference it from a SEG or SR")
-    assert rows["no_uid"]["p_pneumonia"] and not rows["no_uid"]["dicom_seg"]
+    for case in ("marked", "malformed"):
+        assert rows[case]["dicom_seg"] and rows[case]["dicom_sr"] and rows[case]["dicom_sc"], rows[case]
+        assert not rows[case]["dicom_error"]
+    reason = "source DICOM has no SOPInstanceUID; cannot reference it from a SEG, SR or SC"
+    assert rows["no_uid"]["dicom_error"] == "; ".join(f"DICOM {kind} not written: {reason}"
+                                                      for kind in ("SEG", "SR", "SC"))
+    assert rows["no_uid"]["p_pneumonia"] and not rows["no_uid"]["dicom_seg"] and not rows["no_uid"]["dicom_sc"]
     assert rows["unreadable"]["error"] == ("unsupported photometric interpretation (not a defined term): "
                                            "expected MONOCHROME1 or MONOCHROME2")
     checked = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".dcm"]  # the DICOM
@@ -368,24 +472,35 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
     assert "DEBUG" in res.stderr and "no SOPInstanceUID" in res.stderr  # the log did run, and says why
 
 
-def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tiny_weights):
+def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tiny_weights, monkeypatch):
     import csv
+    from contextlib import contextmanager
 
     from typer.testing import CliRunner
 
+    import mmcli.dicom_out
     from mmcli.cli import app
 
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copyfile(DATA / "Fake_MONOHR1.dcm", scans / "a.dcm")
-    (tmp_path / "r" / "dicom").mkdir(parents=True)
-    (tmp_path / "r" / "dicom" / "a.seg.dcm").mkdir()  # a folder where the SEG should go
+    atomic_path = mmcli.dicom_out.atomic_path
+
+    @contextmanager
+    def full_disk_for_seg_and_sc(path: Path):
+        if path.name.endswith((".seg.dcm", ".sc.dcm")):
+            raise OSError(28, "No space left on device")
+        with atomic_path(path) as tmp:
+            yield tmp
+
+    monkeypatch.setattr(mmcli.dicom_out, "atomic_path", full_disk_for_seg_and_sc)  # -j 0: the case runs here
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
-                                   "-j", "0", "--dicom-seg", "--dicom-sr", "-q"])
+                                   "-j", "0", "--dicom-seg", "--dicom-sr", "--dicom-sc", "-q"])
     assert res.exit_code == 0, res.output
     with open(tmp_path / "r.csv", newline="") as f:
         (row,) = csv.DictReader(f)
     assert row["status"] == "ok" and row["p_pneumonia"] and row["mask"] and not row["error"]
     assert row["dicom_seg"] == "" and row["dicom_sr"] == "r/dicom/a.sr.dcm"  # the SR, without the SEG
     assert row["dicom_error"].startswith("DICOM SEG not written: cannot write a.seg.dcm")
+    assert "; DICOM SC not written: cannot write a.sc.dcm" in row["dicom_error"] and row["dicom_sc"] == ""
     assert f"{scans / 'a.dcm'}: DICOM SEG not written" in res.output  # one warning line

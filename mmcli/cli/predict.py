@@ -15,11 +15,15 @@ DicomSegOpt = Annotated[
 DicomSrOpt = Annotated[
     bool, typer.Option("--dicom-sr", help="For each DICOM input, a DICOM Structured Report of the findings.")
 ]
+DicomScOpt = Annotated[
+    bool, typer.Option("--dicom-sc", help="For each DICOM input, a DICOM Secondary Capture: the film with the lung "
+                                          "outline and the findings burned in, for any PACS viewer (research use).")
+]
 
 
 @model_run_options(batch=True)
 def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, dicom_seg: DicomSegOpt = False,
-            dicom_sr: DicomSrOpt = False, **run: Any) -> None:
+            dicom_sr: DicomSrOpt = False, dicom_sc: DicomScOpt = False, **run: Any) -> None:
     """Predict lung masks and pneumonia probabilities.
 
     Writes one report row per input (status ok/error/skipped) and a lung mask PNG at each
@@ -30,5 +34,6 @@ def predict(inputs: InputsArg, out: ReportOutOpt, hdf5: HDF5Opt = None, dicom_se
     with exit_on_error():
         from mmcli.predict import PredictConfig, open_predict  # torch: only once a command runs
 
-        cfg = PredictConfig(inputs=tuple(inputs), out=out, hdf5=hdf5, dicom_seg=dicom_seg, dicom_sr=dicom_sr, **run)
+        cfg = PredictConfig(inputs=tuple(inputs), out=out, hdf5=hdf5, dicom_seg=dicom_seg, dicom_sr=dicom_sr,
+                            dicom_sc=dicom_sc, **run)
         drive_run("predict", open_predict(cfg, command=sys.argv), quiet=quiet)
