@@ -37,6 +37,7 @@ from mmcli.config import BatchConfig
 from mmcli.engines import CaseTask, iter_rows_loader, iter_rows_processes
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.inference import Predictor
+from mmcli.io import ownership
 from mmcli.io.discover import InputFile, discover_inputs, input_list_sha256
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
@@ -46,6 +47,7 @@ from mmcli.weights import Checkpoint, load_weights, weights_name
 logger = logging.getLogger(__name__)
 
 SKIPPED_REASON = "not processed: the run stopped at the first failure (--fail-fast)"
+RELABEL_KEYS = frozenset({"threshold"})  # resume settings a rerun applies to the stored rows (Job.relabel)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,11 @@ class Job:
         settings: the resolved settings, for ``run.json``.
         still_done: whether a finished row of an earlier run still has its outputs.
         write_reports: writes the reports from the rows in input order; returns their paths.
+        file_columns: the report columns that name a case's files (relative to the report's
+            folder): what a rerun may remove of an earlier run (:mod:`mmcli.io.ownership`).
+        extra_reports: reports written besides ``layout.report`` (``--hdf5``).
+        relabel: a finished row under new :data:`RELABEL_KEYS` settings, from its stored values
+            (no model call); None: such a rerun is refused like any other change of settings.
     """
 
     name: str
@@ -175,14 +182,48 @@ class Job:
     settings: dict[str, Any]
     still_done: Callable[[Mapping[str, Any]], bool]
     write_reports: Callable[[list[dict[str, Any]]], list[Path]]
+    file_columns: tuple[str, ...] = ()
+    extra_reports: tuple[Path, ...] = ()
+    relabel: Callable[[dict[str, Any], InputFile], dict[str, Any]] | None = None
+
+
+def check_outputs_apart(cfg: BatchConfig, outputs: Sequence[Path]) -> None:
+    """Refuse outputs on the inputs: a run folder or report that is an input, or holds one.
+
+    ``--out scans.csv`` puts its run folder ``scans/`` on an input folder ``scans/``: the
+    masks and ``run.json`` would land among the radiographs (and the folder would be taken
+    for a run's, never searched again), so the run is refused before anything is written.
+
+    Raises:
+        UsageError: naming the output, the input and what to do.
+    """
+    for text in cfg.inputs:
+        root = _input_root(str(text))
+        for out in outputs:
+            kind = "report" if out.suffix.lower() in (".csv", ".h5", ".hdf5") else "run folder"
+            if out == root:
+                what = "the input folder" if root.is_dir() else "the input"
+                raise UsageError(f"--out {cfg.out} would put its {kind} {out} on {what} {text}; choose another name")
+            if out in root.parents:
+                raise UsageError(f"--out {cfg.out} would put its {kind} {out} around the input {text}; "
+                                 "choose another name")
+
+
+def _input_root(text: str) -> Path:
+    """The file or folder an input names: for a glob, its leading parts without wildcards."""
+    parts = Path(text).expanduser().parts
+    fixed = parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]
+    return Path(*fixed).resolve() if fixed else Path.cwd()
 
 
 def open_inputs(cfg: BatchConfig, exclude: Sequence[Path]) -> tuple[list[InputFile], Predictor]:
     """Discover ``cfg``'s inputs, leaving out ``exclude`` (every shard's outputs), and load the model.
 
     Raises:
-        UsageError: no inputs, or weights that cannot be found, verified or loaded.
+        UsageError: outputs on the inputs (:func:`check_outputs_apart`), no inputs, or weights
+            that cannot be found, verified or loaded.
     """
+    check_outputs_apart(cfg, [Path(p).expanduser().resolve() for p in exclude])
     files = discover_inputs(cfg.inputs, exclude=exclude)
     predictor = Predictor(load_weights(cfg.weights), device=cfg.device, precision=cfg.precision)
     if predictor.precision != "fp32" and not has_fast_bf16(predictor.device):
@@ -243,6 +284,10 @@ class BatchRun:
         in_processes = device.type == "cpu" and self.workers > 0
         self.batch_size = cfg.batch_size or default_batch_size(device, in_processes=in_processes)
         self.engine = iter_rows_processes if in_processes else iter_rows_loader
+        layout = job.layout
+        ownership.check_folder(layout.folder, job.name, layout.report)
+        for report in (layout.report, *job.extra_reports):
+            ownership.check_report(report, layout.folder, job.name, job.columns)
         probe_writable(job.layout.folder, job.layout.report.parent)
         self._lock = RunLock(job.layout.lock, job.layout.report)
         self._lock.acquire()
@@ -254,7 +299,10 @@ class BatchRun:
             self.files = take_shard(files, cfg.shard)
             self.input_list = {**input_list_record(files), "share": input_list_record(self.files)}
             self._sources = {f.case_id: f.path for f in self.files}
-            done = {} if cfg.overwrite else self._still_done()
+            self.relabel: str | None = None  # the settings changes applied to the resumed rows
+            old_header, old_rows = Journal(layout.journal).read()
+            done = {} if cfg.overwrite else self._still_done(old_header, old_rows)
+            self._stale = self._earlier_outputs(old_rows, done)
         except BaseException:
             self._lock.release()
             raise
@@ -264,19 +312,37 @@ class BatchRun:
         self.summary: RunSummary | None = None
         logger.info("%d inputs: %d to %s, %d already done", len(self.files), len(self.todo), job.name, self.resumed)
 
-    def _still_done(self) -> dict[str, dict[str, Any]]:
-        old_header, rows = Journal(self.job.layout.journal).read()
+    def _still_done(self, old_header: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not rows:
             return {}
-        if old_header != self.job.header:
+        changed = {k for k in {*old_header, *self.job.header} if old_header.get(k) != self.job.header.get(k)}
+        if changed and (self.job.relabel is None or not changed <= RELABEL_KEYS):
             raise UsageError(
                 f"{self.job.layout.report} was started with other settings "
                 f"({_settings_changes(old_header, self.job.header)}); "
                 "pass --overwrite to start again, or choose another --out"
             )
+        self.relabel = _settings_changes(old_header, self.job.header) or None
         return {case_id: row for case_id, row in rows.items()
                 if row.get("status") == "ok" and case_id in self._sources and self.job.still_done(row)
                 and same_input(row.get(FINGERPRINT), fingerprint(self._sources[case_id], self.cfg.verify_inputs))}
+
+    def _earlier_outputs(self, rows: dict[str, dict[str, Any]], done: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+        """What the earlier run into this place recorded as its own (its journal's and its report's
+        rows, its other reports) and this run will not write again: removed when the run starts."""
+        job, layout = self.job, self.job.layout
+        earlier = [*rows.values(), *ownership.report_rows(layout.report, job.file_columns)]
+        keep = [row for case_id, row in done.items() if case_id in self._sources]
+        base = layout.report.parent
+        stale = (ownership.recorded_files(earlier, job.file_columns, base, layout.folder)
+                 - ownership.recorded_files(keep, job.file_columns, base, layout.folder))
+        manifest = ownership.read_manifest(layout.folder) or {}
+        reports = {Path(str(r)) for r in (manifest.get("outputs") or {}).get("reports", [])}
+        own = lambda r: ownership.report_is_own(r, layout.folder, job.name, job.columns)  # noqa: E731
+        gone = [r for r in reports - {layout.report, *job.extra_reports}  # an earlier --hdf5, say
+                if r.suffix.lower() in (".csv", ".h5", ".hdf5") and r.is_file()
+                and not ownership.inside(r, layout.folder) and own(r)]
+        return sorted(stale) + gone
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Run the cases still to do, yielding each row as it finishes; then write the reports."""
@@ -292,7 +358,18 @@ class BatchRun:
             self._lock.release()
 
     def _run(self, journal: Journal) -> Iterator[dict[str, Any]]:
-        journal.start(self.job.header, self.rows.values())
+        layout = self.job.layout
+        removed = ownership.remove_files([p for p in self._stale if ownership.inside(p, layout.folder)], layout.folder)
+        for report in (p for p in self._stale if not ownership.inside(p, layout.folder)):
+            report.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info("removed %d file(s) of the earlier run that this run does not write", removed)
+        if self.relabel is not None and self.job.relabel is not None:
+            logger.info("relabelling %d finished case(s) from their stored values (%s)", len(self.rows), self.relabel)
+            files = {f.case_id: f for f in self.files}
+            self.rows = {case_id: self.job.relabel(row, files[case_id]) for case_id, row in self.rows.items()}
+        journal.start(self.job.header, self.rows.values(), command=self.job.name)
         logger.info("%s with %d worker(s), batch %d", self.engine.__name__, self.workers, self.batch_size)
         results = self.engine(self.predictor, self.todo, self.job.task, batch_size=self.batch_size,
                               workers=self.workers, case_timeout=self.cfg.case_timeout)
@@ -330,6 +407,7 @@ class BatchRun:
         if self.cfg.anonymize_ids is not None:  # names given on the command line may be patients' names
             command, settings["inputs"] = None, f"{len(settings['inputs'])} input(s): see the --anonymize-ids file"
         write_json(self.job.layout.manifest, {
+            "mmcli_command": self.job.name,
             "command": command,
             "settings": {**settings, "batch_size": self.batch_size, "workers": self.workers,
                          "engine": self.engine.__name__},

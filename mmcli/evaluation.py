@@ -16,6 +16,7 @@ Outputs in ``<out>/``::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from mmcli import metrics as M
 from mmcli.config import CLASS_NAMES, ModelRunConfig
 from mmcli.data.folders import LABELS_CSV, MASKS_DIR, scan_dataset
 from mmcli.errors import UsageError
+from mmcli.io import ownership
 from mmcli.io.readers import is_dicom, read_radiograph
 from mmcli.io.writers import (
     RunLock,
@@ -194,6 +196,9 @@ class EvaluationRun:
         self.refs = [r for folder, name in zip(self.folders, self.names, strict=True)
                      for r in find_references(folder, name)]
         self.summary: EvaluateSummary | None = None
+        ownership.check_folder(self.out, "evaluate", self.out / "per_case.csv", holds=_holds_evaluation(self.out))
+        if cfg.hdf5 is not None:
+            _check_hdf5(cfg.hdf5.expanduser().resolve(), self.out)
         probe_writable(self.out)
         self._lock = RunLock(self.out / ".lock", self.out)
         self._lock.acquire()  # held until the reports are written (or the run fails)
@@ -242,17 +247,47 @@ class EvaluationRun:
                 for folder, name in zip(self.folders, self.names, strict=True)
             },
         })
+        earlier = _earlier_summary(out).get("figures") or []
         write_csv(out / "per_case.csv", rows, CASE_COLUMNS)
-        write_json(out / "summary.json", summary)
         if cfg.hdf5 is not None:
             flat = {k: v for k, v in summary.items() if k != "datasets"}
             write_hdf5(cfg.hdf5.expanduser().resolve(), rows, CASE_COLUMNS,
                        attrs={**flat, "datasets": summary["datasets"]})
         plots = _write_plots(out, rows, self.names, cfg) if cfg.plots else []
-        write_markdown(out / "summary.md", summary, [os.path.relpath(p, out) for p in plots])
+        summary["figures"] = figures = [os.path.relpath(p, out) for p in plots]
+        write_json(out / "summary.json", summary)
+        # the figures of the earlier evaluation (as its summary.json recorded them) that this one did not draw
+        stale = {f for f in earlier if isinstance(f, str) and f.endswith(".png")} - set(figures)
+        ownership.remove_files([Path(os.path.normpath(out / f)) for f in stale], out)
+        write_markdown(out / "summary.md", summary, figures)
         statuses = Counter(r["status"] for r in rows)
         self.summary = EvaluateSummary(len(rows), statuses["ok"], statuses["error"], statuses["missing"],
                                        time.perf_counter() - self.started, out)
+
+
+def _earlier_summary(out: Path) -> dict[str, Any]:
+    """The ``summary.json`` of an earlier evaluation into ``out``, if mmcli wrote it."""
+    try:
+        data = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and "mmcli_version" in data and "datasets" in data else {}
+
+
+def _holds_evaluation(out: Path) -> bool:
+    """Whether ``out`` holds an earlier evaluation: its ``summary.json``, or the predictions of one
+    stopped before its reports (``predictions/`` holding a predict run)."""
+    return bool(_earlier_summary(out)) or ownership.holds_run_of(out / "predictions", "predict",
+                                                                 out / "predictions.csv")
+
+
+def _check_hdf5(path: Path, out: Path) -> None:
+    """Refuse ``--hdf5`` over a file that is not an earlier evaluation's HDF5 report."""
+    if (path.exists() or path.is_symlink()) and not (
+            path.is_file() and (str(path) == str((_earlier_summary(out).get("settings") or {}).get("hdf5"))
+                                or ownership.has_report_columns(path, CASE_COLUMNS))):
+        raise UsageError(f"{path} exists and is not a report of an earlier `mmcli evaluate` run: mmcli never "
+                         "replaces a file it did not write (not even with --overwrite); choose another --hdf5")
 
 
 def run_evaluate(

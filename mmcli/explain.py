@@ -21,7 +21,9 @@ Outputs in ``<out>/``::
     explain.csv               one row per input (EXPLAIN_COLUMNS)
     saliency/<case>.png       titled heat-map overlay on the radiograph, lung outline, colour bar
     gradcam/<case>.png        the same for Grad-CAM
-    maps.h5                   /saliency/<case> (raw), /gradcam/<case>: (S, S) float32 on the model grid
+    maps.h5                   /saliency/<key> (raw), /gradcam/<key>: (S, S) float32 on the model grid; <key>
+                              is the case id percent-encoded (``hdf5_key``: ``sub%2Fb``), flat, so
+                              ``a`` and ``a/b`` never clash, with the case id in its ``case_id`` attribute
     run.json, journal.jsonl   settings and counts; finished cases, to resume a killed run
 
 ``saliency_in_lungs`` is the share of the raw map's mass inside the predicted lung mask (model
@@ -47,7 +49,7 @@ from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
-from mmcli.io.writers import atomic_path, write_csv
+from mmcli.io.writers import atomic_path, hdf5_key, write_csv
 from mmcli.quality import apply_policy, case_flags, lung_mask, native_lung_mask
 
 logger = logging.getLogger(__name__)
@@ -199,15 +201,21 @@ class ExplainCase:
                               scale_label=f"{scale} (1 = 99th percentile)", alpha=self.alpha)
 
 def _old_map_ids(path: Path) -> set[str]:
+    """The case ids whose maps an earlier run left in ``maps.h5`` (flat keys with a ``case_id``
+    attribute; the nested layout of earlier versions is not read: those cases are explained again)."""
     if not path.is_file():
         return set()
     import h5py
 
-    ids: set[str] = set()
-    with h5py.File(path, "r") as h5:
-        if "saliency" in h5:
-            h5["saliency"].visititems(lambda name, obj: ids.add(name) if hasattr(obj, "shape") else None)
-    return ids
+    def ids_in(group: Any) -> set[str]:
+        return {str(d.attrs["case_id"]) for key, d in group.items() if isinstance(d, h5py.Dataset)
+                and "case_id" in d.attrs and key == hdf5_key(str(d.attrs["case_id"]))}
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return set.intersection(*(ids_in(h5[view]) if view in h5 else set() for view in VIEWS))
+    except OSError:
+        return set()
 
 
 def _write_maps(task: ExplainCase, maps: Path, rows: list[dict[str, Any]], attrs: dict[str, Any]) -> None:
@@ -227,8 +235,10 @@ def _write_maps(task: ExplainCase, maps: Path, rows: list[dict[str, Any]], attrs
                         with np.load(partial) as npz:
                             data = npz[view]
                     else:
-                        data = old[f"{view}/{case_id}"][()]  # type: ignore[index]
-                    h5.create_dataset(f"{view}/{case_id}", data=data, compression="gzip", shuffle=True)
+                        data = old[view][hdf5_key(case_id)][()]  # type: ignore[index]
+                    dataset = h5.require_group(view).create_dataset(hdf5_key(case_id), data=data, compression="gzip",
+                                                                    shuffle=True)
+                    dataset.attrs["case_id"] = case_id
     finally:
         if old is not None:
             old.close()
@@ -269,6 +279,7 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         header=batch.resume_header(cfg, predictor, alpha=cfg.alpha, target=cfg.target),
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, batch.provenance(ckpt)),
+        file_columns=("saliency_png", "gradcam_png"),
     )
     return batch.BatchRun(job, files, predictor, cfg, command)
 

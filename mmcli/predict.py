@@ -240,8 +240,42 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()
                                    for c in ("mask", "dicom_seg", "dicom_sr", "dicom_sc") if row.get(c)),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
+        file_columns=FILE_COLUMNS, extra_reports=(cfg.hdf5.expanduser().resolve(),) if cfg.hdf5 else (),
+        relabel=lambda row, file: relabel(task, row, file),
     )
     return BatchRun(job, files, predictor, cfg, command)
+
+
+FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr", "dicom_sc")  # the columns that name a case's files
+
+
+def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str, Any]:
+    """A finished row under ``task``'s threshold, from its stored probability (a rerun whose only
+    change is ``--threshold``): ``uncertain`` stays. The DICOM objects of a case whose label changed
+    (the SR's coded finding and the SC's caption state it) are written again as a fresh run would
+    write them, from the stored mask and the film read again; one that cannot be is removed, and
+    ``dicom_error`` says why."""
+    if row.get("status") != "ok" or row.get("p_pneumonia") is None or row.get("label") not in task.class_names:
+        return row
+    label = label_for(float(row["p_pneumonia"]), task.threshold, task.class_names)
+    if label == row["label"]:
+        return row
+    row = {**row, "label": label}
+    old = {c: row[c] for c in FILE_COLUMNS[1:] if row.get(c)}
+    if task.dicom is None or not old:
+        return row
+    from mmcli.io.readers import read_radiograph
+    from mmcli.qa import lung_sides
+
+    sides = lung_sides(read_mask_png(task.report_dir / str(row["mask"]))) if row.get("mask") else None
+    pixels = read_radiograph(file.path, voi_lut=task.voi_lut, max_pixels=task.max_pixels).pixels \
+        if task.dicom.sc else None
+    row.update({c: None for c in old}, dicom_error=None)
+    row.update(task.dicom.write(file, row, sides, task.report_dir, pixels))
+    for column, path in old.items():
+        if not row.get(column):  # an object that states the old finding must not stay
+            (task.report_dir / str(path)).unlink(missing_ok=True)
+    return row
 
 
 def run_predict(

@@ -83,8 +83,9 @@ def test_resume_refusal_names_what_changed(tmp_path, scans, tiny_weights):
     cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), device="cpu",
                         precision="fp32")
     run_predict(cfg)
-    with pytest.raises(UsageError, match=r"threshold 0\.5 -> 0\.7"):
-        open_predict(PredictConfig(**{**cfg.__dict__, "threshold": 0.7}))
+    # a threshold alone relabels (test_no_clobber.py); with any other change the rerun is refused
+    with pytest.raises(UsageError, match=r"threshold 0\.5 -> 0\.7, voi_lut False -> True"):
+        open_predict(PredictConfig(**{**cfg.__dict__, "threshold": 0.7, "voi_lut": True}))
     with pytest.raises(UsageError, match=r"precision 'fp32' -> 'bf16'"):
         open_predict(PredictConfig(**{**cfg.__dict__, "precision": "bf16"}))
     assert _settings_changes({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == "b 2 -> 3, c None -> 4"

@@ -63,9 +63,10 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     item = load_case(InputFile(scans / "sub" / "b.png", "sub/b"), ckpt.preprocess)
     with torch.no_grad():
         forward = model(item["image"][None])
-    with h5py.File(out / "maps.h5") as h5:
-        saliency, cam = h5["saliency/sub/b"][()], h5["gradcam/sub/b"][()]
-        assert set(h5["saliency"]) == {"a", "sub"}
+    with h5py.File(out / "maps.h5") as h5:  # flat, percent-encoded keys with the case id as an attribute
+        saliency, cam = h5["saliency/sub%2Fb"][()], h5["gradcam/sub%2Fb"][()]
+        assert set(h5["saliency"]) == set(h5["gradcam"]) == {"a", "sub%2Fb"}
+        assert h5["saliency/sub%2Fb"].attrs["case_id"] == h5["gradcam/sub%2Fb"].attrs["case_id"] == "sub/b"
     assert saliency.shape == cam.shape == (64, 64) and saliency.dtype == np.float32
     np.testing.assert_allclose(saliency, forward.saliency[0, 0].numpy(), atol=1e-6)
     assert cam.max() == pytest.approx(1.0) and cam.min() >= 0
@@ -78,7 +79,21 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     assert res.exit_code == 1 and "(2 resumed)" in res.output
     assert (out / "saliency" / "a.png").stat().st_mtime_ns == before
     with h5py.File(out / "maps.h5") as h5:  # resumed cases keep their maps
-        np.testing.assert_array_equal(h5["saliency/sub/b"][()], saliency)
+        np.testing.assert_array_equal(h5["saliency/sub%2Fb"][()], saliency)
+
+
+def test_explain_a_file_beside_a_folder_of_its_name(tmp_path, tiny_weights):
+    # a.png beside a/b.png: case ids "a" and "a/b", which nested HDF5 keys could not both hold
+    save_png8(tmp_path / "s" / "a.png", 64, 64, seed=1)
+    save_png8(tmp_path / "s" / "a" / "b.png", 64, 64, seed=2)
+    out = tmp_path / "e"
+    res = _run(["explain", tmp_path / "s", "--out", out, "-w", tiny_weights, "-j", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(out / "maps.h5") as h5:
+        for view in ("saliency", "gradcam"):
+            assert {k: d.attrs["case_id"] for k, d in h5[view].items()} == {"a": "a", "a%2Fb": "a/b"}
+    res = _run(["explain", tmp_path / "s", "--out", out, "-w", tiny_weights, "-j", "0"])
+    assert res.exit_code == 0 and "(2 resumed)" in res.output  # the maps of both are found again
 
 
 def test_explain_usage_errors(tmp_path, tiny_weights):

@@ -276,11 +276,17 @@ class Journal:
                     rows[str(record["case_id"])] = record
         return header, rows
 
-    def start(self, header: Mapping[str, Any], rows: Iterable[Mapping[str, Any]] = ()) -> None:
-        """(Re)write the journal with ``header`` and the ``rows`` carried over, then keep it open."""
+    def start(self, header: Mapping[str, Any], rows: Iterable[Mapping[str, Any]] = (), *,
+              command: str | None = None) -> None:
+        """(Re)write the journal with ``header`` and the ``rows`` carried over, then keep it open.
+
+        ``command`` (``predict``, ``explain``) is recorded beside the header: the folder is then
+        known as that command's run (:mod:`mmcli.io.ownership`) even before its ``run.json``.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        first = {"header": dict(header), **({"command": command} if command else {})}
         with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"header": dict(header)}) + "\n")
+            f.write(json.dumps(first) + "\n")
             for row in rows:
                 f.write(json.dumps(dict(row), default=str) + "\n")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
