@@ -87,3 +87,66 @@ def test_the_policy_on_hand_made_rows():
         "label": None, "qa_flags": "out_of_distribution", "status": "error",
         "error": "refused by quality control: out_of_distribution"}
     assert apply_policy({"label": "normal"}, ["inverted"], "off") == {"label": "normal", "qa_flags": None}
+
+
+def test_lung_cells_of_a_hand_made_label_map():
+    from mmcli.qa import LEFT_LUNG, RIGHT_LUNG
+    from mmcli.quality import lung_cells
+
+    sides = np.zeros((100, 200), np.uint8)
+    sides[10:60, 20:80] = RIGHT_LUNG  # 3000 px
+    sides[10:50, 120:170] = LEFT_LUNG  # 2000 px
+    assert lung_cells(sides, (0.5, 0.2)) == {
+        "lung_fraction": 0.25, "lung_area_mm2": 500.0, "right_lung_fraction": 0.15, "right_lung_area_mm2": 300.0,
+        "left_lung_fraction": 0.1, "left_lung_area_mm2": 200.0}
+    assert lung_cells(sides, None)["right_lung_area_mm2"] is None
+
+
+def test_predict_reports_each_lung_and_explain_the_same_lung_fraction(tmp_path, scans, tiny_weights):
+    import shutil
+
+    from conftest import DATA
+
+    shutil.copyfile(DATA / "dicom" / "Fake_MONOHR1.dcm", scans / "mono1.dcm")
+    for masks in ([], ["--raw-masks"]):
+        out = tmp_path / f"r{len(masks)}.csv"
+        res = runner.invoke(app, ["predict", str(scans), "--out", str(out), "-w", str(tiny_weights), "-q", "-j", "0",
+                                  "-b", "1", "--qa", "off", *masks])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["explain", str(scans), "--out", str(tmp_path / f"e{len(masks)}"), "-w",
+                                  str(tiny_weights), "-q", "-j", "0", "-b", "1", "--qa", "off", *masks])
+        assert res.exit_code == 0, res.output
+        pred, expl = _rows(out), _rows(tmp_path / f"e{len(masks)}" / "explain.csv")
+        assert set(pred) == set(expl) and len(pred) == 6
+        for case_id, row in pred.items():
+            total, right, left = (float(row[f"{c}lung_fraction"]) for c in ("", "right_", "left_"))
+            assert right + left == pytest.approx(total, abs=2e-6), case_id
+            if masks:  # one definition, the native image; but explain's forward pass (with gradients) may flip
+                # a random model's near-zero logits: with anatomical masks a whole piece may then go or stay
+                assert float(expl[case_id]["lung_fraction"]) == pytest.approx(total, abs=2e-3), case_id
+            areas = [row[f"{c}lung_area_mm2"] for c in ("", "right_", "left_")]
+            spaced = case_id == "mono1"
+            assert all(a != "" for a in areas) if spaced else all(a == "" for a in areas), case_id
+            if spaced:
+                height, width = int(row["height"]), int(row["width"])
+                spacing = float(areas[0]) / (total * height * width) if total else 0.0
+                for a, fraction in zip(areas[1:], (right, left), strict=True):
+                    assert float(a) == pytest.approx(fraction * height * width * spacing, rel=1e-3, abs=0.05)
+        if masks:  # the network's own mask of a random model: some lung somewhere
+            assert any(float(r["lung_fraction"]) > 0 for r in pred.values())
+
+
+def test_native_lung_mask_is_taken_at_the_native_size():
+    """A lone positive logit on the 64 px grid covers 1/4096 of it, but about 3 grid pixels once
+    resized bilinearly: explain's lung_fraction is now predict's, of the native image."""
+    import torch
+
+    from mmcli.inference import BatchPrediction
+    from mmcli.quality import native_lung_mask
+
+    logits = torch.full((1, 1, 64, 64), -0.1)
+    logits[0, 0, 32, 32] = 1.0
+    pred = BatchPrediction(None, logits, None)
+    native = native_lung_mask(pred, 0, 640, 640, raw_masks=True)
+    assert native.shape == (640, 640) and native.dtype == bool
+    assert 2.5 / 4096 < native.mean() < 4 / 4096 and native[325, 325]
