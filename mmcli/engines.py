@@ -29,7 +29,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -126,8 +126,9 @@ def iter_rows_loader(
     so that neither the device nor the decoders wait for one writer. On the CPU, and with
     ``finishers=0``, one thread of this process finishes them. A finishing process that dies
     costs nothing: the pool is restarted and that case is finished in this process; one that
-    takes over ``case_timeout`` seconds is killed with its pool and that case fails (the
-    decoders and the model in this process have no time limit).
+    takes over ``case_timeout`` seconds is killed with its pool and that case fails, while
+    the other cases of that pool run again in a new one (the decoders and the model in this
+    process have no time limit).
     ``native_masks`` (default: off the CPU) says whether masks come back at native size.
     """
     keep_freed_memory()  # inherited by the forked decoders and finishers
@@ -140,7 +141,7 @@ def iter_rows_loader(
         pin_memory=predictor.device.type == "cuda",
     )
     finisher = _Finisher(task, n_finish, case_timeout)
-    pending: deque[tuple[InputFile, Future[dict[str, Any]], Any]] = deque()
+    pending: deque[tuple[InputFile, Future[dict[str, Any]], _Job | None]] = deque()
     window = max(2 * batch_size, 4 * n_finish)
     batches = iter(loader)
     clean = False
@@ -177,11 +178,21 @@ def default_finishers(device: torch.device, decoders: int) -> int:
     return 0 if device.type == "cpu" else max(1, usable_cores() - decoders)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A case sent to a finishing process: its pickled work, and which pool (by generation) it went to."""
+
+    blob: bytes
+    generation: int
+
+
 class _Finisher:
     """Finish cases in a thread (``processes=0``) or in a pool of processes that die with this one."""
 
     def __init__(self, task: CaseTask, processes: int, timeout: float | None = None) -> None:
         self.task, self.processes, self.timeout = task, processes, timeout
+        self.generation = 0  # counts the pools: a case remembers which one it went to
+        self.killed: set[int] = set()  # the generations killed for another case's time limit
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
@@ -192,39 +203,54 @@ class _Finisher:
                                    initializer=_init_finisher, initargs=(os.getpid(), self.task))
 
     def submit(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
-               ) -> tuple[InputFile, Future[dict[str, Any]], Any]:
+               ) -> tuple[InputFile, Future[dict[str, Any]], _Job | None]:
         """Finish output ``k`` of ``pred``: a process gets that case's outputs alone (:meth:`BatchPrediction.case`)."""
         if not self.processes:
-            return file, self.pool.submit(_finish_safely, self.task, file, item, pred, k), (file, item, pred, k)
-        work = (file, item, pred.case(k), 0)
-        blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)  # plain bytes: no shared-memory handles
-        try:
-            return file, self.pool.submit(_finish_blob, blob), work
-        except BrokenProcessPool:
-            self._restart()
-            return file, self.pool.submit(_finish_blob, blob), work
+            return file, self.pool.submit(_finish_safely, self.task, file, item, pred, k), None
+        blob = pickle.dumps((file, item, pred.case(k), 0), protocol=pickle.HIGHEST_PROTOCOL)  # no shared memory
+        return file, *self._send(blob)
 
-    def result(self, file: InputFile, fut: Future[dict[str, Any]], work: Any) -> dict[str, Any]:
+    def _send(self, blob: bytes) -> tuple[Future[dict[str, Any]], _Job]:
         try:
-            return fut.result(timeout=self.timeout if self.processes else None)  # a thread cannot be stopped
-        except FutureTimeout:
-            self._kill()
-            return self.task.failed(file, f"timed out after {self.timeout:g} s")
+            return self.pool.submit(_finish_blob, blob), _Job(blob, self.generation)
         except BrokenProcessPool:
-            logger.warning("%s: a finishing process died; finishing this case here", file.path)
             self._restart()
-            return _finish_safely(self.task, *work)
+            return self.pool.submit(_finish_blob, blob), _Job(blob, self.generation)
+
+    def result(self, file: InputFile, fut: Future[dict[str, Any]], job: _Job | None) -> dict[str, Any]:
+        """The row of a case sent by :meth:`submit`: a case that runs past the time limit fails, its pool
+        killed; the cases that waited or ran in that pool run again in the next one, with the same limit."""
+        if job is None:
+            return fut.result()  # a thread cannot be stopped: no time limit
+        while True:
+            try:
+                return fut.result(timeout=self.timeout)
+            except FutureTimeout:
+                self._kill()
+                return self.task.failed(file, f"timed out after {self.timeout:g} s")
+            except (CancelledError, BrokenProcessPool) as err:
+                if isinstance(err, BrokenProcessPool) and job.generation not in self.killed:
+                    logger.warning("%s: a finishing process died; finishing this case here", file.path)
+                    self._restart()
+                    return _finish_safely(self.task, *pickle.loads(job.blob))
+                # cancelled in the queue of a killed pool, or killed beside the case that hung: not its fault
+                fut, job = self._send(job.blob)
+
+    def _replace_pool(self) -> None:
+        self.generation += 1
+        self.pool = self._new_pool()
 
     def _restart(self) -> None:
         if getattr(self.pool, "_broken", False):
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_pool()
+            self._replace_pool()
 
     def _kill(self) -> None:
         """Replace the pool at once (SIGKILL also ends a hung or stopped process); the cases that were in
-        the other processes are then finished in this one (:meth:`result`)."""
+        it are then sent to the new one (:meth:`result`)."""
         _kill_pool(self.pool)
-        self.pool = self._new_pool()
+        self.killed.add(self.generation)
+        self._replace_pool()
 
     def shutdown(self, *, clean: bool = True) -> None:
         """Wait for the pool after a run that finished; after a stop, end its processes at once."""

@@ -355,7 +355,7 @@ class _HangsInChild(PredictCase):
             import time
 
             time.sleep(3600)
-        return super().finish(file, item, pred, k)
+        return {**super().finish(file, item, pred, k), "pid": os.getpid()}
 
 
 @pytest.mark.slow  # a spawned finisher imports torch, then the limit runs out: about 11 s
@@ -373,4 +373,47 @@ def test_a_hung_finisher_costs_its_case_only(tmp_path, folder, tiny_weights, mon
     assert [r["case_id"] for r in rows] == [f.case_id for f in files]
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
     assert rows[1]["error"] == "timed out after 5 s"
+    # the cases queued behind the hung one ran in the next pool, under the limit, not in this process
+    assert all(r["pid"] != os.getpid() for r in rows if r["status"] == "ok")
     assert not multiprocessing.active_children()
+
+
+class _FakePrediction:
+    def case(self, k):
+        return self
+
+    def failure(self, k):
+        return None
+
+
+class _ThreadRecordingTask:
+    def finish(self, file, item, pred, k):
+        import threading
+
+        return {"case_id": file, "thread": threading.current_thread().name}
+
+    def failed(self, file, reason):
+        return {"case_id": file, "error": reason}
+
+
+def test_cases_of_a_killed_finishing_pool_run_again_in_the_next(monkeypatch):
+    import itertools
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pools = itertools.count()
+    task = _ThreadRecordingTask()
+    monkeypatch.setattr(engines._Finisher, "_new_pool",
+                        lambda self: ThreadPoolExecutor(1, thread_name_prefix=f"pool{next(pools)}"))
+    monkeypatch.setitem(engines._FINISHER, "task", task)
+    finisher = engines._Finisher(task, processes=1, timeout=5)
+    _, _, queued = finisher.submit("queued", {}, _FakePrediction(), 0)
+    _, _, running = finisher.submit("running", {}, _FakePrediction(), 0)
+    finisher._kill()  # as when another case of that pool ran past the time limit
+    cancelled: Future = Future()
+    cancelled.cancel()  # the case waited in the killed pool's queue
+    killed: Future = Future()
+    killed.set_exception(BrokenProcessPool("terminated abruptly"))  # the case ran beside the hung one
+    assert finisher.result("queued", cancelled, queued) == {"case_id": "queued", "thread": "pool1_0"}
+    assert finisher.result("running", killed, running) == {"case_id": "running", "thread": "pool1_0"}
+    finisher.shutdown()
