@@ -108,7 +108,7 @@ def test_predict_reports_each_lung_and_explain_the_same_lung_fraction(tmp_path, 
     from conftest import DATA
 
     shutil.copyfile(DATA / "dicom" / "Fake_MONOHR1.dcm", scans / "mono1.dcm")
-    for masks in ([], ["--raw-masks"]):
+    for masks in (["--raw-masks"],):  # anatomical masks: tests/test_dicom_out.py (each lung against the SEG)
         out = tmp_path / f"r{len(masks)}.csv"
         res = runner.invoke(app, ["predict", str(scans), "--out", str(out), "-w", str(tiny_weights), "-q", "-j", "0",
                                   "-b", "1", "--qa", "off", *masks])
