@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
 from scipy import ndimage as ndi
 
 from mmcli.dicom_out import (
@@ -103,7 +104,7 @@ def write_dicom_sc(
         sc.Laterality = ""  # Type 2C (dciodvfy asks for it): a chest is not a paired body part
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"  # workstation
-    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(date), TM(time)  # highdicom's: the clock's
     sc.DerivationDescription = "Lung outline and findings of mmcli burned in; research use only"
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = src.SOPClassUID
@@ -158,7 +159,8 @@ def _text_length(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, 
 
 def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str,
                font: ImageFont.FreeTypeFont | ImageFont.ImageFont, font_px: int, colour: tuple[int, int, int]) -> None:
-    x, y = xy
+    x: float = xy[0]
+    y = xy[1]
     for i, part in enumerate(text.split(_DASH)):
         if i:  # an em dash: a font size wide, at the height of a hyphen
             top, bottom = font.getbbox("-")[1::2]
