@@ -3,9 +3,12 @@ metadata, locked run folders, and one line (no traceback) for every failure."""
 
 import csv
 import errno
+import hashlib
+import hmac
 import json
 import math
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -221,7 +224,51 @@ def test_the_id_mapping_is_private_from_its_creation(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert {v["case_id"] for v in json.loads(mapping.read_text())["cases"].values()} == {"a", "b"}
-    assert sorted(p.name for p in mapping.parent.iterdir()) == ["ids.json"]  # no temporary file left
+    assert sorted(p.name for p in mapping.parent.iterdir()) == ["ids.json", "ids.json.lock"]  # no temporary file
+    assert (mapping.parent / "ids.json.lock").stat().st_mode & 0o777 == 0o600
+
+
+def _anonymize_shard(mapping, shard, barrier, queue):
+    import time
+
+    import mmcli.io.identity as identity
+    from mmcli.io.discover import InputFile
+
+    write = identity.write_private_json
+
+    def slow_write(path, data):  # a slow disk: the read-extend-write of every shard overlaps
+        time.sleep(0.2)
+        write(path, data)
+
+    identity.write_private_json = slow_write
+    barrier.wait()
+    files = identity.anonymize([InputFile(Path(f"s{shard}_{i}.png"), f"s{shard}_{i}") for i in range(3)], mapping)
+    queue.put({f.case_id: str(f.path) for f in files})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked processes")
+def test_shards_started_at_once_share_one_salt_and_one_mapping(tmp_path):
+    import multiprocessing
+
+    mapping = tmp_path / "private" / "ids.json"
+    ctx = multiprocessing.get_context("fork")
+    n = 4
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_anonymize_shard, args=(mapping, k, barrier, queue)) for k in range(n)]
+    for proc in procs:
+        proc.start()
+    ids = {}
+    for _ in procs:
+        ids.update(queue.get(timeout=60))
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    data = json.loads(mapping.read_text())
+    assert len(ids) == 3 * n
+    assert {k: v["source"] for k, v in data["cases"].items()} == ids  # every shard's ids
+    salt = bytes.fromhex(data["salt"])
+    assert all(hmac.new(salt, Path(src).stem.encode(), hashlib.sha256).hexdigest()[:20] == k
+               for k, src in ids.items())  # all made with the salt that the mapping keeps
 
 
 @pytest.mark.parametrize("inside", ["r/ids.json", "r/private/ids.json", "r.csv"])

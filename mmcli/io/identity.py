@@ -8,7 +8,9 @@
   carry patient names. The salt and the mapping back to the inputs are kept in ``FILE``,
   which must lie apart from the outputs and is readable by its owner only (0600 from its
   creation); the same file gives the same ids on a rerun, and one that is not a whole
-  mapping is refused rather than written over.
+  mapping is refused rather than written over. Shards started at once (GNU parallel, a
+  Slurm array) take turns on it through an exclusive lock on ``FILE.lock``: the first
+  makes the salt, and every other reads it, so their ids agree and merge accepts them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmcli.errors import UsageError
 from mmcli.io.discover import InputFile
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: shards that share a mapping must then run one after another
+    fcntl = None  # type: ignore[assignment]
 
 FINGERPRINT = "_input"
 """Journal key of a case's input fingerprint (not a report column)."""
@@ -118,6 +125,24 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def _locked(mapping: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<mapping>.lock`` (created 0600), so processes sharing a mapping take turns."""
+    mapping.parent.mkdir(parents=True, exist_ok=True)
+    lock = mapping.with_name(mapping.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as err:
+        raise UsageError(f"--anonymize-ids {mapping}: cannot create its lock file {lock} ({err.strerror}): "
+                         "choose a folder you can write to") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed, also if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
 def anonymize(files: Sequence[InputFile], mapping: Path, *, outputs: Sequence[Path] = ()) -> list[InputFile]:
     """The same inputs under salted-hash case ids; writes (or extends) the mapping file first.
 
@@ -128,11 +153,12 @@ def anonymize(files: Sequence[InputFile], mapping: Path, *, outputs: Sequence[Pa
     """
     mapping = mapping.expanduser().resolve()
     _check_apart(mapping, outputs)
-    salt, known = _load_mapping(mapping)
     out = []
-    for file in files:
-        digest = hmac.new(salt, file.case_id.encode("utf-8"), hashlib.sha256).hexdigest()[:_ID_DIGITS]
-        out.append(InputFile(file.path, digest))
-        known[digest] = {"case_id": file.case_id, "source": str(file.path)}
-    write_private_json(mapping, {"salt": salt.hex(), "cases": dict(sorted(known.items()))})
+    with _locked(mapping):  # one load-extend-write at a time: the first salt is everyone's
+        salt, known = _load_mapping(mapping)
+        for file in files:
+            digest = hmac.new(salt, file.case_id.encode("utf-8"), hashlib.sha256).hexdigest()[:_ID_DIGITS]
+            out.append(InputFile(file.path, digest))
+            known[digest] = {"case_id": file.case_id, "source": str(file.path)}
+        write_private_json(mapping, {"salt": salt.hex(), "cases": dict(sorted(known.items()))})
     return out
