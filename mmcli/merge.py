@@ -35,6 +35,7 @@ import numpy as np
 from mmcli import __version__
 from mmcli.errors import UsageError
 from mmcli.io.discover import input_list_sha256
+from mmcli.io.paths import inside
 from mmcli.io.writers import (
     Journal,
     RunLock,
@@ -201,14 +202,10 @@ def _interleave(shards: Sequence[Shard]) -> list[tuple[Shard, dict[str, Any]]]:
     return out
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return folder in path.parents
-
-
 def _check_out(out: Path, folder: Path, shards: Sequence[Shard]) -> None:
     for shard in shards:
         own = Path(os.path.realpath(shard.folder))
-        if out == shard.report or any(p == own or _inside(p, own) for p in (Path(os.path.realpath(folder)), out)):
+        if out == shard.report or any(p == own or inside(p, own) for p in (Path(os.path.realpath(folder)), out)):
             raise UsageError(f"--out {out} would write over shard {shard.report} or its folder: choose an --out "
                              "outside the shards")
 
@@ -236,11 +233,11 @@ def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path) ->
             named = str(row[column])
             where = f"{shard.report}: case {row['case_id']!r} names the {column} file {named!r}"
             source = Path(os.path.realpath(shard.report.parent / named))
-            if not _inside(source, own):
+            if not inside(source, own):
                 raise UsageError(f"{where}, which is not inside the shard's folder {own}: refused, nothing written")
             target = folder / source.relative_to(own)
             real_target = Path(os.path.realpath(target))
-            if not _inside(real_target, real_folder) or real_target in {real_folder / f for f in _RUN_FILES}:
+            if not inside(real_target, real_folder) or real_target in {real_folder / f for f in _RUN_FILES}:
                 raise UsageError(f"{where}, whose copy would not be a case's file in {folder}: refused, nothing "
                                  "written")
             if real_target in taken:

@@ -5,20 +5,28 @@ network, its CSS and JavaScript inline, its images relative links into ``review/
 
     results.csv                     the run's report (or <out>/explain.csv)
     results/review.html             the page
-    results/review/thumbs/<case>.jpg    the film with the lung outline, 192 px
-    results/review/full/<case>.png      the same at native size (at most 2048 px on a side)
+    results/review/thumbs/<key>.jpg     the film with the lung outline, 192 px
+    results/review/full/<key>.png       the same at native size (at most 2048 px on a side)
+
+``<key>`` is the case id percent-encoded (:func:`mmcli.io.writers.hdf5_key`), one flat
+file name whatever the id holds (``/``, ``..``); a very long one is a hash.
 
 Overlays are drawn from the run's outputs alone (the input named in ``source`` and the
 mask PNG of the run; an explain run's own Grad-CAM pictures), so no model is needed.
 The page holds one page of thumbnails at a time, whatever the size of the run; filters
 and sorting live in the URL's hash (``#label=pneumonia&flag=inverted&sort=p-desc&page=2``),
 so a view can be bookmarked or shared. Every text from the report reaches the page
-escaped: through ``textContent`` in the script, or :func:`html.escape` in the markup.
+escaped: through ``textContent`` in the script, or :func:`html.escape` in the markup;
+every link is a percent-encoded relative path. A report is not trusted to name files:
+a picture it names (mask, Grad-CAM, saliency) is read only from a file inside the run's
+folder, the input only from a regular file, and pictures are written only inside the
+run's folder; a case that names another file is listed with the reason instead.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -28,13 +36,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from mmcli.errors import MMCLIError, UsageError
+from mmcli.io.paths import resolves_inside
 from mmcli.io.readers import read_radiograph
-from mmcli.io.writers import atomic_path, read_mask_png
+from mmcli.io.writers import atomic_path, hdf5_key, read_csv_rows, read_mask_png
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +120,20 @@ def find_run(run: Path) -> Run:
 
 
 def read_report(report: Path) -> list[dict[str, str]]:
+    """The report's rows as text, each cell as it was written (a neutralised ``'-01`` reads ``-01``).
+
+    Raises:
+        UsageError: the file cannot be read, or has no ``case_id`` and ``status`` columns.
+    """
     try:
         with open(report, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
+            columns = set(next(csv.reader(f), ()))
+        rows = read_csv_rows(report, exact=True)  # exact: a number reads back as the text it was written as
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UsageError(f"{report}: cannot read the report ({err})") from None
     if not {"case_id", "status"} <= columns:
         raise UsageError(f"{report}: not an mmcli report (no case_id and status columns)")
-    return rows
+    return [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows]
 
 
 def _outline(mask: Image.Image, width: int) -> np.ndarray:
@@ -147,6 +161,19 @@ def _up_to_date(path: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime >= since
 
 
+def picture_name(case_id: str) -> str:
+    """A case's picture file name (no suffix): its id percent-encoded, or a hash of a very long id.
+
+    One flat name that cannot climb out of its folder, and no two ids share one (a hash
+    starts with ``=``, which percent-encoding never keeps).
+    """
+    key = hdf5_key(case_id)
+    return key if len(key) <= 150 else "=" + hashlib.sha256(case_id.encode("utf-8")).hexdigest()
+
+
+Made = tuple[str, str, tuple[tuple[str, str], ...], str]  # thumb, full, links (all relative links), why not
+
+
 class _Pictures:
     """Draws the thumbnails and full-size overlays of one run into ``<folder>/review/``."""
 
@@ -156,40 +183,69 @@ class _Pictures:
         self.since = run.report.stat().st_mtime  # pictures older than the report are drawn again
 
     def rel(self, path: Path) -> str:
-        return Path(os.path.relpath(path, self.page_dir)).as_posix()
+        """The page's link to ``path``: its relative POSIX path, percent-encoded (``#``, ``?``, ``%``, ``:``)."""
+        return quote(Path(os.path.relpath(path, self.page_dir)).as_posix())
 
-    def make(self, row: Mapping[str, str]) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+    def _named(self, row: Mapping[str, str], column: str, base: Path) -> Path | str:
+        """The file that ``row[column]`` names relative to ``base``, or why it is refused."""
+        path = base / row[column]
+        if not resolves_inside(path, self.run.folder):
+            return f"the {column} file {row[column]!r} is not inside the run's folder {self.run.folder}: refused"
+        if not path.is_file():
+            return f"the {column} file {row[column]!r} does not exist"
+        return path
+
+    def _targets(self, case_id: str) -> tuple[Path, Path] | str:
+        """Where a case's thumbnail and full-size picture go, or why they cannot (a link out of the run)."""
+        name = picture_name(case_id)
+        paths = self.root / "thumbs" / f"{name}.jpg", self.root / "full" / f"{name}.png"
+        if not all(resolves_inside(path, self.run.folder) for path in paths):
+            return f"{self.root} leads out of the run's folder {self.run.folder}: no picture written"
+        return paths
+
+    def make(self, row: Mapping[str, str]) -> Made:
         """``(thumb, full, links, why not)`` of an ok case; a picture that cannot be drawn says why."""
-        case_id = row["case_id"]
-        thumb = self.root / "thumbs" / f"{case_id}.jpg"
         if self.run.kind == "explain":
-            return self._from_explain(row, thumb)
-        full = self.root / "full" / f"{case_id}.png"
+            return self._from_explain(row)
+        targets = self._targets(row["case_id"])
+        if isinstance(targets, str):
+            return "", "", (), targets
+        thumb, full = targets
         if not (_up_to_date(thumb, self.since) and _up_to_date(full, self.since)):
-            source, mask = row.get("source") or "", row.get("mask") or ""
+            source = row.get("source") or ""
             if not source:
                 return "", "", (), "no source path in the report (anonymised run)"
+            if not Path(source).is_file():
+                return "", "", (), f"cannot draw the picture: the input {source} is not a file"
+            mask = self._named(row, "mask", self.run.report.parent) if row.get("mask") else None
+            if isinstance(mask, str):
+                return "", "", (), mask
             try:
                 pixels = read_radiograph(source, voi_lut=self.voi_lut, max_pixels=None).pixels
-                lungs = read_mask_png(self.run.report.parent / mask) if mask else None
+                lungs = read_mask_png(mask) if mask is not None else None
             except (MMCLIError, OSError) as err:
                 return "", "", (), f"cannot draw the picture: {err}"
             self._save(draw_overlay(pixels, lungs, FULL_SIDE), full, "PNG")
             self._save(draw_overlay(pixels, lungs, THUMB_SIDE), thumb, "JPEG")
         return self.rel(thumb), self.rel(full), (), ""
 
-    def _from_explain(self, row: Mapping[str, str], thumb: Path) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
-        pictures = {view: self.run.folder / row[f"{view}_png"] for view in ("gradcam", "saliency")
-                    if row.get(f"{view}_png")}
-        if "gradcam" not in pictures or not pictures["gradcam"].is_file():
+    def _from_explain(self, row: Mapping[str, str]) -> Made:
+        if not row.get("gradcam_png"):
             return "", "", (), "the run has no Grad-CAM picture of this case"
+        pictures = {view: self._named(row, f"{view}_png", self.run.folder) for view in ("gradcam", "saliency")
+                    if row.get(f"{view}_png")}
+        refused = [why for why in pictures.values() if isinstance(why, str)]
+        targets = self._targets(row["case_id"])
+        if refused or isinstance(targets, str):
+            return "", "", (), "; ".join(refused) if refused else str(targets)
+        gradcam, thumb = Path(pictures["gradcam"]), targets[0]
         if not _up_to_date(thumb, self.since):
-            with Image.open(pictures["gradcam"]) as img:
+            with Image.open(gradcam) as img:
                 small = img.convert("RGB")
                 small.thumbnail((THUMB_SIDE * 2, THUMB_SIDE * 2))
             self._save(small, thumb, "JPEG")
-        links = tuple((view, self.rel(path)) for view, path in pictures.items())
-        return self.rel(thumb), self.rel(pictures["gradcam"]), links, ""
+        links = tuple((view, self.rel(Path(path))) for view, path in pictures.items())
+        return self.rel(thumb), self.rel(gradcam), links, ""
 
     @staticmethod
     def _save(img: Image.Image, path: Path, fmt: str) -> None:

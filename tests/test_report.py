@@ -1,10 +1,12 @@
 """``mmcli report``: the review page of a run, in Python and in a real (headless) browser."""
 
 import csv
+import json
 import re
 import shutil
 import subprocess
 import time
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmcli.cli import app
-from mmcli.io.writers import write_mask_png
+from mmcli.io.writers import write_csv, write_mask_png
 from mmcli.report import PAGE_SIZE, ReviewCase, build_review, render_page
 
 runner = CliRunner()
@@ -160,3 +162,100 @@ def test_page_screenshot(tmp_path):
     assert rgb.shape == (900, 1280, 3)
     assert (rgb == (29, 39, 51)).all(axis=2)[:40].mean() > 0.5  # the header
     assert ((np.abs(rgb.astype(int) - (255, 140, 0)).sum(axis=2)) < 60).sum() > 50  # lung outlines in thumbnails
+
+
+def _cases(page):
+    """The page's case list, as the script reads it."""
+    return json.loads(re.search(r'<script type="application/json" id="cases">(.*?)</script>', page, re.S).group(1))
+
+
+def _files(folder):
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_review_links_are_encoded_and_pictures_named_from_the_id(tmp_path):
+    scans, folder = tmp_path / "scans", tmp_path / "results"
+    ids = ["a#1", "b?x=1", "c%20d", "../../x", "-01", "sub/e"]
+    rows = []
+    for i, case_id in enumerate(ids):
+        src = save_png8(scans / f"s{i}.png", 40, 50, seed=i)
+        write_mask_png(folder / "masks" / f"m{i}.png", np.ones((40, 50), bool))
+        rows.append({"case_id": case_id, "source": str(src), "status": "ok", "p_pneumonia": 0.5, "label": "normal",
+                     "mask": f"results/masks/m{i}.png"})
+    write_csv(tmp_path / "results.csv", rows, list(rows[0]))  # as predict writes it: '-01 neutralised
+    assert "'-01" in (tmp_path / "results.csv").read_text()
+    before = _files(tmp_path)
+    summary = build_review(tmp_path / "results.csv")
+    assert (summary.cases, summary.pictures, summary.missing) == (len(ids), len(ids), 0)
+    cases = _cases(summary.page.read_text())
+    assert [c["id"] for c in cases] == ids  # the neutralising quote is not shown
+    for c in cases:
+        for link in (c["thumb"], c["full"]):
+            assert not set("#?:") & set(link) and link.startswith("review/")
+            assert (folder / unquote(link)).is_file()  # what a browser opens
+            assert (folder / unquote(link)).parent.parent == folder / "review"  # one flat name per case
+    written = _files(tmp_path) - before
+    assert all(folder / "review" in p.parents for p in written - {summary.page})  # nothing climbed out
+    assert (folder / "review" / "thumbs" / "..%2F..%2Fx.jpg").is_file()
+
+
+def test_review_reads_and_writes_pictures_only_inside_the_run(tmp_path):
+    report = _predict_run(tmp_path)
+    save_png8(tmp_path / "outside.png", 80, 100)
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["mask"] = "outside.png"  # beside the report, not in the run's folder
+    rows[1]["source"] = str(tmp_path)  # a folder, not a file
+    _write_report(report, rows)
+    summary = build_review(report)
+    page = summary.page.read_text()
+    assert (summary.pictures, summary.missing) == (1, 2)
+    assert "the mask file &#x27;outside.png&#x27; is not inside the run&#x27;s folder" in page
+    assert "is not a file" in page
+    by_id = {c["id"]: c for c in _cases(page)}
+    assert by_id["a"]["thumb"] == by_id["b"]["thumb"] == "" and by_id["<script>x"]["thumb"]
+
+    # a review folder that is a link out of the run: nothing is written through it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(tmp_path / "results" / "review")
+    (tmp_path / "results" / "review").symlink_to(elsewhere, target_is_directory=True)
+    summary = build_review(report)
+    assert summary.pictures == 0 and not any(elsewhere.iterdir())
+    assert "leads out of the run&#x27;s folder" in summary.page.read_text()
+
+
+def test_review_of_an_explain_run_links_only_its_own_pictures(tmp_path):
+    run = tmp_path / "ex"
+    for sub in ("gradcam", "saliency"):
+        for name in ("a", "b", "c#1"):
+            save_png8(run / sub / f"{name}.png", 32, 32)
+    save_png8(tmp_path / "outside.png", 32, 32)
+    rows = [{"case_id": "a", "status": "ok", "gradcam_png": "gradcam/a.png", "saliency_png": "javascript:alert(1)"},
+            {"case_id": "b", "status": "ok", "gradcam_png": "../outside.png", "saliency_png": "saliency/b.png"},
+            {"case_id": "c#1", "status": "ok", "gradcam_png": "gradcam/c#1.png", "saliency_png": "saliency/c#1.png"}]
+    _write_report(run / "explain.csv", rows)
+    summary = build_review(run)
+    page = summary.page.read_text()
+    assert (summary.pictures, summary.missing) == (1, 2)
+    by_id = {c["id"]: c for c in _cases(page)}
+    assert by_id["a"]["links"] == by_id["b"]["links"] == [] and by_id["a"]["full"] == by_id["b"]["full"] == ""
+    links = [x for c in by_id.values() for x in (c["thumb"], c["full"], *(href for _, href in c["links"]))]
+    assert not any(":" in href for href in links)  # no javascript: (nor any other scheme) in a link
+    assert "not inside the run&#x27;s folder" in page
+    assert by_id["c#1"]["full"] == "gradcam/c%231.png"
+    assert by_id["c#1"]["links"] == [["gradcam", "gradcam/c%231.png"], ["saliency", "saliency/c%231.png"]]
+    assert (run / unquote(by_id["c#1"]["thumb"])).is_file()
+
+
+def test_review_shows_neutralised_cells_as_they_were(tmp_path):
+    from mmcli.report import read_report
+
+    rows = [{"case_id": "-01", "status": "ok", "error": "", "label": "=x", "p_pneumonia": 0.25},
+            {"case_id": "'q", "status": "error", "error": "@bad", "label": "", "p_pneumonia": None},
+            {"case_id": "12", "status": "ok", "error": "", "label": "normal", "p_pneumonia": 1}]
+    write_csv(tmp_path / "r.csv", rows, list(rows[0]))
+    assert read_report(tmp_path / "r.csv") == [
+        {"case_id": "-01", "status": "ok", "error": "", "label": "=x", "p_pneumonia": "0.25"},
+        {"case_id": "'q", "status": "error", "error": "@bad", "label": "", "p_pneumonia": ""},
+        {"case_id": "12", "status": "ok", "error": "", "label": "normal", "p_pneumonia": "1"}]
