@@ -2,7 +2,8 @@
 
 Matplotlib is imported lazily and used through its object API with the Agg canvas:
 no pyplot, no global backend switch, so importing mmcli never changes a user's
-matplotlib state. Every file is written atomically.
+matplotlib state. Every file is written atomically. Text from the data (case ids,
+dataset names) is drawn as it is, never parsed as mathtext (a ``$`` in a name).
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _plain_text(legend: Any) -> None:
+    """Draw a legend's entries as they are: dataset names are data, never mathtext (``$x$``)."""
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+
+
 def dice_boxplot(path: Path, dice: Mapping[str, np.ndarray]) -> Path:
     """Box plot of per-case Dice, one box per dataset (``(N_d,)`` arrays), points overlaid."""
     fig = _figure(max(4.5, 1.5 + 1.6 * len(dice)), 4)  # wide enough for the title with one dataset
     ax = fig.add_subplot()
     names = list(dice)
     ax.boxplot([dice[n] for n in names], showfliers=False)
-    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={dice[n].size})" for n in names])
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={dice[n].size})" for n in names], parse_math=False)
     rng = np.random.default_rng(0)
     for i, n in enumerate(names, start=1):
         ax.scatter(i + rng.uniform(-0.12, 0.12, dice[n].size), dice[n], s=8, alpha=0.5, color="k")
@@ -67,7 +74,7 @@ def roc_plot(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> P
             ax.plot(fpr, tpr, label=f"{name} (AUC {M.roc_auc(y, p):.3f}, n={y.size})")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC: pneumonia vs normal", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="lower right", fontsize=8)
+    _plain_text(ax.legend(loc="lower right", fontsize=8))
     return _save(fig, path)
 
 
@@ -91,7 +98,7 @@ def reliability_plot(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray
         hist.bar_label(bars, fontsize=6, padding=1)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set(ylabel="accuracy", title="Reliability diagram", xlim=(0.45, 1.0), ylim=(0, 1.02))
-    ax.legend(loc="upper left", fontsize=8)
+    _plain_text(ax.legend(loc="upper left", fontsize=8))
     hist.set(xlabel="confidence (top-class probability)", ylabel="cases per bin")
     hist.margins(y=0.25)
     return _save(fig, path)
@@ -124,7 +131,7 @@ def worst_cases_grid(
         for mask, colour in ((true, TRUE_COLOUR), (pred, PRED_COLOUR)):
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.2)
-        ax.set_title("\n".join(_shorten(line) for line in title.splitlines()), fontsize=8)
+        ax.set_title("\n".join(_shorten(line) for line in title.splitlines()), fontsize=8, parse_math=False)
         ax.axis("off")
     handles = [Line2D([], [], color=PRED_COLOUR, label="predicted"),
                Line2D([], [], color=TRUE_COLOUR, label="reference")]
@@ -193,7 +200,8 @@ def explain_figure(path: Path, image: np.ndarray, heat: np.ndarray, lungs: np.nd
         ax.legend(handles=handles, loc="lower right", fontsize=7, facecolor="black", labelcolor="white",
                   framealpha=0.6, edgecolor="none")
     lines = [_shorten(line, max(24, width // 7)) for line in title.splitlines()]
-    fig.text(pad / fig_w, 1 - 6 / fig_h, "\n".join(lines), ha="left", va="top", fontsize=9, linespacing=1.3)
+    fig.text(pad / fig_w, 1 - 6 / fig_h, "\n".join(lines), ha="left", va="top", fontsize=9, linespacing=1.3,
+             parse_math=False)
     bar = fig.add_axes(((pad + width + 12) / fig_w, pad / fig_h, 14 / fig_w, height / fig_h))
     fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[cmap]), cax=bar).set_label(scale_label, fontsize=8)
     bar.tick_params(labelsize=7)
