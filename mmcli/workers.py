@@ -67,10 +67,33 @@ class WorkerPool:
 
         ``limit``: seconds the process may take to answer (a new process gets :data:`STARTUP_LIMIT` more).
         """
-        slot = next((s for s in self.slots if s.job is None), None) or self._start()
+        while (slot := self._idle()) is not None:
+            if self._send(slot, job, payload, limit):
+                return
+            logger.debug("idle worker %d is gone: replaced", slot.process.pid)
+            self._drop(slot)
+        # a new process that cannot take the job died at its start: wait() reads why ("fatal") or says "crashed"
+        self._send(self._start(), job, payload, limit)
+
+    def _idle(self) -> _Slot | None:
+        """An idle process that is still alive; idle ones that died since their last job (the kernel's
+        out-of-memory killer, a stray SIGKILL) are dropped."""
+        for slot in [s for s in self.slots if s.job is None]:
+            if slot.process.is_alive():
+                return slot
+            logger.debug("idle worker %d ended with exit code %s", slot.process.pid, slot.process.exitcode)
+            self._drop(slot)
+        return None
+
+    @staticmethod
+    def _send(slot: _Slot, job: Any, payload: Any, limit: float) -> bool:
         slot.job, slot.limit = job, limit
         slot.deadline = time.monotonic() + limit + (0.0 if slot.ready else STARTUP_LIMIT)
-        slot.conn.send(payload)
+        try:
+            slot.conn.send(payload)
+        except OSError:  # its end of the pipe is gone: the process died
+            return False
+        return True
 
     def wait(self) -> list[tuple[Any, Outcome, Any]]:
         """Block until at least one job ends; returns ``(job, outcome, detail)`` for each that did.
