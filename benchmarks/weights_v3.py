@@ -58,6 +58,10 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
                      ("--init", "multimix-cxr-v2", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
                       "--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8",
                       "--lr", "1e-4")),
+    "D-all-nocross": ("as B-all, but the cls-cross NIH films unlabelled, 12 epochs",
+                      ("--init", "multimix-cxr-v2", *ALL_ADULT, "--unlabelled-data", "cls-cross-train",
+                       "--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8",
+                       "--lr", "1e-4")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
