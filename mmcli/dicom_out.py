@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
 from mmcli.errors import CaseError
-from mmcli.io.dicom import TEXT_VRS, redact
+from mmcli.io.dicom import header_elements, redact
 from mmcli.io.writers import atomic_path
 from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
@@ -314,24 +314,23 @@ _KEPT = frozenset({"SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesI
 
 
 def _leave_out_invalid(ds: pydicom.Dataset) -> None:
-    """Delete every text value of ``ds`` (nested items too) that its VR does not allow: copied as it is
-    it would make the new objects invalid, or make highdicom refuse them."""
+    """Delete every text value of ``ds`` (nested items too) that its VR does not allow, and every element
+    that cannot be decoded: copied as it is it would make the new objects invalid, or make highdicom refuse them."""
+    for elem in header_elements(ds):
+        if elem.values is not None and (elem.vr == "UI" or elem.keyword in _KEPT or _valid(elem.vr, elem.values)):
+            continue
+        del elem.ds[elem.tag]
+
+
+def _valid(vr: str, values: Sequence[str]) -> bool:
     with warnings.catch_warnings():  # pydicom warns about invalid values, quoting them: nothing shown
         warnings.simplefilter("ignore")
-        for tag in list(ds.keys()):
-            try:
-                elem = ds[tag]
-                if elem.VR == "SQ":
-                    for item in elem.value or ():
-                        _leave_out_invalid(item)
-                    continue
-                if elem.VR not in TEXT_VRS or elem.VR == "UI" or elem.keyword in _KEPT or elem.value is None:
-                    continue
-                values = elem.value if isinstance(elem.value, (list, tuple, MultiValue)) else [elem.value]
-                for value in values:
-                    validate_value(elem.VR, str(value), config.RAISE)
-            except Exception:  # noqa: BLE001 - invalid, or undecodable: either way not copied
-                del ds[tag]
+        try:
+            for value in values:
+                validate_value(vr, value, config.RAISE)
+        except Exception:  # noqa: BLE001 - invalid, or undecodable: either way not copied
+            return False
+    return True
 
 
 _MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
@@ -368,8 +367,8 @@ def _valid_spacing(value: object) -> bool:
 def _read_seg(seg: Path, src: pydicom.Dataset) -> pydicom.Dataset:
     try:
         ds = pydicom.dcmread(seg, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types on malformed headers
-        raise CaseError(seg, f"cannot read the DICOM SEG to reference: {exc}") from None
+    except Exception as exc:  # pydicom raises many types; their text may quote a value (redact cannot know it)
+        raise CaseError(seg, f"cannot read the DICOM SEG to reference ({type(exc).__name__})") from None
     if ds.get("Modality") != "SEG" or ds.get("StudyInstanceUID") != src.StudyInstanceUID:
         raise CaseError(seg, "not a DICOM SEG of the same study as the source image")
     return ds

@@ -16,7 +16,7 @@ import pytest
 
 from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
 from mmcli.dicom_sc import RESEARCH_NOTICE, write_dicom_sc
-from mmcli.errors import CaseError
+from mmcli.errors import CaseError, ReadError
 from mmcli.io.readers import read_radiograph
 from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
@@ -426,6 +426,61 @@ def _plant(ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+UNPARSABLE = "cannot parse DICOM header (BytesLengthException): malformed or unreadable element"
+
+
+def _unparsable(source: Path, out: Path, where: str) -> Path:
+    """``source`` with ``MARKER`` planted as the odd-length value of a binary element that pydicom
+    cannot parse: its error quotes those bytes, which no decoded value (nothing to redact) holds.
+    ``where``: ``"Rows"`` (parsed when read) or ``"meta"`` (the file meta group length: dcmread fails)."""
+    bad = MARKER.encode() + b"!"
+    if where == "meta":
+        data = source.read_bytes()
+        at = data.index(b"\x02\x00\x00\x00UL\x04\x00")
+        out.write_bytes(data[:at] + b"\x02\x00\x00\x00UL" + len(bad).to_bytes(2, "little") + bad + data[at + 12:])
+        return out
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(source)  # the marker nowhere else: nothing tells redact() about it
+    ds[0x00280010] = RawDataElement(Tag(0x00280010), "US", len(bad), bad, 0, False, True)
+    ds.save_as(out)
+    return out
+
+
+def test_an_unparsable_value_is_named_by_its_type_alone(tmp_path: Path) -> None:
+    source = DATA / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    for where in ("Rows", "meta"):
+        with pytest.raises(ReadError) as caught:
+            read_radiograph(_unparsable(source, tmp_path / f"{where}.dcm", where))
+        assert caught.value.reason == UNPARSABLE, where  # a ReadError, without pydicom's text (it quotes the bytes)
+    with pytest.raises(CaseError) as caught:
+        write_dicom_sr(source, tmp_path / "sr.dcm", p_pneumonia=0.5, label="normal", lung_area_mm2=None, qa_flags=[],
+                       algorithm=ALGORITHM, seg=tmp_path / "meta.dcm")
+    assert caught.value.reason == "cannot read the DICOM SEG to reference (BytesLengthException)"
+
+
+def test_header_elements_walk_nested_items_and_undecodable_values() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from mmcli.io.dicom import header_elements, header_texts
+
+    ds = pydicom.Dataset()
+    ds.PatientName = "Doe^Jane"
+    ds.Rows = 4  # not text: not listed
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.OtherPatientIDsSequence = [pydicom.Dataset()]
+    ds.OtherPatientIDsSequence[0].PatientID = "ID123"
+    ds[0x00280011] = RawDataElement(Tag(0x00280011), "US", 3, b"abc", 0, False, True)  # Columns: odd length
+    found = {(e.keyword, e.values) for e in header_elements(ds)}
+    assert found == {("PatientName", ("Doe^Jane",)), ("ImageType", ("ORIGINAL", "PRIMARY")),
+                     ("PatientID", ("ID123",)), ("", None)}
+    assert header_texts(ds) == {"Doe^Jane", "Doe", "Jane", "ORIGINAL", "PRIMARY", "ORIGINAL\\PRIMARY", "ID123"}
+
+
 def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_weights):
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -443,6 +498,8 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
         unreadable = _plant(pydicom.dcmread(source))
         unreadable.PhotometricInterpretation = MARKER  # a valid code string, but no image type
         unreadable.save_as(scans / "unreadable.dcm")
+    _unparsable(source, scans / "odd_rows.dcm", "Rows")  # pydicom's errors quote these bytes
+    _unparsable(source, scans / "odd_meta.dcm", "meta")
     out = tmp_path / "out" / "r.csv"
     res = subprocess.run([sys.executable, "-m", "mmcli", "-vv", "predict", str(scans), "--out", str(out), "--hdf5",
                           str(tmp_path / "out" / "r.h5"), "-w", str(tiny_weights), "-j", "1", "--dicom-seg",
@@ -462,6 +519,9 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
     assert rows["no_uid"]["p_pneumonia"] and not rows["no_uid"]["dicom_seg"] and not rows["no_uid"]["dicom_sc"]
     assert rows["unreadable"]["error"] == ("unsupported photometric interpretation (not a defined term): "
                                            "expected MONOCHROME1 or MONOCHROME2")
+    for case in ("odd_rows", "odd_meta"):
+        assert rows[case]["status"] == "error"
+        assert rows[case]["error"] == UNPARSABLE
     checked = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.suffix != ".dcm"]  # the DICOM
     assert {p.name for p in checked} >= {"r.csv", "r.h5", "journal.jsonl", "run.json"}  # objects carry the patient
     secrets = (MARKER, "1956-03-14", "25:99:99")

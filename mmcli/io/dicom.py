@@ -2,7 +2,9 @@
 optional VOI LUT or window, scaling by the stored bit range, MONOCHROME1 inversion, spacing.
 
 No patient identifiers ever leave this module: only pixels, sizes, bit depth and spacing.
-Messages quote no header value either (a library's reason goes through :func:`redact`).
+Messages quote no header value either: a library's failure to read the header or a value is named
+by its type alone (its text may quote the bytes of the value it could not parse, which
+:func:`redact` cannot know), and what else a library says goes through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import math
 import mmap
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from mmcli.errors import ReadError
@@ -43,8 +47,7 @@ def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None
     try:
         ds = pydicom.dcmread(path, force=force, defer_size=_DEFER_SIZE)
     except Exception as exc:  # pydicom raises many types on malformed headers
-        reason = NOT_AN_IMAGE if force else f"cannot parse DICOM header: {exc}"
-        raise ReadError(path, reason) from None
+        raise ReadError(path, NOT_AN_IMAGE if force else _unparsable(exc)) from None
     if "PixelData" not in ds:
         if force:
             raise ReadError(path, NOT_AN_IMAGE)
@@ -57,7 +60,7 @@ def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None
     except (ReadError, MemoryError):
         raise
     except Exception as exc:  # element values are parsed lazily, on first access
-        raise ReadError(path, redact(f"cannot parse DICOM header: {exc}", ds)) from None
+        raise ReadError(path, _unparsable(exc)) from None
     try:
         raw = ds.pixel_array
     except Exception as exc:  # missing decoder plugin, corrupt or short pixel data, ...
@@ -71,7 +74,7 @@ def read_dicom(path: Path, *, voi_lut: bool, force: bool, max_pixels: int | None
     except MemoryError:
         raise
     except Exception as exc:
-        raise ReadError(path, redact(f"invalid modality LUT / rescale: {exc}", ds)) from None
+        raise ReadError(path, f"invalid modality LUT / rescale ({_reason(exc)})") from None
     if photometric == "MONOCHROME1":
         # invert after the cast so MONOCHROME1 is exactly 1 - the MONOCHROME2 reading
         np.subtract(np.float32(1.0), pixels, out=pixels)
@@ -105,6 +108,19 @@ def _check_dicom_header(ds: pydicom.Dataset, path: Path, max_pixels: int | None)
     return rows, cols, bits, photometric
 
 
+class _Unusable(ValueError):
+    """A reason of mmcli's own, which quotes no header value."""
+
+
+def _reason(exc: Exception) -> str:
+    """What a message may say of ``exc``: mmcli's own reason, else the exception's type alone."""
+    return str(exc) if isinstance(exc, _Unusable) else type(exc).__name__
+
+
+def _unparsable(exc: Exception) -> str:
+    return f"cannot parse DICOM header ({type(exc).__name__}): malformed or unreadable element"
+
+
 def _pixel_error(ds: pydicom.Dataset, exc: Exception | None) -> str:
     """Why ``ds.pixel_array`` failed (``exc``) or pixel data is missing (None)."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -115,8 +131,9 @@ def _pixel_error(ds: pydicom.Dataset, exc: Exception | None) -> str:
         return NO_MEMORY
     detail = " ".join(str(exc).split())  # pydicom lists each plugin's failure on its own line
     if isinstance(exc, NotImplementedError) or "missing dependencies" in detail:
+        # pydicom's list of its plugins and what each one lacks: what to install (redacted by the caller)
         return f"cannot decode DICOM pixel data ({name}): no decoder available: {detail}"
-    return f"truncated or corrupt DICOM pixel data ({name}): {detail}"
+    return f"truncated or corrupt DICOM pixel data ({name}): the decoder failed ({type(exc).__name__})"
 
 
 def _pointwise(raw: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -137,7 +154,7 @@ def _pointwise(raw: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.nd
 def _dicom_scale(ds: pydicom.Dataset, lo: float, hi: float, voi_lut: bool, path: Path) -> Callable[..., np.ndarray]:
     """Elementwise stored value -> [0, 1]: modality LUT, then VOI or the modality range."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"the modality transform gives non-finite values ({lo} .. {hi})")
+        raise _Unusable(f"the modality transform gives non-finite values ({lo} .. {hi})")
     use_voi = [voi_lut]  # an unusable VOI is reported once, then left out
 
     def scale(stored: np.ndarray) -> np.ndarray:
@@ -181,18 +198,18 @@ def _apply_voi(values: np.ndarray, ds: pydicom.Dataset, path: Path) -> np.ndarra
             # (y_min, y_max) for every VOI function, so the ends tell us that range.
             y_min, y_max = apply_windowing(np.array([-np.inf, np.inf]), ds, index=0)
             if y_max == y_min:
-                raise ValueError("window output range is empty")
+                raise _Unusable("window output range is empty")
             return _finite((apply_windowing(values, ds, index=0) - y_min) / (y_max - y_min))
     except MemoryError:
         raise
     except Exception as exc:  # bad width, unknown VOI function, odd LUT depth, ...
-        log.warning("ignoring unusable VOI LUT / window in %s: %s", path, redact(str(exc), ds))
+        log.warning("ignoring unusable VOI LUT / window in %s: %s", path, _reason(exc))
     return None
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(values)):
-        raise ValueError("the transform gives NaN or infinite values")
+        raise _Unusable("the transform gives NaN or infinite values")
     return values
 
 
@@ -211,31 +228,65 @@ def _pixel_spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str
     return None, None
 
 
-def header_texts(ds: pydicom.Dataset) -> set[str]:
-    """Every text value in ``ds`` (nested sequences and each part of a person name too) of 3 characters or more."""
-    found: set[str] = set()
-    for value in _text_values(ds):
-        parts = [value, *value.replace("=", "^").split("^")] if "^" in value or "=" in value else [value]
-        found.update(p.strip() for p in parts if len(p.strip()) >= _SHORTEST_REDACTED)
+@dataclass(frozen=True)
+class HeaderElement:
+    """One element of a header walk (:func:`header_elements`).
+
+    Attributes:
+        ds: the dataset (the header, or an item of a sequence in it) that holds the element.
+        values: its values as text (a multi-valued one in parts; empty for an empty value),
+            or None where the element cannot be decoded.
+    """
+
+    ds: pydicom.Dataset
+    tag: int
+    vr: str
+    keyword: str
+    values: tuple[str, ...] | None
+
+
+def header_elements(ds: pydicom.Dataset) -> list[HeaderElement]:
+    """Every element of ``ds`` and of the items of its sequences (depth first) that holds text
+    (a VR of :data:`TEXT_VRS`) or cannot be decoded at all (any VR; ``values`` None).
+
+    The walk decodes each value under a local warnings filter: pydicom warns about invalid
+    values, quoting them, and nothing may show them.
+    """
+    found: list[HeaderElement] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _walk(ds, found)
     return found
 
 
-def _text_values(ds: pydicom.Dataset) -> Iterator[str]:
-    with warnings.catch_warnings():  # reading an invalid value warns, quoting it: local filter, nothing shown
-        warnings.simplefilter("ignore")
-        for tag in list(ds.keys()):
-            try:
-                elem = ds[tag]
-                if elem.VR == "SQ":
-                    for item in elem.value or ():
-                        yield from _text_values(item)
-                elif elem.VR in TEXT_VRS and elem.value is not None:
-                    values = elem.value if isinstance(elem.value, (list, tuple, pydicom.multival.MultiValue)) \
-                        else [elem.value]
-                    yield from (str(v) for v in values)
-                    yield str(elem.value) if len(values) < 2 else "\\".join(str(v) for v in values)
-            except Exception:  # noqa: BLE001 - a value that cannot be decoded cannot be quoted either
+def _walk(ds: pydicom.Dataset, found: list[HeaderElement]) -> None:
+    for tag in list(ds.keys()):
+        vr, keyword = "", ""
+        try:
+            elem = ds[tag]
+            vr, keyword = elem.VR, elem.keyword
+            if vr == "SQ":
+                for item in elem.value or ():
+                    _walk(item, found)
                 continue
+            if vr not in TEXT_VRS:
+                continue
+            value = elem.value
+            values = value if isinstance(value, (list, tuple, MultiValue)) else [] if value is None else [value]
+            found.append(HeaderElement(ds, tag, vr, keyword, tuple(str(v) for v in values)))
+        except Exception:  # noqa: BLE001 - any failure to decode: the element, without its values
+            found.append(HeaderElement(ds, tag, vr, keyword, None))
+
+
+def header_texts(ds: pydicom.Dataset) -> set[str]:
+    """Every text value in ``ds`` (nested sequences and each part of a person name too) of 3 characters or more."""
+    found: set[str] = set()
+    for elem in header_elements(ds):
+        values = elem.values or ()
+        for value in (*values, "\\".join(values)) if len(values) > 1 else values:
+            parts = [value, *value.replace("=", "^").split("^")] if "^" in value or "=" in value else [value]
+            found.update(p.strip() for p in parts if len(p.strip()) >= _SHORTEST_REDACTED)
+    return found
 
 
 def redact(text: str, ds: pydicom.Dataset | None) -> str:
