@@ -5,11 +5,13 @@
     >>> result = model.predict("scans/a.png")     # a path (PNG, JPEG, DICOM) or an (H, W) array
     >>> result.p_pneumonia, result.label, result.flags, result.mask.shape
 
-A result is the row ``mmcli predict`` writes for the same file with the same settings: the
-same probability, label, quality-control flags and lung mask at native size (the model
-runs on one image here, so masks may differ from a batched run by a few boundary pixels
-where ``--precision`` is not fp32). A file that cannot be read raises
-:class:`mmcli.errors.CaseError` naming it and the reason.
+A result is the row ``mmcli predict`` writes for the same file with the same settings, made
+by the same function (:func:`mmcli.outcome.case_outcome`): the same probability (rounded to 6
+places, as the report holds it), label, quality-control flags, lung fractions and areas (both
+lungs, and the patient's right and left lung), and lung mask at native size (the model runs
+on one image here, so masks may differ from a batched run by a few boundary pixels where
+``--precision`` is not fp32). A file that cannot be read raises :class:`mmcli.errors.CaseError`
+naming it and the reason.
 """
 
 from __future__ import annotations
@@ -19,36 +21,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from mmcli.batch import label_for
 from mmcli.config import DEFAULT_MAX_PIXELS
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError, UsageError
 from mmcli.inference import Precision, Predictor
 from mmcli.io.discover import InputFile
+from mmcli.outcome import case_outcome
 from mmcli.qa import image_flags
-from mmcli.quality import apply_policy, case_flags, lung_mask
+from mmcli.quality import QA_POLICIES
 from mmcli.weights import load_weights
 
 __all__ = ["Model", "Result", "load"]
-
-_QA_POLICIES = ("warn", "refuse", "off")
 
 
 @dataclass(frozen=True)
 class Result:
     """What the model says about one image.
 
+    Each value is the report cell of the same name, rounded as the report rounds it.
+
     Attributes:
-        p_pneumonia: calibrated probability of pneumonia.
+        p_pneumonia: calibrated probability of pneumonia, rounded to 6 places (the label is
+            decided on the unrounded value, as ``predict`` decides it).
         label: ``normal``, ``pneumonia``, or ``uncertain`` when a quality-control flag means
             the model has no grounds for a label (see the README's quality control).
         flags: the quality-control flags, empty when none fired (or with ``qa="off"``).
         mask: ``(H, W)`` bool lung mask at the image's native size.
-        lung_fraction: share of the image's pixels inside the mask.
-        lung_area_mm2: lung area in mm², where the file gives its pixel spacing (DICOM), else None.
+        lung_fraction: share of the image's pixels inside the mask (6 places).
+        lung_area_mm2: lung area in mm² (2 places), where the file gives its pixel spacing (DICOM), else None.
+        right_lung_fraction, left_lung_fraction: the same share for the patient's right and left lung
+            (:func:`mmcli.qa.lung_sides`).
+        right_lung_area_mm2, left_lung_area_mm2: their areas in mm², or None as ``lung_area_mm2``.
         height, width: the image's native size.
     """
 
@@ -60,6 +65,10 @@ class Result:
     lung_area_mm2: float | None
     height: int
     width: int
+    right_lung_fraction: float
+    left_lung_fraction: float
+    right_lung_area_mm2: float | None
+    left_lung_area_mm2: float | None
 
 
 class Model:
@@ -69,8 +78,8 @@ class Model:
                  max_pixels: int | None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise UsageError(f"threshold must be in [0, 1], got {threshold}")
-        if qa not in _QA_POLICIES:
-            raise UsageError(f"qa must be one of {', '.join(_QA_POLICIES)}, got {qa!r}")
+        if qa not in QA_POLICIES:
+            raise UsageError(f"qa must be one of {', '.join(QA_POLICIES)}, got {qa!r}")
         self.predictor = predictor
         self.threshold, self.qa, self.raw_masks = threshold, qa, raw_masks
         self.voi_lut, self.max_pixels = voi_lut, max_pixels
@@ -106,34 +115,22 @@ class Model:
             if item["error"] is not None:
                 raise CaseError(path, item["error"])
             meta, x, source = item["meta"], item["image"], str(path)
-        height, width = int(meta["height"]), int(meta["width"])
-        pred = self.predictor.predict(x[None], [(height, width)])
+        pred = self.predictor.predict(x[None], [(int(meta["height"]), int(meta["width"]))])
         failure = pred.failure(0)
         if failure is not None or pred.probabilities is None:
             raise CaseError(source, failure or "these weights give no probability")
-        native = pred.native_mask(0)
-        mask = lung_mask(native if native is not None else _native(pred.mask_logits, height, width),
-                         self.raw_masks)
-        prob = float(pred.probabilities[0, -1])
-        row = {"status": "ok", "label": label_for(prob, self.threshold, self.predictor.checkpoint.class_names)}
-        apply_policy(row, case_flags(meta, mask, pred, 0, self.qa), self.qa)
-        if row["status"] != "ok":
-            raise CaseError(source, row["error"])
-        spacing = meta.get("pixel_spacing")
-        return Result(
-            p_pneumonia=prob, label=row["label"], flags=tuple(f for f in (row["qa_flags"] or "").split(";") if f),
-            mask=mask, lung_fraction=float(mask.sum()) / mask.size,
-            lung_area_mm2=float(mask.sum()) * float(spacing[0]) * float(spacing[1]) if spacing else None,
-            height=height, width=width,
-        )
+        outcome = case_outcome(pred, 0, meta, threshold=self.threshold, qa=self.qa, raw_masks=self.raw_masks,
+                               class_names=self.predictor.checkpoint.class_names)
+        if outcome.mask is None:
+            raise UsageError("these weights give no lung mask")
+        if outcome.cells["status"] != "ok":
+            raise CaseError(source, outcome.cells["error"])
+        return Result(mask=outcome.mask, flags=outcome.flags, **{f: outcome.cells[f] for f in _CELLS})
 
 
-def _native(mask_logits: torch.Tensor | None, height: int, width: int) -> np.ndarray:
-    from mmcli.data.transforms import mask_to_native
-
-    if mask_logits is None:
-        raise UsageError("these weights give no lung mask")
-    return mask_to_native(mask_logits[0], height, width).numpy()
+_CELLS = ("p_pneumonia", "label", "lung_fraction", "lung_area_mm2", "height", "width", "right_lung_fraction",
+          "left_lung_fraction", "right_lung_area_mm2", "left_lung_area_mm2")
+"""The fields of :class:`Result` that are report cells of the same name."""
 
 
 def _as_pixels(image: np.ndarray) -> np.ndarray:

@@ -45,8 +45,7 @@ from mmcli.errors import CaseError, UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
-from mmcli.qa import lung_sides
-from mmcli.quality import apply_policy, case_flags, lung_cells, native_lung_mask
+from mmcli.outcome import case_outcome
 from mmcli.weights import weights_name
 
 logger = logging.getLogger(__name__)
@@ -109,25 +108,17 @@ class PredictCase:
         return new_row(REPORT_COLUMNS, file, status="error", error=reason)
 
     def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
-        """Label, mask at native resolution (from ``(1, S, S)`` logits), areas, mask file, QA flags."""
+        """The case's row (:func:`mmcli.outcome.case_outcome`), its mask file and DICOM objects."""
         meta = item["meta"]
-        height, width = int(meta["height"]), int(meta["width"])
-        row = new_row(REPORT_COLUMNS, file, status="ok", height=height, width=width)
-        if pred.probabilities is not None:
-            prob = float(pred.probabilities[k, -1])
-            row["p_pneumonia"] = round(prob, 6)
-            row["label"] = label_for(prob, self.threshold, self.class_names)
-        mask = sides = None
-        if pred.mask_logits is not None:
-            mask = native_lung_mask(pred, k, height, width, self.raw_masks)
-            sides = lung_sides(mask)
-            row.update(lung_cells(sides, meta.get("pixel_spacing")))
+        outcome = case_outcome(pred, k, meta, threshold=self.threshold, class_names=self.class_names, qa=self.qa,
+                               raw_masks=self.raw_masks)
+        row = new_row(REPORT_COLUMNS, file, **outcome.cells)
+        if outcome.mask is not None:
             mask_path = self.masks_dir / f"{file.case_id}.png"
-            write_mask_png(mask_path, mask)
+            write_mask_png(mask_path, outcome.mask)
             row["mask"] = os.path.relpath(mask_path, self.report_dir)
-        apply_policy(row, case_flags(meta, mask, pred, k, self.qa), self.qa)
         if self.dicom is not None and meta.get("format") == "dicom" and row["status"] == "ok":
-            row.update(self.dicom.write(file, row, sides, self.report_dir, item.get("pixels")))
+            row.update(self.dicom.write(file, row, outcome.sides, self.report_dir, item.get("pixels")))
         return row
 
 

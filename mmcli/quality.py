@@ -13,7 +13,7 @@ features); this module only decides what a flagged case becomes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ def lung_cells(sides: np.ndarray, pixel_spacing: Sequence[float] | None) -> dict
     return cells
 
 
-def case_flags(meta: dict[str, Any], mask: np.ndarray | None, pred: Any, k: int, policy: str) -> list[str]:
+def case_flags(meta: Mapping[str, Any], mask: np.ndarray | None, pred: Any, k: int, policy: str) -> list[str]:
     """Every flag of case ``k`` of a batch: the image's (``meta["image_flags"]``), the mask's, and
     ``out_of_distribution`` where the weights carry feature statistics (``pred.ood_distance``)."""
     if policy == "off":

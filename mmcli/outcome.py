@@ -1,0 +1,69 @@
+"""What the model's output says about one image: the cells of its ``predict`` report row and its lung mask.
+
+The one source of a case's result, for ``mmcli predict`` (:class:`mmcli.predict.PredictCase`) and the
+Python API (:meth:`mmcli.api.Model.predict`): the probability (rounded to 6 places, as the report
+holds it), the label (from the unrounded probability), the lung mask at native size, the lung
+fractions and areas (:func:`mmcli.quality.lung_cells`), and the quality-control flags and policy
+(:func:`mmcli.quality.apply_policy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mmcli.batch import label_for
+from mmcli.qa import lung_sides
+from mmcli.quality import apply_policy, case_flags, lung_cells, native_lung_mask
+
+if TYPE_CHECKING:
+    from mmcli.inference import BatchPrediction
+
+__all__ = ["CaseOutcome", "case_outcome"]
+
+PROBABILITY_PLACES = 6
+"""Decimal places of ``p_pneumonia`` in a report (and the API's result)."""
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """One case's result.
+
+    Attributes:
+        cells: report cells: ``status``, ``height``, ``width``, ``qa_flags``; ``p_pneumonia`` and ``label``
+            where the weights give a probability; the ``*lung_fraction`` and ``*lung_area_mm2`` cells
+            where they give a mask; ``error`` (and no label) where ``--qa refuse`` refused the case.
+        mask: ``(H, W)`` bool lung mask at native size, or None without a segmentation head.
+        sides: ``(H, W)`` uint8 lung label map of ``mask`` (:func:`mmcli.qa.lung_sides`), or None.
+    """
+
+    cells: dict[str, Any]
+    mask: np.ndarray | None
+    sides: np.ndarray | None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The quality-control flags, in the order they fired."""
+        return tuple(f for f in (self.cells.get("qa_flags") or "").split(";") if f)
+
+
+def case_outcome(pred: BatchPrediction, k: int, meta: Mapping[str, Any], *, threshold: float,
+                 class_names: Sequence[str], qa: str, raw_masks: bool) -> CaseOutcome:
+    """Case ``k`` of a batch prediction, of an image whose reader gave ``meta`` (``height``, ``width``,
+    ``pixel_spacing``, ``image_flags``), under the ``--threshold``, ``--qa`` and ``--raw-masks`` settings."""
+    height, width = int(meta["height"]), int(meta["width"])
+    cells: dict[str, Any] = {"status": "ok", "height": height, "width": width}
+    if pred.probabilities is not None:
+        prob = float(pred.probabilities[k, -1])
+        cells["p_pneumonia"] = round(prob, PROBABILITY_PLACES)
+        cells["label"] = label_for(prob, threshold, class_names)
+    mask = sides = None
+    if pred.mask_logits is not None:
+        mask = native_lung_mask(pred, k, height, width, raw_masks)
+        sides = lung_sides(mask)
+        cells.update(lung_cells(sides, meta.get("pixel_spacing")))
+    apply_policy(cells, case_flags(meta, mask, pred, k, qa), qa)
+    return CaseOutcome(cells, mask, sides)
