@@ -80,7 +80,7 @@ class ExplainConfig(BatchConfig):
         if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".png"):
             raise UsageError(f"--out is a folder for the explanations, got a file name {self.out.name!r}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"--alpha must lie in [0, 1], got {self.alpha}")
+            raise UsageError(f"--overlay-opacity must lie in [0, 1], got {self.alpha}")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 

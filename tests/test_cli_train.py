@@ -60,7 +60,8 @@ def _run_in_terminal(cmd, timeout=60):
 def test_two_epochs_in_a_terminal(folders, tmp_path):
     code, output = _run_in_terminal([sys.executable, "-m", "mmcli", *_args(folders, tmp_path / "run", "--epochs", "2")])
     assert code == 0, output[-3000:]
-    assert "epoch 1: loss" in output and "epoch 2: loss" in output, output[-3000:]
+    assert "epoch 1/2: loss" in output and "epoch 2/2: loss" in output, output[-3000:]
+    assert "ETA" in output and "for the run" in output  # the bar's and the first epoch line's
     assert "2 epoch(s); best epoch" in output and "Traceback" not in output
 
 
@@ -70,8 +71,11 @@ def test_plain_lines_without_a_terminal(folders, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     for epoch in (1, 2):
-        assert f"epoch {epoch}: step 2/2, loss" in res.output
-        assert sum(line.startswith(f"epoch {epoch}: loss") for line in lines) == 1
+        assert f"epoch {epoch}/2: step 2/2, loss" in res.output
+        assert sum(line.startswith(f"epoch {epoch}/2: loss") for line in lines) == 1
+    ends = [line for line in lines if ": loss" in line and ": step" not in line]
+    assert ends[0].endswith(" for the run)") and "; ETA " in ends[0]  # the mean epoch time x the epochs left
+    assert "ETA" not in ends[1]  # nothing left after the last epoch
     assert "2 epoch(s); best epoch" in lines[-1]
     quiet = runner.invoke(app, _args(folders, tmp_path / "quiet", "--epochs", "1", "--no-calibrate", "-q"))
     assert quiet.exit_code == 0 and "epoch" not in quiet.output
@@ -110,7 +114,9 @@ def test_help_names_every_value():
     assert res.exit_code == 0, res.output
     for placeholder in ("<int", "<float", "<str>", "<path>", "<list"):
         assert placeholder not in res.output, placeholder
-    assert "--pseudo-threshold" in res.output and "--threshold" not in res.output
+    options = res.output[res.output.index("Options"):]
+    assert "--pseudo-threshold" in options and "--threshold" not in options  # hidden: its old name
+    assert "--threshold (now --pseudo-threshold)" in res.output  # the help says it is deprecated
     assert "base|tiny" in res.output and "DIR" in res.output
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -54,47 +55,87 @@ def _fmt(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _pseudo_threshold(ctx: typer.Context, pseudo_threshold: float, deprecated: float | None) -> float:
-    """The pseudo-label confidence, from --pseudo-threshold or its deprecated name --threshold."""
-    if deprecated is None:
-        return pseudo_threshold
+def _renamed(ctx: typer.Context, name: str, value: Any, old: str, old_value: Any) -> Any:
+    """The value of the option ``name`` (its parameter), or of ``old``, its deprecated former name, with a warning.
+
+    Raises:
+        UsageError: both names are on the command line.
+    """
+    new = "--" + name.replace("_", "-")
+    if old_value is None:
+        return value
     # ParameterSource lives in click, which Typer vendors: compare by name
-    if getattr(ctx.get_parameter_source("pseudo_threshold"), "name", None) == "COMMANDLINE":
-        raise UsageError("--threshold is the old name of --pseudo-threshold: pass only --pseudo-threshold")
-    logger.warning("--threshold is deprecated and will be removed: use --pseudo-threshold")
-    return deprecated
+    if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE":
+        raise UsageError(f"{old} is the old name of {new}: pass only {new}")
+    logger.warning("%s is deprecated for train and will be removed: use %s", old, new)
+    return old_value
+
+
+def duration(seconds: float) -> str:
+    """A wait as a person reads it: ``40 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 90:
+        return f"{max(0, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_eta(elapsed: float, epochs_timed: int, epochs_left: float) -> float | None:
+    """Seconds the run still needs: the mean epoch time so far (training, validation and
+    checkpoints: ``elapsed`` over ``epochs_timed`` epochs) times the epochs left; None before
+    an epoch has been timed."""
+    return elapsed / epochs_timed * max(0.0, epochs_left) if epochs_timed > 0 else None
 
 
 class _Progress:
     """What train shows: a bar per epoch with the loss on a terminal, else a plain line every
     5 % of an epoch's steps; one line per finished epoch either way (the bar goes at the
-    end, the lines stay). Nothing with ``quiet``."""
+    end, the lines stay), with how long the whole run should still take (ETA: the mean
+    epoch time of this session times the epochs left; early stopping may end it sooner).
+    Nothing with ``quiet``."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet, self.bar = quiet, not quiet and console.is_terminal
-        self.epoch, self.task = 1, None
+        self.epoch, self.task, self.trainer = 1, None, None
+        self.started, self.first, self.epoch_started = 0.0, 0, 0.0
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"), TimeElapsedColumn(),
-            console=console, disable=not self.bar, transient=True,
+            TextColumn("{task.fields[eta]}"), console=console, disable=not self.bar, transient=True,
         )
 
+    @property
+    def total(self) -> int:
+        return self.trainer.cfg.epochs if self.trainer is not None else self.epoch  # cfg: set_schedule may change it
+
     def on_start(self, trainer: Any) -> None:
-        self.epoch = trainer.epoch + 1
-        self.task = self.progress.add_task("train", total=trainer.steps, epoch=self.epoch, loss="-", val="")
+        self.trainer, self.epoch, self.first = trainer, trainer.epoch + 1, trainer.epoch
+        self.started = self.epoch_started = time.monotonic()
+        self.task = self.progress.add_task("train", total=trainer.steps, epoch=f"{self.epoch}/{self.total}",
+                                           loss="-", val="", eta="")
+
+    def _eta(self, done: float) -> str:
+        """``ETA ... for the run`` after ``done`` epochs of this run (a fraction within an epoch); "" before one."""
+        eta = run_eta(time.monotonic() - self.started, self.epoch - 1 - self.first, self.total - done)
+        return "" if eta is None else f"ETA {duration(eta)} for the run"
 
     def on_step(self, step: int, steps: int, stats: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=step, loss=f"{stats['loss']:.4f}")
-        if not self.bar and not self.quiet and (step % max(1, steps // 20) == 0 or step == steps):
-            say(f"epoch {self.epoch}: step {step}/{steps}, loss {stats['loss']:.4f}")
+        if self.bar:  # the ETA counts down within an epoch: the epochs left minus this one's share done
+            eta = run_eta(self.epoch_started - self.started, self.epoch - 1 - self.first, self.total - self.epoch + 1)
+            left = "" if eta is None else f"ETA {duration(eta - (time.monotonic() - self.epoch_started))} for the run"
+            self.progress.update(self.task, completed=step, loss=f"{stats['loss']:.4f}", eta=left)
+        elif not self.quiet and (step % max(1, steps // 20) == 0 or step == steps):
+            say(f"epoch {self.epoch}/{self.total}: step {step}/{steps}, loss {stats['loss']:.4f}")
 
     def on_epoch(self, row: dict[str, Any]) -> None:
         val = " ".join(f"{k} {_fmt(row[k])}" for k in ("val_dice", "val_auc", "val_acc") if k in row)
-        if not self.quiet:
-            say(f"epoch {row['epoch']}: loss {_fmt(row['loss'])} {val} score {_fmt(row['score'])}")
         self.epoch = row["epoch"] + 1
+        eta = self._eta(row["epoch"]) if row["epoch"] < self.total else ""
+        if not self.quiet:
+            took = f" ({duration(row['seconds'])}; {eta})" if eta else f" ({duration(row['seconds'])})"
+            say(f"epoch {row['epoch']}/{self.total}: loss {_fmt(row['loss'])} {val} score {_fmt(row['score'])}{took}")
+        self.epoch_started = time.monotonic()
         # reset() replaces the task's fields: pass every field the columns read
-        self.progress.reset(self.task, epoch=self.epoch, loss="-", val=val)
+        self.progress.reset(self.task, epoch=f"{self.epoch}/{self.total}", loss="-", val=val, eta=eta)
 
 
 def _summary_line(summary: TrainSummary) -> str:
@@ -150,12 +191,20 @@ def train(
         help="Confidence from which an unlabelled image's prediction becomes its pseudo label.")] = 0.7,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", min=0.0, max=1.0, metavar="P", hidden=True,
-        help="Deprecated name of --pseudo-threshold.")] = None,
+        help="Deprecated (warns; to be removed): the old name of --pseudo-threshold.")] = None,
     lambda_u: Annotated[float, typer.Option(
         "--lambda-u", min=0.0, metavar="X", help="Weight of the pseudo-label loss.")] = 0.25,
-    alpha: Annotated[float, typer.Option("--alpha", min=0.0, metavar="X", help="Weight of the Dice loss.")] = 5.0,
-    beta: Annotated[float, typer.Option(
-        "--beta", min=0.0, metavar="X", help="Weight of the foreground-KL consistency.")] = 0.01,
+    dice_weight: Annotated[float, typer.Option(
+        "--dice-weight", min=0.0, metavar="X", help="Weight of the Dice loss (the paper's alpha).")] = 5.0,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", min=0.0, metavar="X", hidden=True,
+        help="Deprecated (warns; to be removed): the old name of --dice-weight.")] = None,
+    consistency_weight: Annotated[float, typer.Option(
+        "--consistency-weight", min=0.0, metavar="X",
+        help="Weight of the foreground-KL consistency (the paper's beta).")] = 0.01,
+    beta: Annotated[float | None, typer.Option(
+        "--beta", min=0.0, metavar="X", hidden=True,
+        help="Deprecated (warns; to be removed): the old name of --consistency-weight.")] = None,
     hflip: Annotated[bool, typer.Option(
         "--hflip/--no-hflip", help="Random horizontal flips (they swap laterality: off by default).")] = False,
     site_aug: Annotated[str, typer.Option(
@@ -177,9 +226,10 @@ def train(
     voi_lut: VoiLutOpt = False,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
-    workers: Annotated[int, typer.Option(
+    workers: Annotated[int | None, typer.Option(
         "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True, metavar="N",
-        help="Processes that decode images; 0: main process.")] = 0,
+        help="Processes that decode the images before the first epoch (default: one per CPU core; up to 8 "
+             "beside a GPU); 0: main process only. Training steps run on batches already in memory.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -187,6 +237,10 @@ def train(
 
     Writes best.safetensors and last.safetensors (loadable by `mmcli predict --weights`),
     state.pt (for --resume), history.csv, splits.csv and run.json into --out.
+
+    Deprecated option names, still accepted with a warning until they are removed:
+    --threshold (now --pseudo-threshold), --alpha (now --dice-weight), --beta (now
+    --consistency-weight). run.json keeps the paper's names: threshold, alpha, beta.
     """
     with exit_on_error():
         cfg = TrainConfig(
@@ -195,8 +249,10 @@ def train(
             variant=variant, arch=arch, seg_labels=_budget(seg_labels, "--seg-labels"),  # type: ignore[arg-type]
             cls_labels=_budget(cls_labels, "--cls-labels"), val_fraction=val_fraction, seed=seed, epochs=epochs,
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,
-            threshold=_pseudo_threshold(ctx, pseudo_threshold, threshold), lambda_u=lambda_u, alpha=alpha,
-            beta=beta, hflip=hflip, site_aug=_site_ops(site_aug), balance_sources=balance_sources,
+            threshold=_renamed(ctx, "pseudo_threshold", pseudo_threshold, "--threshold", threshold),
+            lambda_u=lambda_u, alpha=_renamed(ctx, "dice_weight", dice_weight, "--alpha", alpha),
+            beta=_renamed(ctx, "consistency_weight", consistency_weight, "--beta", beta), hflip=hflip,
+            site_aug=_site_ops(site_aug), balance_sources=balance_sources,
             freeze=tuple(dict.fromkeys(p.strip() for p in freeze.split(",") if p.strip())),
             patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,
             precision=precision, workers=workers, resume=resume,

@@ -10,7 +10,8 @@ from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.errors import UsageError
 
 __all__ = [
-    "FREEZABLE", "SITE_OPS", "VARIANTS", "LossWeights", "SiteOp", "TrainConfig", "Variant", "site_augment_record",
+    "FREEZABLE", "OPTION_OF", "SITE_OPS", "VARIANTS", "LossWeights", "SiteOp", "TrainConfig", "Variant", "option_for",
+    "site_augment_record",
 ]
 
 
@@ -103,7 +104,9 @@ class TrainConfig:
     ``balance_sources`` draws every stream from its source folders at equal rates.
     ``freeze`` names parts of the model (:data:`FREEZABLE`) whose weights stay those of
     ``init``: e.g. ``("encoder", "classifier")`` adapts the masks and keeps the pneumonia
-    answer of the starting weights exactly.
+    answer of the starting weights exactly. ``workers`` None: the rule of every command
+    (:func:`mmcli.runtime.default_workers`), resolved by the trainer. ``threshold``, ``alpha`` and ``beta`` are set by
+    ``--pseudo-threshold``, ``--dice-weight`` and ``--consistency-weight`` (:data:`OPTION_OF`).
     """
 
     out: str
@@ -137,7 +140,7 @@ class TrainConfig:
     voi_lut: bool = False
     device: str = "auto"
     precision: str = "auto"
-    workers: int = 0
+    workers: int | None = None
     resume: bool = False
 
     # Settings that may change when a run is resumed (they do not change the result).
@@ -150,12 +153,16 @@ class TrainConfig:
             raise UsageError(f"Unknown arch {self.arch!r}: use {' or '.join(ARCH_PRESETS)}")
         v = VARIANTS[self.variant]
         if v.seg and not self.seg_data:
-            raise UsageError(f"Variant {self.variant!r} trains segmentation: pass --seg-data DIR")
+            raise UsageError(f"--variant {self.variant} learns lung masks: pass --seg-data DIR, a folder of images "
+                             "with their masks in DIR/masks/<stem>.png")
         if v.cls and not self.cls_data:
-            raise UsageError(f"Variant {self.variant!r} trains classification: pass --cls-data DIR")
+            raise UsageError(f"--variant {self.variant} learns pneumonia: pass --cls-data DIR, a folder of images "
+                             "with DIR/labels.csv (columns file,label)")
         for name in ("epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
         unknown = [o for o in self.site_aug if o not in SITE_OPS]
@@ -184,6 +191,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def describe_differences(self, other: dict[str, Any]) -> str:
+        """The settings that differ from ``other``, as options: ``"--seed 0 -> 1, --dice-weight 5.0 -> 2.0"``."""
+        mine = self.to_dict()
+        defaults = {f.name: _stored(f.default) for f in fields(self)}
+        return ", ".join(f"{option_for(k)} {other.get(k, defaults[k])!r} -> {mine[k]!r}"
+                         for k in self.differences(other))
+
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Names of settings (other than RESUMABLE) whose values differ from ``other``.
 
@@ -197,3 +211,14 @@ class TrainConfig:
 def _stored(value: Any) -> Any:
     """``value`` as :meth:`TrainConfig.to_dict` stores it (tuples as lists)."""
     return list(value) if isinstance(value, tuple) else value
+
+
+OPTION_OF: dict[str, str] = {"threshold": "--pseudo-threshold", "alpha": "--dice-weight",
+                             "beta": "--consistency-weight"}
+"""Settings stored under another name than their option's: run.json keeps the paper's names
+(and the names older runs were stored under, so that they still resume)."""
+
+
+def option_for(setting: str) -> str:
+    """The option of ``mmcli train`` that sets the :class:`TrainConfig` field ``setting``."""
+    return OPTION_OF.get(setting, "--" + setting.replace("_", "-"))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmcli.data.folders import LABELS_CSV, read_mask, scan_dataset
+from mmcli.data.folders import LABELS_CSV, MASKS_DIR, FolderImage, read_mask, scan_dataset
 from mmcli.data.transforms import resize_to_model
 from mmcli.errors import InputError
 from mmcli.io.readers import read_radiograph
@@ -79,7 +79,7 @@ def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names
     found: dict[Path, Sample] = {}
     labelled_by: dict[Path, Path] = {}
     for root in dict.fromkeys(seg + cls + free):
-        for image in scan_dataset(root, masks=root in seg, labels=root in cls):
+        for image in _scan(root, masks=root in seg, labels=root in cls):
             old = found.get(image.path, Sample(image.path, str(root)))
             if image.label is not None:
                 if old.label is not None and class_names[old.label] != image.label:
@@ -93,7 +93,35 @@ def scan_folders(seg_dirs: Sequence[Path], cls_dirs: Sequence[Path], class_names
                 label=old.label if image.label is None else list(class_names).index(image.label),
                 patient=old.patient if image.patient is None else f"{root}::{image.patient}",
             )
+    _warn_lacking(seg, cls)
     return [found[k] for k in sorted(found)]
+
+
+def _scan(root: Path, *, masks: bool, labels: bool) -> list[FolderImage]:
+    """:func:`scan_dataset`, with the option that named the folder in its errors."""
+    option = "--seg-data" if masks else "--cls-data" if labels else "--unlabelled-data"
+    if not root.is_dir():
+        raise InputError(f"{option} {root}: folder not found")
+    try:
+        images = scan_dataset(root, masks=masks, labels=labels)
+    except InputError as err:
+        raise InputError(f"{option} {root}: {err}") from None
+    return images
+
+
+def _warn_lacking(seg: Sequence[Path], cls: Sequence[Path]) -> None:
+    """Warn of a --seg-data folder without ``masks/`` or a --cls-data folder without ``labels.csv``
+    beside others that have theirs (its images then train as unlabelled ones; where no folder
+    has any, :func:`mmcli.training.streams.check_streams` refuses the run instead)."""
+    seg, cls = list(dict.fromkeys(seg)), list(dict.fromkeys(cls))
+    bare_seg = [d for d in seg if not (d / MASKS_DIR).is_dir()]
+    bare_cls = [d for d in cls if not (d / LABELS_CSV).is_file()]
+    for d in bare_seg if len(bare_seg) < len(seg) else []:
+        logger.warning("--seg-data %s has no masks/ folder: its images train without masks (each image needs "
+                       "masks/<stem>.png; pass the folder as --unlabelled-data to say it has none)", d)
+    for d in bare_cls if len(bare_cls) < len(cls) else []:
+        logger.warning("--cls-data %s has no labels.csv: its images train without class labels (labels.csv needs "
+                       "the columns file,label; pass the folder as --unlabelled-data to say it has none)", d)
 
 
 def stratified_pick(labels: Sequence[int], n: int, rng: np.random.Generator) -> list[int]:
@@ -150,11 +178,13 @@ class Splits:
 SPLIT_COLUMNS = ("file", "source", "patient", "split", "has_mask", "label", "seg_role", "cls_role")
 
 
-def _budget(n: int | None, available: int, what: str) -> int:
+def _budget(n: int | None, available: int, what: str, val_fraction: float) -> int:
     if n is None:
         return available
     if n > available:
-        raise InputError(f"--{what}-labels {n}: only {available} labelled training images are available")
+        has = "a mask" if what == "seg" else "a class label"
+        raise InputError(f"--{what}-labels {n}: only {available} training images have {has} (validation, "
+                         f"--val-fraction {val_fraction}, took its share first): pass at most {available}, or all")
     return n
 
 
@@ -193,10 +223,10 @@ def make_splits(
     held = val_seg_groups | val_cls_groups
     train = [i for i in range(len(samples)) if groups[i] not in held]
     masked_train = [i for i in train if samples[i].mask is not None]
-    n_seg = _budget(seg_labels, len(masked_train), "seg")
+    n_seg = _budget(seg_labels, len(masked_train), "seg", val_fraction)
     seg_l = sorted(np.random.default_rng([seed, 2]).permutation(masked_train)[:n_seg].tolist())
     labelled_train = [i for i in train if samples[i].label is not None]
-    n_cls = _budget(cls_labels, len(labelled_train), "cls")
+    n_cls = _budget(cls_labels, len(labelled_train), "cls", val_fraction)
     picks = stratified_pick([samples[i].label for i in labelled_train], n_cls, np.random.default_rng([seed, 3]))
     cls_l = [labelled_train[j] for j in picks]
     seg_set, cls_set = set(seg_l), set(cls_l)

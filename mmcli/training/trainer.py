@@ -36,7 +36,14 @@ from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
 from mmcli.models import create_model, model_kwargs
-from mmcli.runtime import apply_precision_policy, autocast, keep_freed_memory, resolve_device, resolve_precision
+from mmcli.runtime import (
+    apply_precision_policy,
+    autocast,
+    default_workers,
+    keep_freed_memory,
+    resolve_device,
+    resolve_precision,
+)
 from mmcli.training.calibration import finish_checkpoints
 from mmcli.training.config import TrainConfig, site_augment_record
 from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
@@ -50,6 +57,7 @@ from mmcli.training.distributed import (
 )
 from mmcli.training.fingerprint import check_resumed_data, data_digest, data_record
 from mmcli.training.step import evaluate, make_batch, train_step
+from mmcli.training.streams import check_streams
 from mmcli.weights import Checkpoint, load_weights, save_checkpoint, weights_name
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, training=True)
         self.dist, self.device = init_distributed(self.device)
+        if cfg.workers is None:  # decoders before the first epoch: every command's rule, shared by the processes
+            self.cfg = cfg = replace(cfg, workers=max(1, default_workers(self.device) // self.dist.world))
         apply_precision_policy(self.device, self.precision)
         self.variant = cfg.variant_spec
         self.pre = PreprocessConfig(image_size=cfg.image_size)
@@ -132,7 +142,7 @@ class Trainer:
         self.data = data_record(samples, self.class_names)
         if self.resumed is not None:
             check_resumed_data(self.resumed, self.data, self.out)
-        table, failures = load_table(samples, cfg.image_size, cfg.workers, voi_lut=cfg.voi_lut)
+        table, failures = load_table(samples, cfg.image_size, cfg.workers or 0, voi_lut=cfg.voi_lut)
         for i, reason in failures:
             logger.warning("skipped %s: %s", samples[i].path, reason)
         bad = {i for i, _ in failures}
@@ -146,9 +156,7 @@ class Trainer:
         pools = {"seg_l": self.splits.seg_labelled, "seg_u": self.splits.seg_unlabelled,
                  "cls_l": self.splits.cls_labelled, "cls_u": self.splits.cls_unlabelled}
         self.pools = {k: pools[k] for k in self.variant.pools()}
-        for name, pool in self.pools.items():
-            if not pool:
-                raise UsageError(f"variant {cfg.variant!r} needs {name} images, but none are left after the splits")
+        check_streams(cfg, self.pools, samples, self.samples)
         labelled = [len(self.pools[k]) for k in ("seg_l", "cls_l") if k in self.pools]
         self.steps = cfg.steps_per_epoch or max(1, math.ceil(max(labelled) / cfg.batch_size))
         if self.dist.is_main:
@@ -238,9 +246,10 @@ class Trainer:
             UsageError: the run was made with other settings.
         """
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        changed = self.cfg.differences(state["config"])
+        changed = self.cfg.describe_differences(state["config"])
         if changed:
-            raise UsageError(f"--resume: these settings differ from the run in {self.out}: {', '.join(changed)}")
+            raise UsageError(f"--resume: these settings differ from the run in {self.out}: {changed} (resume "
+                             "with the run's values, or start a new run in another --out)")
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
