@@ -244,3 +244,15 @@ def test_train_workers_default_is_that_of_the_other_commands(folders, tmp_path, 
                               "--arch", "tiny", "--image-size", "64", "--batch-size", "2", "--steps-per-epoch", "1",
                               "--epochs", "2", "--device", "cpu", "--no-calibrate", "-q", "--resume", "-j", "0"])
     assert res.exit_code == 0 and seen[-1] == 0, res.output  # a resume may change it
+
+
+def test_init_of_another_model_or_size_says_which_options_fit(folders, tmp_path):
+    seg, cls = folders
+    assert _train(tmp_path / "a", "--seg-data", seg, "--cls-data", cls).exit_code == 0
+    start = tmp_path / "a" / "best.safetensors"
+    line = _error(_train(tmp_path / "b", "--variant", "unet", "--seg-data", seg, "--init", start))
+    assert line == (f"Error: --init {start} holds a 'multimix' model (--arch tiny), which is not this run's 'unet' "
+                    "model (--arch tiny): pass --variant multimix and --arch tiny")
+    res = runner.invoke(app, ["train", "--seg-data", str(seg), "--cls-data", str(cls), "--out", str(tmp_path / "c"),
+                              "--arch", "tiny", "--image-size", "128", "--init", str(start), "-q"])
+    assert _error(res).endswith("was made for --image-size 64, this run uses 128: pass --image-size 64")

@@ -56,9 +56,10 @@ from mmcli.training.distributed import (
     shutdown,
 )
 from mmcli.training.fingerprint import check_resumed_data, data_digest, data_record
+from mmcli.training.start import freeze_parts, load_init
 from mmcli.training.step import evaluate, make_batch, train_step
 from mmcli.training.streams import check_streams
-from mmcli.weights import Checkpoint, load_weights, save_checkpoint, weights_name
+from mmcli.weights import Checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,11 @@ class Trainer:
         self.model_kwargs = model_kwargs(self.variant.model, **cfg.model_overrides())
         torch.manual_seed(cfg.seed)
         self.model = create_model(self.variant.model, **self.model_kwargs).to(self.device)
-        self.init = self._init_from(cfg.init) if cfg.init else None  # a resume then loads its own state
-        self.frozen = self._freeze(cfg.freeze)
+        self.init, self.init_temperature = None, 1.0
+        if cfg.init:  # a resume then loads its own state
+            self.init, self.init_temperature = load_init(self.model, cfg.init, model_name=self.variant.model,
+                                                         kwargs=self.model_kwargs, image_size=self.pre.image_size)
+        self.frozen = freeze_parts(self.model, cfg.freeze, cfg.variant)
         broadcast_parameters(self.model, self.dist)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -162,43 +166,6 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_csv(self.out / "splits.csv", self.splits.rows(self.samples, self.class_names), SPLIT_COLUMNS)
-
-    def _init_from(self, weights: str) -> dict[str, Any]:
-        """Start from the weights of a checkpoint (a file or a registered name) instead of random ones.
-
-        Raises:
-            UsageError: the checkpoint's model or arguments differ from this run's.
-        """
-        ckpt = load_weights(weights)
-        if ckpt.model_name != self.variant.model or ckpt.model_kwargs != self.model_kwargs:
-            raise UsageError(f"--init {weights}: its model {ckpt.model_name!r} {ckpt.model_kwargs} is not this "
-                             f"run's {self.variant.model!r} {self.model_kwargs} (choose the matching --variant/--arch)")
-        if ckpt.preprocess.image_size != self.pre.image_size:
-            raise UsageError(f"--init {weights}: made for --image-size {ckpt.preprocess.image_size}, this run uses "
-                             f"{self.pre.image_size}")
-        self.model.load_state_dict(ckpt.state_dict)
-        self.init_temperature = float(ckpt.temperature)
-        return {"weights": weights_name(ckpt), "file": str(ckpt.path), "sha256": ckpt.sha256}
-
-    def _freeze(self, parts: tuple[str, ...]) -> dict[str, int]:
-        """Keep the weights of ``parts`` fixed; the number of weights frozen per part.
-
-        Raises:
-            UsageError: the model has no such part, or nothing would be left to train.
-        """
-        modules = {"encoder": [self.model.encoder], "classifier": [self.model.classifier],
-                   "decoder": [self.model.decoder, self.model.seg_out]}
-        frozen = {}
-        for part in parts:
-            found = [m for m in modules[part] if m is not None]
-            if not found:
-                raise UsageError(f"--freeze {part}: model {self.variant.model!r} has no {part}")
-            frozen[part] = sum(p.numel() for m in found for p in m.parameters())
-            for m in found:
-                m.requires_grad_(False)
-        if parts and not any(p.requires_grad for p in self.model.parameters()):
-            raise UsageError(f"--freeze {','.join(parts)}: nothing of model {self.variant.model!r} is left to train")
-        return frozen
 
     def _sources(self, pool: list[int]) -> list[str]:
         return [self.samples[i].source for i in pool]
