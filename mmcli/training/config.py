@@ -162,7 +162,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}")
+            raise UsageError(f"--workers must be 0 or more, got {self.workers}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
         unknown = [o for o in self.site_aug if o not in SITE_OPS]
