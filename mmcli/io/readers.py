@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import warnings
@@ -27,6 +28,7 @@ from mmcli.errors import ReadError, UsageError
 from mmcli.io.dicom import read_dicom
 from mmcli.io.image import DEFAULT_MAX_PIXELS, NO_MEMORY, NOT_AN_IMAGE, Radiograph, check_budget, chunked
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")  # a quoted value in a library's warning
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
@@ -97,12 +99,19 @@ def read_radiograph(
         except RecursionError:
             raise ReadError(path, "file structure nested too deeply to parse") from None
         except Exception as exc:  # last line of defence: a library failed in a way not foreseen below
-            raise ReadError(path, f"cannot read file ({type(exc).__name__}: {exc})") from None
+            # by its type alone: a library's text may quote a header value
+            raise ReadError(path, f"cannot read file ({type(exc).__name__})") from None
         finally:
-            notes = tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+            notes = tuple(dict.fromkeys(f"{w.category.__name__}: {_unquoted(str(w.message))}" for w in caught))
             for note in notes:
                 log.debug("%s: %s", path, note)
     return dataclasses.replace(rad, warnings=notes) if notes else rad
+
+
+def _unquoted(message: str) -> str:
+    """A library warning without the values it quotes (pydicom quotes the header value it
+    found invalid, which may be a name or another identifier)."""
+    return _QUOTED.sub("'...'", message)
 
 
 def _positive_int(value: object) -> bool:
