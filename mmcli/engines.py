@@ -28,7 +28,7 @@ import pickle
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -59,10 +59,23 @@ class CaseTask(Protocol):
     A task is a small frozen dataclass: the process engine sends it to its workers.
     """
 
-    voi_lut: bool
-    max_pixels: int | None  # the reader's pixel budget
-    qa: str  # the quality-control policy (mmcli.quality); "off": no checks
-    keep_pixels: bool  # whether :meth:`finish` needs the native pixels (``item["pixels"]``)
+    @property
+    def voi_lut(self) -> bool: ...
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The reader's pixel budget."""
+        ...
+
+    @property
+    def qa(self) -> str:
+        """The quality-control policy (mmcli.quality); "off": no checks."""
+        ...
+
+    @property
+    def keep_pixels(self) -> bool:
+        """Whether :meth:`finish` needs the native pixels (``item["pixels"]``)."""
+        ...
 
     def run_model(self, predictor: Predictor, images: torch.Tensor,
                   native_sizes: Sequence[tuple[int, int]] | None = None) -> BatchPrediction:
@@ -117,7 +130,7 @@ def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTa
 def iter_rows_loader(
     predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int,
     finishers: int | None = None, native_masks: bool | None = None, case_timeout: float | None = DEFAULT_CASE_TIMEOUT,
-) -> Iterator[dict[str, Any]]:
+) -> Generator[dict[str, Any], None, None]:
     """Decode in DataLoader workers, run the model on batches here, finish cases beside it.
 
     Beside a GPU (or any device but the CPU) the masks come back from the device at native
@@ -358,7 +371,7 @@ class _Chunk:
 def iter_rows_processes(
     predictor: Predictor, files: Sequence[InputFile], task: CaseTask, *, batch_size: int, workers: int,
     case_timeout: float | None = DEFAULT_CASE_TIMEOUT,
-) -> Iterator[dict[str, Any]]:
+) -> Generator[dict[str, Any], None, None]:
     """Run whole cases in ``workers`` single-threaded CPU processes, ``batch_size`` files per job.
 
     A process that dies, or takes over ``case_timeout`` seconds per file of its job, is

@@ -183,7 +183,7 @@ class ExplainCase:
             row[f"{view}_png"] = os.path.relpath(self._picture(view, row, film, _resize(shown[view], size), lungs,
                                                                explained), self.folder)
         with atomic_path(self.partial(file.case_id)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **maps)
+            np.savez(f, saliency=maps["saliency"], gradcam=maps["gradcam"])
         return row
 
     def _picture(self, view: str, row: Mapping[str, Any], film: np.ndarray, heat: np.ndarray, lungs: np.ndarray,

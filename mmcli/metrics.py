@@ -41,7 +41,7 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[int, int, int, in
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of equal labels; ``(N,)`` integer arrays. NaN when N = 0."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
-    return _ratio(np.count_nonzero(t == p), t.size)
+    return _ratio(int(np.count_nonzero(t == p)), t.size)
 
 
 def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = 2) -> np.ndarray:

@@ -92,7 +92,7 @@ def _cell_counts(m: np.ndarray, f: int) -> np.ndarray:
     cells = _cells(m, f)
     h, w = cells.shape[0], cells.shape[2]
     grid = cells.reshape(h * f, w * f).view(np.uint8)
-    wide = np.uint16 if f * f < 2**16 else np.uint32
+    wide: type[np.unsignedinteger] = np.uint16 if f * f < 2**16 else np.uint32
     rows = grid[0::f].astype(wide)
     for i in range(1, f):
         rows += grid[i::f]

@@ -57,13 +57,13 @@ def evaluate(
 
         cfg = EvaluateConfig(datasets=tuple(datasets), out=out, predictions=predictions, hdf5=hdf5, plots=plots,
                              n_bootstrap=bootstrap, seed=seed, worst=worst, **run)
-        run = EvaluationRun(cfg, command=sys.argv)
-        with stop_cleanly("predictions finished so far are kept in " + str(run.report.with_suffix("")),
+        evaluation = EvaluationRun(cfg, command=sys.argv)
+        with stop_cleanly("predictions finished so far are kept in " + str(evaluation.report.with_suffix("")),
                           "run the same command again to resume"):
-            if run.predict_run is not None:
-                follow_rows("predict", run.predict_run, len(run.predict_run.todo), quiet=quiet)
-            follow_rows("evaluate", run.cases(), len(run.refs), quiet=quiet)
-    summary = run.summary
+            if evaluation.predict_run is not None:
+                follow_rows("predict", evaluation.predict_run, len(evaluation.predict_run.todo), quiet=quiet)
+            follow_rows("evaluate", evaluation.cases(), len(evaluation.refs), quiet=quiet)
+    summary = evaluation.summary
     assert summary is not None
     if not quiet:
         say(f"{summary.ok} evaluated, {summary.failed} failed, {summary.missing} without prediction "

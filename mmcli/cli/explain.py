@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -60,9 +60,9 @@ def explain(
     """
     quiet = run.pop("quiet")
     with exit_on_error():
-        from mmcli.explain import ExplainConfig, open_explain  # torch: only once a command runs
+        from mmcli.explain import ExplainConfig, Target, open_explain  # torch: only once a command runs
 
         # the config field keeps its name (alpha): run.json and a resume of an older run compare it
         cfg = ExplainConfig(inputs=tuple(inputs), out=out, alpha=_opacity(ctx, overlay_opacity, alpha),
-                            target=target, **run)
+                            target=cast(Target, target), **run)  # ExplainConfig checks the value
         drive_run("explain", open_explain(cfg, command=sys.argv), quiet=quiet)

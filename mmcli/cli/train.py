@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from mmcli.cli.common import (
     DeviceOpt,
@@ -95,7 +95,8 @@ class _Progress:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet, self.bar = quiet, not quiet and console.is_terminal
-        self.epoch, self.task, self.trainer = 1, None, None
+        self.epoch, self.trainer = 1, None
+        self.task: TaskID | None = None  # the bar's task, from on_start
         self.started, self.first, self.epoch_started = 0.0, 0, 0.0
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -119,7 +120,8 @@ class _Progress:
         return "" if eta is None else f"ETA {duration(eta)} for the run"
 
     def on_step(self, step: int, steps: int, stats: dict[str, float]) -> None:
-        if self.bar:  # the ETA counts down within an epoch: the epochs left minus this one's share done
+        # the ETA counts down within an epoch: the epochs left minus this one's share done
+        if self.bar and self.task is not None:
             eta = run_eta(self.epoch_started - self.started, self.epoch - 1 - self.first, self.total - self.epoch + 1)
             left = "" if eta is None else f"ETA {duration(eta - (time.monotonic() - self.epoch_started))} for the run"
             self.progress.update(self.task, completed=step, loss=f"{stats['loss']:.4f}", eta=left)
@@ -135,7 +137,8 @@ class _Progress:
             say(f"epoch {row['epoch']}/{self.total}: loss {_fmt(row['loss'])} {val} score {_fmt(row['score'])}{took}")
         self.epoch_started = time.monotonic()
         # reset() replaces the task's fields: pass every field the columns read
-        self.progress.reset(self.task, epoch=f"{self.epoch}/{self.total}", loss="-", val=val, eta=eta)
+        if self.task is not None:
+            self.progress.reset(self.task, epoch=f"{self.epoch}/{self.total}", loss="-", val=val, eta=eta)
 
 
 def _summary_line(summary: TrainSummary) -> str:

@@ -98,7 +98,7 @@ def _labels(table: _Table) -> dict[str, str]:
     if not {"file", "label"} <= table.columns.keys():
         found = ", ".join(table.columns.values()) or "none"
         raise InputError(f"{table.path}: needs the columns file,label; found {found}")
-    labels = {}
+    labels: dict[str, str] = {}
     for row in table.rows:
         file, label = table.cell(row, "file"), table.cell(row, "label").lower()
         if label not in CLASS_NAMES:

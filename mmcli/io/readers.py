@@ -115,7 +115,7 @@ def _unquoted(message: str) -> str:
 
 
 def _positive_int(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and bool(value >= 1)
 
 
 def _read(path: Path, *, voi_lut: bool, max_pixels: int | None, min_side: int | None) -> Radiograph:

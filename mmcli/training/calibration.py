@@ -156,9 +156,9 @@ def finish_checkpoints(
                 result["calibration"] = choose_temperature(logits, labels, min_cases=min_cases,
                                                            min_per_class=min_per_class)
             if ood is not None and len(ood[0]) >= 2 and ood[1]:
-                opts = {"batch_size": batch_size, "device": device}
-                result["stats"] = fit_ood(table_features(model, table, ood[0], pre, **opts),
-                                          table_features(model, table, ood[1], pre, **opts))
+                fit, val = (table_features(model, table, part, pre, batch_size=batch_size, device=device)
+                            for part in ood[:2])
+                result["stats"] = fit_ood(fit, val)
             computed.append((ckpt, result))
         if result["calibration"] is not None:
             t, before, after, kept = result["calibration"]

@@ -131,17 +131,17 @@ def stratified_pick(labels: Sequence[int], n: int, rng: np.random.Generator) -> 
         labels: class index per item.
         n: how many to keep (0 <= n <= len(labels)).
     """
-    labels = np.asarray(labels)
-    if not 0 <= n <= len(labels):
-        raise InputError(f"cannot keep {n} labels out of {len(labels)}")
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(labels) if len(labels) else counts * 0.0
+    classes_of = np.asarray(labels)
+    if not 0 <= n <= len(classes_of):
+        raise InputError(f"cannot keep {n} labels out of {len(classes_of)}")
+    classes, counts = np.unique(classes_of, return_counts=True)
+    quota = counts * n / len(classes_of) if len(classes_of) else counts * 0.0
     take = np.floor(quota).astype(int)
     for c in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
         take[c] += 1
     picked: list[int] = []
     for c, k in zip(classes, take, strict=True):
-        members = np.flatnonzero(labels == c)
+        members = np.flatnonzero(classes_of == c)
         picked += rng.permutation(members)[:k].tolist()
     return sorted(picked)
 
@@ -225,9 +225,10 @@ def make_splits(
     masked_train = [i for i in train if samples[i].mask is not None]
     n_seg = _budget(seg_labels, len(masked_train), "seg", val_fraction)
     seg_l = sorted(np.random.default_rng([seed, 2]).permutation(masked_train)[:n_seg].tolist())
-    labelled_train = [i for i in train if samples[i].label is not None]
+    train_labels = {i: label for i in train if (label := samples[i].label) is not None}
+    labelled_train = list(train_labels)
     n_cls = _budget(cls_labels, len(labelled_train), "cls", val_fraction)
-    picks = stratified_pick([samples[i].label for i in labelled_train], n_cls, np.random.default_rng([seed, 3]))
+    picks = stratified_pick(list(train_labels.values()), n_cls, np.random.default_rng([seed, 3]))
     cls_l = [labelled_train[j] for j in picks]
     seg_set, cls_set = set(seg_l), set(cls_l)
     return Splits(
@@ -301,7 +302,7 @@ def load_table(
     masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
     has_mask = torch.zeros(n, dtype=torch.bool)
     labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []
     loader = DataLoader(_Reader(samples, size, voi_lut), batch_size=None, num_workers=workers)
     for i, image, mask, error in loader:
         if error is not None:

@@ -46,7 +46,16 @@ from mmcli.runtime import (
 )
 from mmcli.training.calibration import finish_checkpoints
 from mmcli.training.config import TrainConfig, site_augment_record
-from mmcli.training.datasets import SPLIT_COLUMNS, epoch_batches, load_table, make_splits, scan_folders, source_rates
+from mmcli.training.datasets import (
+    SPLIT_COLUMNS,
+    ImageTable,
+    Sample,
+    epoch_batches,
+    load_table,
+    make_splits,
+    scan_folders,
+    source_rates,
+)
 from mmcli.training.distributed import (
     all_reduce_gradients,
     any_rank,
@@ -97,6 +106,9 @@ class TrainSummary:
 
 class Trainer:
     """Prepare everything a run needs; :meth:`epochs` trains and yields one history row per epoch."""
+
+    samples: list[Sample]  # the images that could be read, set by _prepare_data
+    table: ImageTable
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
