@@ -219,9 +219,10 @@ class Predictor:
         self.require_bridge()
         x = images.to(self.device, non_blocking=True)
         with self._bottleneck() as captured, torch.enable_grad(), autocast(self.device, self.precision):
-            out = self._forward(x)
+            logits, seg_logits, saliency = self._forward(x)
+            if logits is None or seg_logits is None or saliency is None:  # require_bridge rules this out
+                raise UsageError(f"{self.checkpoint.model_name}: the model gave no saliency to explain")
             features = captured[-1]
-            logits = out.cls_logits
             chosen = logits.max(dim=1).values if target is None else logits[:, target]
             (grad,) = torch.autograd.grad(chosen.sum(), features)
         ood = self._ood(captured)
@@ -230,6 +231,6 @@ class Predictor:
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         cam = cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(_EPS)
         return BatchPrediction(
-            self._probabilities(out.cls_logits), out.seg_logits.detach().float().cpu(),
-            out.saliency.float().cpu(), cam.cpu(), **ood,
+            self._probabilities(logits), seg_logits.detach().float().cpu(),
+            saliency.float().cpu(), cam.cpu(), **ood,
         )

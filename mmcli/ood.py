@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmcli.errors import WeightsError
+from mmcli.models.multimix import MultiMix
 
 __all__ = ["OODStats", "bottleneck_features", "fit_ood"]
 
@@ -38,7 +39,7 @@ FALSE_ALARM = 0.02
 unseen in-domain films on its own, too many beside the other quality flags."""
 
 
-def bottleneck_features(model: nn.Module, images: Tensor) -> Tensor:
+def bottleneck_features(model: MultiMix, images: Tensor) -> Tensor:
     """``(B, C)`` space-averaged bottleneck features of ``images`` ``(B, 1, S, S)`` (no gradient)."""
     with torch.no_grad():
         return model.encode(images).bottleneck.float().mean(dim=(2, 3))
@@ -89,7 +90,9 @@ class OODStats:
             return None
         try:
             mean, precision = tensors["ood.mean"].float(), tensors["ood.precision"].float()
-            threshold = float(meta["threshold"])  # type: ignore[index]
+            if not isinstance(meta, dict):
+                raise TypeError(f"extra['ood'] is {type(meta).__name__}, not a mapping")
+            threshold = float(meta["threshold"])
             ok = mean.ndim == 1 and precision.shape == (mean.numel(), mean.numel()) and math.isfinite(threshold)
         except (KeyError, TypeError, ValueError) as err:
             raise WeightsError(f"out-of-distribution statistics in the checkpoint are incomplete: {err}") from None

@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import WeightsError
 from mmcli.io.identity import file_sha256
 from mmcli.io.writers import atomic_path
-from mmcli.models import create_model, list_models, model_kwargs
+from mmcli.models import MultiMix, create_model, list_models, model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class Checkpoint:
             "trained_image_size": self.trained_image_size or self.preprocess.image_size,
         }
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> MultiMix:
         """Rebuild the model from its description and load the weights (eval mode)."""
         model = create_model(self.model_name, **self.model_kwargs)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)

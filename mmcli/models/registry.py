@@ -1,6 +1,7 @@
 """A timm-style model registry: names map to functions that build models.
 
-A registered function takes keyword overrides and returns an ``nn.Module`` that
+A registered function takes keyword overrides and returns a :class:`MultiMix` (every
+command drives its stages: ``encode``, ``classify``, ``decode``), which
 exposes ``init_kwargs`` (the full, JSON-serialisable constructor arguments), so a
 checkpoint can store ``(name, model_kwargs(name, **overrides))`` and rebuild the
 model without guessing from tensor shapes.
@@ -16,20 +17,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
 
 from mmcli.config import ARCH_PRESETS, arch_overrides
 from mmcli.models.multimix import MultiMix
 
 __all__ = ["ARCH_PRESETS", "arch_overrides", "create_model", "list_models", "model_kwargs", "register_model"]
 
-ModelFn = Callable[..., nn.Module]
+ModelFn = Callable[..., MultiMix]
 F = TypeVar("F", bound=ModelFn)
 
 _MODELS: dict[str, ModelFn] = {}
 
 def register_model(name: str) -> Callable[[F], F]:
-    """Decorator that registers ``fn(**overrides) -> nn.Module`` under ``name``."""
+    """Decorator that registers ``fn(**overrides) -> MultiMix`` under ``name``."""
 
     def decorator(fn: F) -> F:
         if name in _MODELS:
@@ -45,7 +45,7 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, **overrides: Any) -> MultiMix:
     """Build the model registered as ``name``, with constructor ``overrides``."""
     return _entry(name)(**overrides)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
+from mmcli.models import MultiMix
 from mmcli.ood import bottleneck_features, fit_ood
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
@@ -187,7 +188,7 @@ def _same_weights(a: Checkpoint, b: Checkpoint) -> bool:
         torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def table_features(model: torch.nn.Module, table: ImageTable, positions: list[int], pre: PreprocessConfig, *,
+def table_features(model: MultiMix, table: ImageTable, positions: list[int], pre: PreprocessConfig, *,
                    batch_size: int, device: torch.device) -> Tensor:
     """``(N, C)`` bottleneck features (see :mod:`mmcli.ood`) of the table's images at ``positions``."""
     model.eval()

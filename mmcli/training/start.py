@@ -8,7 +8,7 @@ from torch import nn
 
 from mmcli.config import ARCH_PRESETS
 from mmcli.errors import UsageError
-from mmcli.models import model_kwargs
+from mmcli.models import MultiMix, model_kwargs
 from mmcli.training.config import VARIANTS
 from mmcli.weights import load_weights, weights_name
 
@@ -31,7 +31,7 @@ def _model_words(name: str, kwargs: dict[str, Any]) -> str:
     return f"{name!r} model ({f'--arch {arch}' if arch else f'arguments {kwargs}'})"
 
 
-def load_init(model: nn.Module, weights: str, *, model_name: str, kwargs: dict[str, Any],
+def load_init(model: MultiMix, weights: str, *, model_name: str, kwargs: dict[str, Any],
               image_size: int) -> tuple[dict[str, Any], float]:
     """Load the weights of a checkpoint (a file or a registered name) into ``model``.
 
@@ -56,13 +56,13 @@ def load_init(model: nn.Module, weights: str, *, model_name: str, kwargs: dict[s
     return {"weights": weights_name(ckpt), "file": str(ckpt.path), "sha256": ckpt.sha256}, float(ckpt.temperature)
 
 
-def freeze_parts(model: nn.Module, parts: tuple[str, ...], variant: str) -> dict[str, int]:
+def freeze_parts(model: MultiMix, parts: tuple[str, ...], variant: str) -> dict[str, int]:
     """Keep the weights of ``parts`` of ``model`` fixed; the number of weights frozen per part.
 
     Raises:
         UsageError: the model has no such part, or nothing would be left to train.
     """
-    modules = {"encoder": [model.encoder], "classifier": [model.classifier],
+    modules: dict[str, list[nn.Module | None]] = {"encoder": [model.encoder], "classifier": [model.classifier],
                "decoder": [model.decoder, model.seg_out]}
     frozen = {}
     for part in parts:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
+from mmcli.models.multimix import MultiMix
 from mmcli.runtime import autocast
 from mmcli.training.augment import site_augment, strong_augment, weak_augment
 from mmcli.training.config import Variant
@@ -36,14 +37,14 @@ from mmcli.training.losses import (
 __all__ = ["StepBatch", "cls_logits", "evaluate", "make_batch", "seg_logits", "train_step"]
 
 
-def seg_logits(model: nn.Module, x: Tensor) -> Tensor:
+def seg_logits(model: MultiMix, x: Tensor) -> Tensor:
     """(B, 1, S, S) images -> (B, 1, S, S) mask logits, through the bridge when the model has one."""
     if model.bridge:
         return model(x).seg_logits
     return model.decode(model.encode(x))
 
 
-def cls_logits(model: nn.Module, x: Tensor) -> Tensor:
+def cls_logits(model: MultiMix, x: Tensor) -> Tensor:
     """(B, 1, S, S) images -> (B, C) logits from encoder and classifier only."""
     return model.classify(model.encode(x).bottleneck)
 
@@ -98,25 +99,26 @@ def make_batch(
 
 
 def train_step(
-    model: nn.Module, batch: StepBatch, variant: Variant, weights: LossWeights, amp: contextlib.AbstractContextManager
+    model: MultiMix, batch: StepBatch, variant: Variant, weights: LossWeights, amp: contextlib.AbstractContextManager
 ) -> tuple[Tensor, dict[str, float]]:
     """Forward the active streams and return the total loss (not yet backpropagated) and its terms."""
     terms: dict[str, Tensor] = {}
     stats: dict[str, float] = {}
     with amp:
-        if variant.seg and batch.seg_l is not None:
+        if variant.seg and batch.seg_l is not None and batch.seg_l_masks is not None:
             parts = [batch.seg_l] + ([batch.seg_u] if variant.consistency and batch.seg_u is not None else [])
             logits = seg_logits(model, torch.cat(parts)).float()
             lab = logits[: batch.seg_l.shape[0]]
             terms["dice"] = soft_dice_loss(lab, batch.seg_l_masks)
             if len(parts) > 1:
                 terms["consistency"] = foreground_kl_consistency(lab, logits[batch.seg_l.shape[0] :])
-        if variant.cls and batch.cls_l is not None:
-            parts = [batch.cls_l] + ([batch.cls_strong] if variant.pseudo and batch.cls_strong is not None else [])
+        if variant.cls and batch.cls_l is not None and batch.cls_l_labels is not None:
+            strong = batch.cls_strong if variant.pseudo and batch.cls_weak is not None else None
+            parts = [batch.cls_l] + ([strong] if strong is not None else [])
             logits = cls_logits(model, torch.cat(parts)).float()
             n = batch.cls_l.shape[0]
             terms["ce"] = cross_entropy(logits[:n], batch.cls_l_labels)
-            if len(parts) > 1:
+            if strong is not None and batch.cls_weak is not None:
                 with torch.no_grad():
                     weak = cls_logits(model, batch.cls_weak).float()
                 terms["pseudo"], mask = pseudo_label_loss(weak, logits[n:], weights.threshold)
@@ -129,7 +131,7 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, table: ImageTable, val_seg: list[int], val_cls: list[int], pre: PreprocessConfig,
+    model: MultiMix, table: ImageTable, val_seg: list[int], val_cls: list[int], pre: PreprocessConfig,
     *, batch_size: int, device: torch.device, precision: str,
 ) -> tuple[dict[str, float], Tensor, Tensor]:
     """Run the model (eval mode) on the validation images.
