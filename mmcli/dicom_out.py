@@ -213,11 +213,14 @@ def _area(value: float | None, site: hd.sr.CodedConcept) -> hd.sr.Measurement | 
     )
 
 
+_Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+
+
 def _measurement_groups(
     src: pydicom.Dataset, p_pneumonia: float | None, label: str | None,
     areas_mm2: tuple[float | None, float | None, float | None], qa_flags: Sequence[str], algorithm: AlgorithmInfo,
     seg_ds: pydicom.Dataset | None,
-) -> list[hd.sr.Template]:
+) -> list[_Group]:
     """The image-level group and, with a SEG, a ROI group per lung (see :func:`write_dicom_sr`);
     ``areas_mm2``: both lungs, right lung, left lung."""
     algorithm_id = hd.sr.AlgorithmIdentification(
@@ -241,7 +244,7 @@ def _measurement_groups(
             name=_QUALITY_FINDING, value=str(flag), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if seg_ds is None:
         return [image_group]
-    groups: list[hd.sr.Template] = [image_group]
+    groups: list[_Group] = [image_group]
     for (number, label_text, code), area in zip(LUNG_SEGMENTS, side_areas, strict=True):
         # frame k holds segment k (write_dicom_seg keeps empty frames); the frame number is dropped again
         # in _segment_references_without_frame

@@ -164,8 +164,10 @@ def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]],
                  for name, annotation, default in shared]
         required = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is p.empty]
         optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not p.empty]
-        command.__signature__ = inspect.Signature([*required, *added, *optional])  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        signature = inspect.Signature([*required, *added, *optional])
+        # Typer reads a function's parameters through inspect.signature, which honours __signature__
+        command.__signature__ = signature  # type: ignore[attr-defined]  # not declared on Callable
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
         return command
 
     return add
@@ -240,13 +242,13 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
     with Ticker(name, total, quiet=quiet) as ticker:
         for row in rows:
             failed = row.get("status") in ("error", "missing")
-            name = row.get("source") or row.get("case_id")  # no source with --anonymize-ids
+            case = row.get("source") or row.get("case_id")  # no source with --anonymize-ids
             if failed:
-                logger.warning("%s: %s", name, row.get("error"))
+                logger.warning("%s: %s", case, row.get("error"))
             elif row.get("dicom_error"):  # the case is ok; only its DICOM output is missing
-                logger.warning("%s: %s", name, row["dicom_error"])
+                logger.warning("%s: %s", case, row["dicom_error"])
             else:
-                logger.info("%s: %s", name, row.get("status"))
+                logger.info("%s: %s", case, row.get("status"))
             ticker.advance(failed=failed)
 
 

@@ -207,6 +207,8 @@ class Up(nn.Module):
             # The bridge arrives in float32 while autocast may run the decoder in bf16.
             parts.append(extra.to(up.dtype))
         first, *rest = self.conv
+        if not isinstance(first, nn.Conv2d):
+            raise TypeError(f"Up block: DoubleConv starts with {type(first).__name__}, not a convolution")
         y = _conv_of_concat(first, parts)
         for layer in rest:
             y = layer(y)

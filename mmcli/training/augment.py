@@ -151,14 +151,18 @@ def _translate_y(m: float, s: float) -> list[list[float]]:
 
 PhotoOp = Callable[[Tensor, float, float], Tensor]
 GeoOp = Callable[[float, float], list[list[float]]]
-STRONG_OPS: dict[str, PhotoOp | GeoOp] = {
-    "autocontrast": _autocontrast, "brightness": _brightness, "contrast": _contrast,
-    "equalize": _equalize, "identity": _identity, "posterize": _posterize, "rotate": _rotate,
-    "sharpness": _sharpness, "shear_x": _shear_x, "shear_y": _shear_y, "solarize": _solarize,
-    "translate_x": _translate_x, "translate_y": _translate_y,
+_PHOTOMETRIC: dict[str, PhotoOp] = {
+    "autocontrast": _autocontrast, "brightness": _brightness, "contrast": _contrast, "equalize": _equalize,
+    "identity": _identity, "posterize": _posterize, "sharpness": _sharpness, "solarize": _solarize,
 }
-"""The RandAugment pool of MULTIMIX.md (ShearX/Y and TranslateX/Y as separate ops)."""
-_GEOMETRIC = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
+_GEOMETRIC: dict[str, GeoOp] = {
+    "rotate": _rotate, "shear_x": _shear_x, "shear_y": _shear_y, "translate_x": _translate_x,
+    "translate_y": _translate_y,
+}
+STRONG_OPS: dict[str, PhotoOp | GeoOp] = {name: (_PHOTOMETRIC | _GEOMETRIC)[name]
+                                          for name in sorted([*_PHOTOMETRIC, *_GEOMETRIC])}
+"""The RandAugment pool of MULTIMIX.md (ShearX/Y and TranslateX/Y as separate ops), by name: the
+order in which a random pick names them."""
 _NAMES = tuple(STRONG_OPS)
 
 
@@ -201,11 +205,11 @@ def strong_augment(
                 continue
             name = _NAMES[picks[i][k]]
             if name in _GEOMETRIC:
-                theta = STRONG_OPS[name](mags[i][k], signs[i][k])  # type: ignore[call-arg]
+                theta = _GEOMETRIC[name](mags[i][k], signs[i][k])
                 x = _warp(x, theta, "bilinear")
                 y = _warp(y, theta, "nearest") if y is not None else None
             else:
-                x = STRONG_OPS[name](x, mags[i][k], signs[i][k]).clamp(0, 1)  # type: ignore[call-arg]
+                x = _PHOTOMETRIC[name](x, mags[i][k], signs[i][k]).clamp(0, 1)
         out_images.append(x.clamp(0, 1))
         if y is not None:
             out_masks.append(y)
