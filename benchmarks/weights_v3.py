@@ -134,7 +134,7 @@ SEG = (("seg-in-test", "JSRT"), ("seg-cross-test", "COVID-19 (gb)"), ("seg-adult
 def write_table(out: Path, results: list[dict[str, Any]], view: dict[str, float]) -> str:
     lines = ["# Weights v3 candidates", "",
              f"ROC AUC of the view alone on the adult NIH test films (PA 1, AP 0): {_cell(view)} (n={view['n']}).",
-             "", "| row | set | ROC AUC | accuracy (always-normal) | balanced accuracy | ECE | any QA flag |",
+             "", "| row | set | ROC AUC | accuracy (majority class) | balanced accuracy | ECE | any QA flag |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         for key, label in CLS:
