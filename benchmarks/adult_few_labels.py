@@ -8,7 +8,7 @@ two runs start from ``multimix-cxr-v2`` with the same masks and the same Kermany
 * ``semi``: MultiMix as the paper trains it, the other adult NIH films as unlabelled
   data (pseudo labels and the foreground consistency on);
 * ``sup``: the same network, labels and schedule with the semi-supervised losses off
-  (``--lambda-u 0 --beta 0``) and no unlabelled adult films: supervised on the same labels.
+  (``--lambda-u 0 --consistency-weight 0``) and no unlabelled adult films: supervised on the same labels.
 
 Both arms share initialisation, architecture and schedule, so the difference is what the
 unlabelled adult films add. Every run is judged by ``mmcli evaluate`` on the held-out adult
@@ -87,7 +87,7 @@ def run(data: Path, out: Path, n: int, arm: str, seed: int) -> dict[str, Any]:
            *(a for s in ("cls-in", "cls-cross") for a in ("--cls-data", str(data / f"{s}-train"))),
            "--cls-data", str(lab), *SCHEDULE, "--balance-sources", "--patience", "0", "--seed", str(seed),
            "--precision", "bf16", "--out", str(train_dir), "-q"]
-    cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--beta", "0"]
+    cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--consistency-weight", "0"]
     run_json = train_dir / "run.json"
     if not (run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished"):
         _mmcli(*cmd, *(["--resume"] if (train_dir / "state.pt").is_file() else []))
