@@ -4,8 +4,9 @@
 ``predict``, ``explain`` and ``evaluate``. :meth:`Predictor.predict` gives probabilities,
 mask logits and the bridge's saliency; :meth:`Predictor.explain` adds Grad-CAM from the
 same forward pass (Selvaraju et al. 2017: ReLU of the bottleneck feature maps weighted by
-their spatially averaged gradients of one class's logit, the maps taken relative to those of
-a uniform image, upsampled bilinearly to the model grid and divided by its maximum).
+their spatially averaged gradients of one class's logit, each weighted map taken relative to a
+uniform image both with and without the padding's effect, keeping the smaller credit;
+upsampled bilinearly to the model grid and divided by its maximum).
 
 A case whose probabilities or mask logits are not finite (NaN or infinite: weights that
 overflow on an unusual input, a broken device) has no answer: :meth:`BatchPrediction.failure`
@@ -125,7 +126,7 @@ class Predictor:
         self.model = checkpoint.build_model().to(self.device).eval()
         self.temperature = float(checkpoint.temperature)
         self.ood = OODStats.from_checkpoint(checkpoint.tensors, checkpoint.extra)
-        self._references: dict[tuple[int, ...], torch.Tensor] = {}  # Grad-CAM's reference bottleneck per size
+        self._references: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # Grad-CAM's reference bottleneck per size
         logger.info("model %s on %s (%s)", checkpoint.model_name, self.device, self.precision)
 
     @property
@@ -188,13 +189,16 @@ class Predictor:
         finally:
             hook.remove()
 
-    def _reference_bottleneck(self, size: torch.Size) -> torch.Tensor:
-        """Bottleneck ``(1, w4, S/16, S/16)`` of a uniform image of 0 (the padding's value) of ``size``, float32."""
+    def _reference_bottleneck(self, size: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bottleneck of a uniform image of 0 (the padding's value) of ``size``, float32: ``(1, w4, S/16, S/16)``,
+        and ``(1, w4, 1, 1)``, its value at the centre, where the padding has no effect (on a large enough grid)."""
         key = tuple(size)
         if key not in self._references:
             blank = torch.zeros(1, self.model.in_chans, *key, device=self.device)
             with torch.no_grad(), autocast(self.device, self.precision):
-                self._references[key] = self.model.encode(blank).bottleneck.float()
+                reference = self.model.encode(blank).bottleneck.float()
+            h, w = reference.shape[-2:]
+            self._references[key] = reference, reference[..., h // 2 : h // 2 + 1, w // 2 : w // 2 + 1]
         return self._references[key]
 
     def _ood(self, captured: list[torch.Tensor]) -> dict[str, Any]:
@@ -208,10 +212,16 @@ class Predictor:
 
         The saliency is the forward pass's own bridge map, the exact tensor the decoder
         receives. Grad-CAM is taken for class ``target`` (an index into the class names),
-        or for the predicted class (the largest logit, as the bridge) when it is None. Its
-        features are taken relative to those of a uniform image of the padding's value
-        (:meth:`_reference_bottleneck`): what the zero padding of every convolution makes
-        at each position alone (bright bands along the edges) is not credited to the film.
+        or for the predicted class (the largest logit, as the bridge) when it is None.
+
+        Each feature map, weighted by its gradient, is credited with what it adds over a
+        uniform image of the padding's value (:meth:`_reference_bottleneck`) twice: over that
+        image's map at the same position (with what the zero padding makes near the edges)
+        and over its value at the centre (without); the smaller credit counts. Near the edges
+        the padding then neither adds credit (bright bands for a class whose weights favour
+        the padding's features) nor lends it (bands for the other class, where the film's
+        features fall below the padded reference); away from the edges both are the same.
+        A uniform image gets an all-zero map.
 
         Raises:
             UsageError: the model has no saliency bridge.
@@ -226,8 +236,10 @@ class Predictor:
             chosen = logits.max(dim=1).values if target is None else logits[:, target]
             (grad,) = torch.autograd.grad(chosen.sum(), features)
         ood = self._ood(captured)
-        grad, features = grad.float(), features.detach().float() - self._reference_bottleneck(x.shape[-2:])
-        cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))
+        weights, features = grad.float().mean(dim=(2, 3), keepdim=True), features.detach().float()
+        padded, centre = self._reference_bottleneck(x.shape[-2:])
+        credit = torch.minimum(weights * (features - padded), weights * (features - centre))
+        cam = F.relu(credit.sum(dim=1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         cam = cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(_EPS)
         return BatchPrediction(
