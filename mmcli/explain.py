@@ -9,8 +9,9 @@ Two views per radiograph:
   floor (:func:`readable_saliency`), ``maps.h5`` keeps it raw;
 * **Grad-CAM** (Selvaraju et al. 2017) on the last encoder stage (the bottleneck) for the
   pneumonia class (``target``: or normal, or the predicted class), from the same forward
-  pass (:meth:`mmcli.inference.Predictor.explain`), taken relative to a uniform image so
-  that the convolutions' zero padding leaves no bright bands along the edges.
+  pass (:meth:`mmcli.inference.Predictor.explain`), each feature map credited only with what
+  it adds over a uniform image both with and without the zero padding's effect, so that the
+  padding leaves no bright bands along the edges for either class.
 
 Each picture stands alone: the film at native resolution (at most 1024 px on a side) with
 the map over it, the predicted lung outline, a title (case, probability, label, the class

@@ -126,7 +126,8 @@ class Predictor:
         self.model = checkpoint.build_model().to(self.device).eval()
         self.temperature = float(checkpoint.temperature)
         self.ood = OODStats.from_checkpoint(checkpoint.tensors, checkpoint.extra)
-        self._references: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # Grad-CAM's reference bottleneck per size
+        # Grad-CAM's reference bottleneck per size, with and without the padding's effect
+        self._references: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         logger.info("model %s on %s (%s)", checkpoint.model_name, self.device, self.precision)
 
     @property
