@@ -3,7 +3,7 @@
 The page, ``review.html`` in the run's folder, opens from the file system: no server, no
 network, its CSS and JavaScript inline, its images relative links into ``review/``::
 
-    results.csv                     the run's report (or <out>/explain.csv)
+    results.csv                     the run's report (or results.h5, or <out>/explain.csv)
     results/review.html             the page
     results/review/thumbs/<key>.jpg     the film with the lung outline, 192 px
     results/review/full/<key>.png       the same at native size (at most 2048 px on a side)
@@ -12,7 +12,9 @@ network, its CSS and JavaScript inline, its images relative links into ``review/
 file name whatever the id holds (``/``, ``..``); a very long one is a hash.
 
 Overlays are drawn from the run's outputs alone (the input named in ``source`` and the
-mask PNG of the run; an explain run's own Grad-CAM pictures), so no model is needed.
+mask PNG of the run; an explain run's own Grad-CAM pictures), so no model is needed. A predict
+run written as HDF5 (``--out results.h5``) is read from its table ``/cases/<column>``; its masks
+are the PNG files in ``results/masks/`` that predict writes for every report format.
 The page holds one page of thumbnails at a time, whatever the size of the run; filters
 and sorting live in the URL's hash (``#label=pneumonia&flag=inverted&sort=p-desc&page=2``),
 so a view can be bookmarked or shared. Every text from the report reaches the page
@@ -45,6 +47,7 @@ from mmcli.errors import MMCLIError, UsageError
 from mmcli.io.paths import resolves_inside
 from mmcli.io.readers import read_radiograph
 from mmcli.io.writers import atomic_path, hdf5_key, read_csv_rows, read_mask_png
+from mmcli.report_page import PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +98,11 @@ class ReviewSummary:
     missing: int  # ok cases whose picture could not be drawn (their reason is on the page)
 
 
+REPORT_SUFFIXES = (".csv", ".h5", ".hdf5")
+
+
 def find_run(run: Path) -> Run:
-    """The run that ``run`` names: a report file (``results.csv``, ``explain.csv``) or a run folder.
+    """The run that ``run`` names: a report file (``results.csv``, ``results.h5``, ``explain.csv``) or a run folder.
 
     Raises:
         UsageError: no such file, or no report of a predict or explain run there.
@@ -105,15 +111,16 @@ def find_run(run: Path) -> Run:
     if run.is_dir():
         if (run / "explain.csv").is_file():
             return Run(run / "explain.csv", run, "explain")
-        report = run.with_name(run.name + ".csv")
-        if report.is_file():
-            return Run(report, run, "predict")
+        for suffix in REPORT_SUFFIXES:
+            report = run.with_name(run.name + suffix)
+            if report.is_file():
+                return Run(report, run, "predict")
         raise UsageError(f"{run}: no report of a finished run there (expected explain.csv inside it, "
-                         f"or {report.name} beside it)")
+                         f"or {run.name}.csv or {run.name}.h5 beside it)")
     if not run.is_file():
         raise UsageError(f"{run}: no such file or folder")
-    if run.suffix.lower() != ".csv":
-        raise UsageError(f"{run}: give the run's CSV report (results.csv or explain.csv) or its folder")
+    if run.suffix.lower() not in REPORT_SUFFIXES:
+        raise UsageError(f"{run}: give the run's report (results.csv, results.h5 or explain.csv) or its folder")
     if run.name == "explain.csv":
         return Run(run, run.parent, "explain")
     return Run(run, run.with_suffix(""), "predict")
@@ -122,9 +129,14 @@ def find_run(run: Path) -> Run:
 def read_report(report: Path) -> list[dict[str, str]]:
     """The report's rows as text, each cell as it was written (a neutralised ``'-01`` reads ``-01``).
 
+    An HDF5 report (:func:`mmcli.io.writers.write_hdf5`) is read from ``/cases/<column>``:
+    a missing number (NaN) reads as an empty cell, a whole number without its ``.0``.
+
     Raises:
         UsageError: the file cannot be read, or has no ``case_id`` and ``status`` columns.
     """
+    if report.suffix.lower() in (".h5", ".hdf5"):
+        return _read_hdf5_report(report)
     try:
         with open(report, newline="", encoding="utf-8") as f:
             columns = set(next(csv.reader(f), ()))
@@ -134,6 +146,34 @@ def read_report(report: Path) -> list[dict[str, str]]:
     if not {"case_id", "status"} <= columns:
         raise UsageError(f"{report}: not an mmcli report (no case_id and status columns)")
     return [{k: "" if v is None else str(v) for k, v in row.items()} for row in rows]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if np.isnan(number):
+            return ""
+        return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+    return str(value)
+
+
+def _read_hdf5_report(report: Path) -> list[dict[str, str]]:
+    import h5py
+
+    try:
+        with h5py.File(report, "r") as h5:
+            table = h5.get("cases")
+            if not isinstance(table, h5py.Group) or not {"case_id", "status"} <= set(table):
+                raise UsageError(f"{report}: not an mmcli report (no /cases/case_id and /cases/status)")
+            columns = {name: data[()] for name, data in table.items() if isinstance(data, h5py.Dataset)}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{report}: cannot read the report ({err})") from None
+    n = len(columns["case_id"])
+    if any(np.ndim(values) != 1 or len(values) != n for values in columns.values()):
+        raise UsageError(f"{report}: not an mmcli report (columns of different lengths under /cases)")
+    return [{name: _cell(values[i]) for name, values in columns.items()} for i in range(n)]
 
 
 def _outline(mask: Image.Image, width: int) -> np.ndarray:
@@ -347,140 +387,8 @@ def render_page(cases: Sequence[ReviewCase], *, title: str, about: Sequence[tupl
         "PAGE_SIZE": str(PAGE_SIZE),
         "CASES": _json_for_script([c.as_json() for c in cases]),
     }
-    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: fields[m.group(1)], _PAGE)
+    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: fields[m.group(1)], PAGE)
 
 
 def _options(values: Sequence[str]) -> str:
     return "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy"
- content="default-src 'none'; img-src 'self' data: file:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>{{TITLE}}</title>
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f4;color:#222}
-header{background:#1d2733;color:#fff;padding:10px 16px}
-header h1{font-size:18px;margin:0 0 4px}
-dl{display:flex;flex-wrap:wrap;gap:2px 14px;margin:0;font-size:12px;color:#cfd8e3}
-dt{font-weight:600}dd{margin:0 8px 0 0}
-#bar{position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc;padding:8px 16px;display:flex;
-flex-wrap:wrap;gap:8px 14px;align-items:center;z-index:1}
-#bar label{font-size:12px;color:#555}#bar input[type=number]{width:5em}
-main{padding:12px 16px}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px}
-.case{background:#fff;border:1px solid #ddd;border-radius:4px;padding:4px;font-size:12px}
-.case img,.case .none{display:block;width:100%;height:200px;object-fit:contain;background:#000}
-.case .none{color:#bbb;display:flex;align-items:center;justify-content:center;text-align:center}
-.id{font-weight:600;overflow-wrap:anywhere}
-.badge{display:inline-block;border-radius:3px;padding:0 4px;margin:1px 2px 0 0;font-size:11px;background:#ddd}
-.pneumonia{background:#c62828;color:#fff}.normal{background:#2e7d32;color:#fff}.uncertain{background:#6d6d6d;color:#fff}
-.flag{background:#ffb300}
-#pager{margin:12px 0;display:flex;gap:10px;align-items:center}
-table{border-collapse:collapse;background:#fff;font-size:12px}
-td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
-</style></head>
-<body>
-<header><h1>{{TITLE}}</h1><dl>{{ABOUT}}</dl></header>
-<div id="bar">
-<label>label <select id="label"><option value="">any</option>{{LABEL_OPTIONS}}</select></label>
-<label>QA flag <select id="flag"><option value="">any or none</option><option value="none">no flag</option>
-<option value="any">any flag</option>{{FLAG_OPTIONS}}</select></label>
-<label>p(pneumonia) from <input id="pmin" type="number" min="0" max="1" step="0.05"></label>
-<label>to <input id="pmax" type="number" min="0" max="1" step="0.05"></label>
-<label>case id contains <input id="q" type="search"></label>
-<label>sort <select id="sort"><option value="id">case id</option><option value="p-desc">p high first</option>
-<option value="p-asc">p low first</option><option value="flags">most flags first</option></select></label>
-<span id="count"></span>
-</div>
-<main>
-<noscript><p>The list of cases needs JavaScript; the failed cases are below.</p></noscript>
-<div id="grid"></div>
-<div id="pager"><button id="prev" type="button">previous</button><span id="pageinfo"></span>
-<button id="next" type="button">next</button></div>
-<h2 id="failed">Failed cases ({{FAILED_COUNT}})</h2>
-<table><thead><tr><th>case</th><th>status</th><th>reason</th></tr></thead><tbody>{{FAILED_ROWS}}</tbody></table>
-</main>
-<script type="application/json" id="cases">{{CASES}}</script>
-<script>
-"use strict";
-const CASES = JSON.parse(document.getElementById("cases").textContent).filter(c => c.status === "ok");
-const PAGE = {{PAGE_SIZE}};
-const $ = id => document.getElementById(id);
-const KEYS = ["label", "flag", "pmin", "pmax", "q", "sort"];
-function state() {
-  const h = new URLSearchParams(location.hash.slice(1));
-  const s = {page: Math.max(1, parseInt(h.get("page") || "1", 10) || 1)};
-  for (const k of KEYS) s[k] = h.get(k) || "";
-  return s;
-}
-function setHash(s) {
-  const h = new URLSearchParams();
-  for (const k of [...KEYS, "page"]) if (s[k] && !(k === "page" && s[k] === 1)) h.set(k, s[k]);
-  location.hash = h.toString();
-}
-function select(s) {
-  const lo = s.pmin === "" ? -1 : Number(s.pmin), hi = s.pmax === "" ? 2 : Number(s.pmax);
-  const q = s.q.toLowerCase();
-  const out = CASES.filter(c =>
-    (!s.label || c.label === s.label) &&
-    (!s.flag || (s.flag === "none" ? c.flags.length === 0 : s.flag === "any" ? c.flags.length > 0
-                 : c.flags.includes(s.flag))) &&
-    ((s.pmin === "" && s.pmax === "") || (c.p !== null && c.p >= lo && c.p <= hi)) &&
-    (!q || c.id.toLowerCase().includes(q)));
-  const p = c => (c.p === null ? -1 : c.p);
-  const byId = (a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
-  const order = {"p-desc": (a, b) => p(b) - p(a) || byId(a, b), "p-asc": (a, b) => p(a) - p(b) || byId(a, b),
-                 "flags": (a, b) => b.flags.length - a.flags.length || byId(a, b)}[s.sort] || byId;
-  return out.sort(order);
-}
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function card(c) {
-  const d = el("div", "case");
-  d.dataset.id = c.id;
-  let pic;
-  if (c.thumb) {
-    pic = el("img");
-    pic.loading = "lazy"; pic.decoding = "async"; pic.alt = c.id; pic.src = c.thumb;
-  } else pic = el("div", "none", c.error || "no picture");
-  if (c.full) {
-    const a = el("a"); a.href = c.full; a.target = "_blank"; a.title = "full size"; a.append(pic); pic = a;
-  }
-  d.append(pic, el("div", "id", c.id));
-  const line = el("div");
-  line.append(el("span", "badge p", c.p === null ? "p n/a" : "p " + c.p.toFixed(3)));
-  if (c.label) line.append(el("span", "badge label " + (["pneumonia", "normal", "uncertain"].includes(c.label)
-                                                             ? c.label : ""), c.label));
-  for (const f of c.flags) line.append(el("span", "badge flag", f));
-  for (const [name, href] of c.links) { const a = el("a", "badge", name); a.href = href; a.target = "_blank";
-                                       line.append(a); }
-  d.append(line);
-  return d;
-}
-function render() {
-  const s = state();
-  for (const k of KEYS) if ($(k).value !== s[k]) $(k).value = s[k];
-  if (!s.sort) $("sort").value = "id";
-  const list = select(s), pages = Math.max(1, Math.ceil(list.length / PAGE)), page = Math.min(s.page, pages);
-  $("grid").replaceChildren(...list.slice((page - 1) * PAGE, page * PAGE).map(card));
-  $("count").textContent = list.length + " of " + CASES.length + " cases";
-  $("pageinfo").textContent = "page " + page + " of " + pages;
-  $("prev").disabled = page <= 1; $("next").disabled = page >= pages;
-  document.body.dataset.page = page;
-}
-for (const k of KEYS) $(k).addEventListener("change", () => { const s = state(); s[k] = $(k).value; s.page = 1;
-                                                             setHash(s); });
-$("prev").addEventListener("click", () => { const s = state(); s.page -= 1; setHash(s); });
-$("next").addEventListener("click", () => { const s = state(); s.page += 1; setHash(s); });
-window.addEventListener("hashchange", render);
-render();
-</script>
-</body></html>
-"""

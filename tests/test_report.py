@@ -259,3 +259,23 @@ def test_review_shows_neutralised_cells_as_they_were(tmp_path):
         {"case_id": "-01", "status": "ok", "error": "", "label": "=x", "p_pneumonia": "0.25"},
         {"case_id": "'q", "status": "error", "error": "@bad", "label": "", "p_pneumonia": ""},
         {"case_id": "12", "status": "ok", "error": "", "label": "normal", "p_pneumonia": "1"}]
+
+
+def test_report_of_a_predict_run_written_as_hdf5(tmp_path, tiny_weights):
+    save_png8(tmp_path / "s" / "a.png", 64, 80, seed=1)
+    save_png8(tmp_path / "s" / "sub" / "b.png", 70, 64, seed=2)
+    (tmp_path / "s" / "bad.png").write_text("not an image")
+    pages = {}
+    for out in ("csv/results.csv", "h5/results.h5"):
+        _run(["predict", tmp_path / "s", "--out", tmp_path / out, "-w", tiny_weights, "-j", "0", "-q",
+              "--precision", "fp32"])
+        res = _run(["report", tmp_path / out])
+        assert res.exit_code == 0 and "3 cases (1 failed)" in res.output, res.output
+        pages[out] = (tmp_path / out).with_suffix("") / "review.html"
+    assert not (tmp_path / "h5" / "results.csv").exists()
+    csv_cases, h5_cases = (_cases(pages[k].read_text()) for k in pages)
+    assert h5_cases == csv_cases  # the same ids, probabilities, labels, flags, reasons and picture links
+    assert {c["id"]: bool(c["thumb"]) for c in h5_cases} == {"a": True, "sub/b": True, "bad": False}
+    with Image.open(tmp_path / "h5" / "results" / "review" / "full" / "sub%2Fb.png") as img:
+        assert img.size == (64, 70)  # the film at native size, its lungs from the run's mask PNG
+    assert _run(["report", tmp_path / "h5" / "results", "-q"]).exit_code == 0  # the folder names the same run

@@ -14,7 +14,8 @@ def report(
     run: Annotated[
         Path,
         typer.Argument(metavar="RUN", show_default=False,
-                       help="A finished predict or explain run: its report (results.csv, explain.csv) or its folder."),
+                       help="A finished predict or explain run: its report (results.csv, results.h5, "
+                            "explain.csv) or its folder."),
     ],
     out: Annotated[
         Path | None,
