@@ -24,19 +24,19 @@ from pathlib import Path
 
 import torch
 
-from mmcli.data.transforms import preprocess
-from mmcli.io.readers import read_radiograph
-from mmcli.ood import FALSE_ALARM, OODStats, bottleneck_features, fit_ood
-from mmcli.quality import OUT_OF_DISTRIBUTION
-from mmcli.weights import load_checkpoint, save_checkpoint
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ood_stats import features  # noqa: E402
+
+from mmcli.io.readers import read_radiograph  # noqa: E402
+from mmcli.ood import FALSE_ALARM, OODStats, fit_ood  # noqa: E402
+from mmcli.quality import OUT_OF_DISTRIBUTION  # noqa: E402
+from mmcli.weights import load_checkpoint, save_checkpoint  # noqa: E402
 
 
-def features(model: torch.nn.Module, pre, files: list[str], batch: int = 32) -> torch.Tensor:
-    out = []
-    for i in range(0, len(files), batch):
-        x = torch.stack([preprocess(read_radiograph(f).pixels, pre) for f in files[i : i + batch]])
-        out.append(bottleneck_features(model, x))
-    return torch.cat(out)
+def file_features(model: torch.nn.Module, pre, files: list[str]) -> torch.Tensor:
+    """``features`` of ``ood_stats.py`` for files (the shared films are 256 px: all fit in memory)."""
+    return features(model, pre, [read_radiograph(f).pixels for f in files])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         split = list(csv.DictReader(f))
     fit_files = sorted({r["file"] for r in split if r["split"] == "train"})
     val_files = sorted({r["file"] for r in split if r["split"] == "val"})
-    stats = fit_ood(features(model, ckpt.preprocess, fit_files), features(model, ckpt.preprocess, val_files),
+    stats = fit_ood(file_features(model, ckpt.preprocess, fit_files), file_features(model, ckpt.preprocess, val_files),
                     false_alarm=FALSE_ALARM)
     old = OODStats.from_checkpoint(ckpt.tensors, ckpt.extra)
     with open(args.eval / "per_case.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
-    test = features(model, ckpt.preprocess, [r["source"] for r in rows])
+    test = file_features(model, ckpt.preprocess, [r["source"] for r in rows])
     new_flag = (stats.distance(test) > stats.threshold).tolist()
     result: dict = {"n_fit": len(fit_files), "n_threshold": len(val_files), "threshold": stats.threshold,
                     "old": (old.info | {"threshold": old.threshold}) if old else None, "any_flag": {}}
