@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from paper_table import _cell, _metric  # noqa: E402
+from weights_v3 import mmcli, train_once  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
 
@@ -42,10 +42,6 @@ BUDGETS = (25, 50, 100, 200, 358)  # 358: every view-balanced adult label
 ARMS = ("semi", "sup")
 TEST = ("cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
 SCHEDULE = ("--epochs", "4", "--steps-per-epoch", "25", "--lr-step", "3", "--batch-size", "8", "--lr", "1e-4")
-
-
-def _mmcli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
 
 
 def budget_folders(data: Path, out: Path, n: int, seed: int) -> tuple[Path, Path]:
@@ -88,10 +84,8 @@ def run(data: Path, out: Path, n: int, arm: str, seed: int) -> dict[str, Any]:
            "--cls-data", str(lab), *SCHEDULE, "--balance-sources", "--patience", "0", "--seed", str(seed),
            "--precision", "bf16", "--out", str(train_dir), "-q"]
     cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--consistency-weight", "0"]
-    run_json = train_dir / "run.json"
-    if not (run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished"):
-        _mmcli(*cmd, *(["--resume"] if (train_dir / "state.pt").is_file() else []))
-    _mmcli("evaluate", *(str(data / s) for s in TEST), "--out", str(row_dir / "eval"), "--weights",
+    train_once(cmd, train_dir)
+    mmcli("evaluate", *(str(data / s) for s in TEST), "--out", str(row_dir / "eval"), "--weights",
            str(train_dir / "best.safetensors"), "--precision", "fp32", "--overwrite", "--no-plots", "-q")
     summary = json.loads((row_dir / "eval" / "summary.json").read_text())
     result = {"arm": arm, "labels": n, "seed": seed, "datasets": summary["datasets"]}

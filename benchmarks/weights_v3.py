@@ -67,8 +67,17 @@ REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
 
 
-def _mmcli(*args: str) -> None:
+def mmcli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "mmcli", *args], check=True)
+
+
+def train_once(cmd: list[str], train_dir: Path) -> dict[str, Any]:
+    """Run ``mmcli`` ``cmd`` (a training into ``train_dir``) unless it finished, resuming it if it
+    was interrupted; its run.json."""
+    run_json = train_dir / "run.json"
+    if not (run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished"):
+        mmcli(*cmd, *(["--resume"] if (train_dir / "state.pt").is_file() else []))
+    return json.loads(run_json.read_text())
 
 
 def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
@@ -78,13 +87,7 @@ def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
                for a in (*MASKS, *LABELS, *options)]
     cmd = ["train", *folders, "--balance-sources", "--patience", "0", "--seed", "0", "--precision", "bf16",
            "--out", str(train_dir), "-q"]
-    run_json = train_dir / "run.json"
-    if run_json.is_file() and json.loads(run_json.read_text()).get("status") == "finished":
-        return json.loads(run_json.read_text())
-    if (train_dir / "state.pt").is_file():
-        cmd.append("--resume")
-    _mmcli(*cmd)
-    return json.loads(run_json.read_text())
+    return train_once(cmd, train_dir)
 
 
 def view_auc(data: Path) -> dict[str, float]:
@@ -118,7 +121,7 @@ def run_row(name: str, data: Path, out: Path) -> dict[str, Any]:
         result["train"] = train(name, data, row_dir / "train")
         result["history"] = (row_dir / "train" / "history.csv").read_text()
         weights = str(row_dir / "train" / "best.safetensors")
-    _mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
+    mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
            "--precision", "fp32", "--overwrite", "--no-plots", "-q")
     summary = json.loads((row_dir / "eval" / "summary.json").read_text())
     result.update(weights=weights, datasets=summary["datasets"], any_flag=flag_rates(row_dir / "eval"))
