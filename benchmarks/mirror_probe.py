@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from mmcli.data.transforms import preprocess
 from mmcli.inference import Predictor
 from mmcli.io.readers import read_radiograph
-from mmcli.ood import bottleneck_features
+from mmcli.qa.ood import bottleneck_features
 from mmcli.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]

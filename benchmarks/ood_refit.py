@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ood_stats import features  # noqa: E402
 
 from mmcli.io.readers import read_radiograph  # noqa: E402
-from mmcli.ood import FALSE_ALARM, OODStats, fit_ood  # noqa: E402
-from mmcli.quality import OUT_OF_DISTRIBUTION  # noqa: E402
+from mmcli.qa.flags import OUT_OF_DISTRIBUTION  # noqa: E402
+from mmcli.qa.ood import FALSE_ALARM, OODStats, fit_ood  # noqa: E402
 from mmcli.weights import load_checkpoint, save_checkpoint  # noqa: E402
 
 

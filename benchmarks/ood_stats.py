@@ -28,7 +28,7 @@ import torch
 
 from mmcli.data.transforms import preprocess
 from mmcli.io.readers import read_radiograph
-from mmcli.ood import FALSE_ALARM, SHRINKAGE, bottleneck_features, fit_ood
+from mmcli.qa.ood import FALSE_ALARM, SHRINKAGE, bottleneck_features, fit_ood
 from mmcli.weights import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

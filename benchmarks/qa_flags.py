@@ -1,7 +1,7 @@
-"""Fit and evaluate the image-level QA flags of :mod:`mmcli.qa` on real films.
+"""Fit and evaluate the image-level QA flags of :mod:`mmcli.qa.image` on real films.
 
 Reads every film of the shared sets with :func:`mmcli.io.readers.read_radiograph`
-(real films = negatives), fits the "upright film" logistic model of ``mmcli.qa`` (real films
+(real films = negatives), fits the "upright film" logistic model of ``mmcli.qa.image`` (real films
 against their inversions ``1 - x``, 90/270/180-degree turns, upside-down flips and
 inverted turns) on the films
 whose ``sha1("<set>/<file>")`` is not 0 mod 5, and evaluates on the rest. Prints, as
@@ -9,7 +9,7 @@ markdown: the thumbnail statistics behind the ``not_radiograph`` limits, the fal
 rate of each flag on the real films of each set, the catch rate on held-out synthetic
 inversions / rotations and on hand-made non-radiographs, and the time of one
 ``image_flags`` call at 2048 x 2048. Writes the fitted constants, ready to paste into
-``mmcli/qa.py``, to ``--constants``. Evaluation uses the freshly fitted weights, or the
+``mmcli/qa/image.py``, to ``--constants``. Evaluation uses the freshly fitted weights, or the
 module's with ``--module-weights``.
 
     python benchmarks/qa_flags.py --data ../shared/data
@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
-from mmcli import qa
 from mmcli.io.readers import read_radiograph
+from mmcli.qa import flags as qa_flag
+from mmcli.qa import image as qa_image
 
 SETS = ("seg-in", "seg-cross", "cls-in", "cls-cross", "native-jpeg")
 TURNS = {
@@ -43,11 +44,11 @@ def load(data: Path) -> list[dict]:
         files = sorted(p for p in (data / name).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         for path in files:
             pixels = read_radiograph(path).pixels
-            t, x64 = qa.film_thumbnails(pixels)
+            t, x64 = qa_image.film_thumbnails(pixels)
             key = f"{name}/{path.name}"
             films.append({
                 "set": name, "path": path, "pixels": pixels if name == "native-jpeg" else None,
-                "stats": qa.radiograph_stats(t), "x64": x64,
+                "stats": qa_image.radiograph_stats(t), "x64": x64,
                 "held_out": int(hashlib.sha1(key.encode()).hexdigest(), 16) % 5 == 0,
             })
     return films
@@ -72,13 +73,13 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1e-3) 
 def fit(films: list[dict]) -> tuple[float, ...]:
     """Upright real films (1) against the nine other corrections of each (0), classes weighed alike."""
     X, y, w = [], [], []
-    others = len(qa._CORRECTIONS) - 1
+    others = len(qa_image._CORRECTIONS) - 1
     for f in films:
         if f["held_out"]:
             continue
-        for k, (flags, turn) in enumerate(qa._CORRECTIONS):
-            x = 1 - f["x64"] if qa.INVERTED in flags else f["x64"]
-            X.append(qa.upright_features(np.ascontiguousarray(turn(x))))
+        for k, (flags, turn) in enumerate(qa_image._CORRECTIONS):
+            x = 1 - f["x64"] if qa_flag.INVERTED in flags else f["x64"]
+            X.append(qa_image.upright_features(np.ascontiguousarray(turn(x))))
             y.append(float(k == 0))
             w.append(1.0 if k == 0 else 1 / others)
     return fit_logistic(np.array(X), np.array(y), np.array(w))
@@ -97,27 +98,28 @@ def handmade(films: list[dict], n: int = 2048, seed: int = 0) -> dict[str, tuple
     blobs = ndi.zoom(ndi.gaussian_filter(rng.random((64, 64, 3)), (6, 6, 0)), (n / 64, n / 64, 1), order=1)
     blobs = (blobs - blobs.min()) / np.ptp(blobs)
     cases = {
-        "constant grey": (np.full((n, n), 0.5, np.float32), False, qa.NOT_RADIOGRAPH),
-        "all black": (np.zeros((n, n), np.float32), False, qa.NOT_RADIOGRAPH),
-        "1x1": (np.full((1, 1), 0.5, np.float32), False, qa.NOT_RADIOGRAPH),
-        "uniform noise": (rng.random((n, n), dtype=np.float32), False, qa.NOT_RADIOGRAPH),
-        "uniform noise 256": (rng.random((256, 256), dtype=np.float32), False, qa.NOT_RADIOGRAPH),
-        "horizontal gradient": (np.tile(np.linspace(0, 1, n, dtype=np.float32), (n, 1)), False, qa.NOT_RADIOGRAPH),
-        "checkerboard": ((((yy // (n // 8)) + (xx // (n // 8))) % 2).astype(np.float32), False, qa.NOT_RADIOGRAPH),
-        "text page": (np.asarray(page, np.float32) / 255, False, qa.NOT_RADIOGRAPH),
-        "colour photo (colour=True)": ((blobs @ [0.299, 0.587, 0.114]).astype(np.float32), True, qa.NOT_RADIOGRAPH),
+        "constant grey": (np.full((n, n), 0.5, np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "all black": (np.zeros((n, n), np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "1x1": (np.full((1, 1), 0.5, np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "uniform noise": (rng.random((n, n), dtype=np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "uniform noise 256": (rng.random((256, 256), dtype=np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "horizontal gradient": (np.tile(np.linspace(0, 1, n, dtype=np.float32), (n, 1)), False, qa_flag.NOT_RADIOGRAPH),
+        "checkerboard": ((((yy // (n // 8)) + (xx // (n // 8))) % 2).astype(np.float32), False, qa_flag.NOT_RADIOGRAPH),
+        "text page": (np.asarray(page, np.float32) / 255, False, qa_flag.NOT_RADIOGRAPH),
+        "colour photo (colour=True)": ((blobs @ [0.299, 0.587, 0.114]).astype(np.float32), True,
+                                       qa_flag.NOT_RADIOGRAPH),
     }
     native = [f for f in films if f["set"] == "native-jpeg"]
     native = [f for f in native if f["held_out"]] or native
     for f in native[:2]:
-        cases[f"inverted {f['path'].name}"] = (1 - f["pixels"], False, qa.INVERTED)
-    cases[f"rot90 {native[0]['path'].name}"] = (np.rot90(native[0]["pixels"]).copy(), False, qa.ROTATED)
-    cases[f"upside down {native[-1]['path'].name}"] = (native[-1]["pixels"][::-1].copy(), False, qa.ROTATED)
+        cases[f"inverted {f['path'].name}"] = (1 - f["pixels"], False, qa_flag.INVERTED)
+    cases[f"rot90 {native[0]['path'].name}"] = (np.rot90(native[0]["pixels"]).copy(), False, qa_flag.ROTATED)
+    cases[f"upside down {native[-1]['path'].name}"] = (native[-1]["pixels"][::-1].copy(), False, qa_flag.ROTATED)
     return cases
 
 
 def flags_of(pixels: np.ndarray, colour: bool = False) -> list[str]:
-    return qa.image_flags(pixels, height=pixels.shape[0], width=pixels.shape[1], colour=colour)
+    return qa_image.image_flags(pixels, height=pixels.shape[0], width=pixels.shape[1], colour=colour)
 
 
 def pct(v: float) -> str:
@@ -128,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--constants", type=Path, default=Path("/tmp/qa/qa_constants.py"))
-    ap.add_argument("--module-weights", action="store_true", help="evaluate the weights in mmcli/qa.py")
+    ap.add_argument("--module-weights", action="store_true", help="evaluate the weights in mmcli/qa/image.py")
     args = ap.parse_args()
 
     films = load(args.data)
@@ -138,7 +140,7 @@ def main() -> None:
     args.constants.parent.mkdir(parents=True, exist_ok=True)
     args.constants.write_text(text)
     if not args.module_weights:
-        qa.UPRIGHT_WEIGHTS = upright
+        qa_image.UPRIGHT_WEIGHTS = upright
     print(f"fitted on {sum(not f['held_out'] for f in films)} films, held out {sum(f['held_out'] for f in films)};"
           f" constants written to {args.constants};"
           f" evaluating {'module' if args.module_weights else 'fitted'} weights\n")
@@ -156,7 +158,8 @@ def main() -> None:
         rows = [(f, flags_of(f["pixels"]) if f["pixels"] is not None else flags_of(read_radiograph(f["path"]).pixels))
                 for f in films if f["set"] == name]
         cells = []
-        tests = (lambda fl: qa.NOT_RADIOGRAPH in fl, lambda fl: qa.INVERTED in fl, lambda fl: qa.ROTATED in fl, bool)
+        tests = (lambda fl: qa_flag.NOT_RADIOGRAPH in fl, lambda fl: qa_flag.INVERTED in fl,
+                 lambda fl: qa_flag.ROTATED in fl, bool)
         for test in tests:
             every = np.mean([test(fl) for _, fl in rows])
             held = [test(fl) for f, fl in rows if f["held_out"]]
@@ -169,8 +172,8 @@ def main() -> None:
 
     def judge(x64: np.ndarray) -> list[str]:  # image_flags on a thumbnail: same numbers, faster
         return flags_of(x64.astype(np.float32))
-    kinds = {"inverted": (lambda x: 1 - x, [qa.INVERTED])} | {k: (t, [qa.ROTATED]) for k, t in TURNS.items()}
-    kinds["inverted + rot90"] = (lambda x: 1 - np.rot90(x), [qa.INVERTED, qa.ROTATED])
+    kinds = {"inverted": (lambda x: 1 - x, [qa_flag.INVERTED])} | {k: (t, [qa_flag.ROTATED]) for k, t in TURNS.items()}
+    kinds["inverted + rot90"] = (lambda x: 1 - np.rot90(x), [qa_flag.INVERTED, qa_flag.ROTATED])
     for kind, (make, want) in kinds.items():
         got = [judge(np.ascontiguousarray(make(f["x64"]))) for f in held]
         print(f"| {kind} | {pct(np.mean([g == want for g in got]))} | {pct(np.mean([bool(g) for g in got]))} |")

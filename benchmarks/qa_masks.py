@@ -1,7 +1,7 @@
-"""Lung-mask post-processing of :mod:`mmcli.qa` against reference masks.
+"""Lung-mask post-processing of :mod:`mmcli.qa.mask` against reference masks.
 
 For each (predicted masks folder, reference masks folder) pair, matched by file stem:
-mean Dice before and after :func:`mmcli.qa.anatomical_mask` with a 95 % bootstrap interval
+mean Dice before and after :func:`mmcli.qa.mask.anatomical_mask` with a 95 % bootstrap interval
 (over images), the share of masks in more than two 8-connected pieces, and the share
 :func:`mmcli.qa.mask_flags` calls implausible; then the lung-fraction range of the
 reference masks behind ``LUNG_FRACTION_RANGE``, the largest-piece shares behind
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from mmcli import qa
+from mmcli.qa import mask as qa_mask
 
 
 def load(path: Path) -> np.ndarray:
@@ -71,13 +71,13 @@ def main() -> None:
         before, after, pb, pa, fb, fa = [], [], [], [], [], []
         for stem in stems:
             p, r = load(pred / f"{stem}.png"), load(ref / f"{stem}.png")
-            q = qa.anatomical_mask(p)
+            q = qa_mask.anatomical_mask(p)
             before.append(dice(p, r))
             after.append(dice(q, r))
             pb.append(pieces(p) > 2)
             pa.append(pieces(q) > 2)
-            fb.append(bool(qa.mask_flags(p)))
-            fa.append(bool(qa.mask_flags(q)))
+            fb.append(bool(qa_mask.mask_flags(p)))
+            fa.append(bool(qa_mask.mask_flags(q)))
             refs.append(r)
             raw_shares.append(largest_share(p))
             sample = p if sample is None else sample
@@ -89,10 +89,10 @@ def main() -> None:
               f" {100 * np.mean(fb):.1f} % | {100 * np.mean(fa):.1f} % |")
 
     for folder in args.flags_only:
-        masks = [qa.anatomical_mask(load(p)) for p in sorted(folder.glob("*.png"))]
+        masks = [qa_mask.anatomical_mask(load(p)) for p in sorted(folder.glob("*.png"))]
         print(f"| {folder} (no references) | {len(masks)} | | | | |"
               f" {100 * np.mean([pieces(m) > 2 for m in masks]):.1f} % |"
-              f" | {100 * np.mean([bool(qa.mask_flags(m)) for m in masks]):.1f} % |")
+              f" | {100 * np.mean([bool(qa_mask.mask_flags(m)) for m in masks]):.1f} % |")
 
     fractions = np.array([r.mean() for r in refs])
     lo, hi = np.percentile(fractions, [0.5, 99.5])
@@ -108,12 +108,12 @@ def main() -> None:
     times = []
     for _ in range(20):
         t0 = time.perf_counter()
-        qa.anatomical_mask(big)
+        qa_mask.anatomical_mask(big)
         times.append(1000 * (time.perf_counter() - t0))
     t256 = []
     for _ in range(50):
         t0 = time.perf_counter()
-        qa.anatomical_mask(sample)
+        qa_mask.anatomical_mask(sample)
         t256.append(1000 * (time.perf_counter() - t0))
     print(f"anatomical_mask: 2048 x 2048 median {statistics.median(times):.1f} ms (min {min(times):.1f});"
           f" 256 x 256 median {statistics.median(t256):.2f} ms")

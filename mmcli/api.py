@@ -29,8 +29,8 @@ from mmcli.errors import CaseError, UsageError
 from mmcli.inference import Precision, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.outcome import case_outcome
-from mmcli.qa import image_flags
-from mmcli.quality import QA_POLICIES
+from mmcli.qa.image import image_flags
+from mmcli.qa.policy import QA_POLICIES
 from mmcli.weights import load_weights
 
 __all__ = ["Model", "Result", "load"]
@@ -52,7 +52,7 @@ class Result:
         lung_fraction: share of the image's pixels inside the mask (6 places).
         lung_area_mm2: lung area in mm² (2 places), where the file gives its pixel spacing (DICOM), else None.
         right_lung_fraction, left_lung_fraction: the same share for the patient's right and left lung
-            (:func:`mmcli.qa.lung_sides`).
+            (:func:`mmcli.qa.mask.lung_sides`).
         right_lung_area_mm2, left_lung_area_mm2: their areas in mm², or None as ``lung_area_mm2``.
         height, width: the image's native size.
     """

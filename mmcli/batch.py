@@ -20,17 +20,12 @@ run resume where it stopped.
 from __future__ import annotations
 
 import logging
-import platform
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mmcli import __version__
 from mmcli.config import BatchConfig
@@ -40,7 +35,7 @@ from mmcli.inference import Predictor
 from mmcli.io import ownership
 from mmcli.io.discover import InputFile, discover_inputs, input_list_sha256
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
-from mmcli.io.writers import Journal, RunLock, probe_writable, write_json
+from mmcli.io.runfolder import REPORT_FORMATS, Journal, RunLayout, open_run_folder, run_record, write_run_json
 from mmcli.runtime import default_batch_size, default_workers, has_fast_bf16
 from mmcli.weights import Checkpoint, load_weights, weights_name
 
@@ -48,30 +43,6 @@ logger = logging.getLogger(__name__)
 
 SKIPPED_REASON = "not processed: the run stopped at the first failure (--fail-fast)"
 RELABEL_KEYS = frozenset({"threshold"})  # resume settings a rerun applies to the stored rows (Job.relabel)
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where a run's files go: its folder, its main report, the journal, lock and ``run.json``."""
-
-    folder: Path
-    report: Path
-
-    @classmethod
-    def for_report(cls, report: Path) -> RunLayout:
-        """``results.csv`` -> folder ``results/`` beside it (``predict``)."""
-        report = report.expanduser().resolve()
-        return cls(report.with_suffix(""), report)
-
-    @classmethod
-    def in_folder(cls, folder: Path, report_name: str) -> RunLayout:
-        """Everything inside ``folder``, the report as ``folder/report_name`` (``explain``)."""
-        folder = folder.expanduser().resolve()
-        return cls(folder, folder / report_name)
-
-    journal = property(lambda self: self.folder / "journal.jsonl")
-    manifest = property(lambda self: self.folder / "run.json")
-    lock = property(lambda self: self.folder / ".lock")
 
 
 @dataclass(frozen=True)
@@ -135,11 +106,6 @@ def new_row(columns: Sequence[str], file: InputFile, **values: Any) -> dict[str,
     return row
 
 
-def label_for(probability: float, threshold: float, class_names: Sequence[str]) -> str:
-    """The last class (pneumonia) from ``threshold`` on, else the first (normal)."""
-    return class_names[-1] if probability >= threshold else class_names[0]
-
-
 def provenance(ckpt: Checkpoint) -> dict[str, Any]:
     """What made a report: version, weights and their sha256, model, preprocessing, classes."""
     return {
@@ -200,7 +166,7 @@ def check_outputs_apart(cfg: BatchConfig, outputs: Sequence[Path]) -> None:
     for text in cfg.inputs:
         root = _input_root(str(text))
         for out in outputs:
-            kind = "report" if out.suffix.lower() in (".csv", ".h5", ".hdf5") else "run folder"
+            kind = "report" if out.suffix.lower() in REPORT_FORMATS else "run folder"
             if out == root:
                 what = "the input folder" if root.is_dir() else "the input"
                 raise UsageError(f"--out {cfg.out} would put its {kind} {out} on {what} {text}; choose another name")
@@ -285,12 +251,7 @@ class BatchRun:
         self.batch_size = cfg.batch_size or default_batch_size(device, in_processes=in_processes)
         self.engine = iter_rows_processes if in_processes else iter_rows_loader
         layout = job.layout
-        ownership.check_folder(layout.folder, job.name, layout.report)
-        for report in (layout.report, *job.extra_reports):
-            ownership.check_report(report, layout.folder, job.name, job.columns)
-        probe_writable(job.layout.folder, job.layout.report.parent)
-        self._lock = RunLock(job.layout.lock, job.layout.report)
-        self._lock.acquire()
+        self._lock = open_run_folder(layout, job.name, columns=job.columns, extra_reports=job.extra_reports)
         try:
             # the whole list is anonymised (not only this shard's part), so that every shard records
             # the fingerprint of the same ids that the merged report will hold
@@ -340,7 +301,7 @@ class BatchRun:
         reports = {Path(str(r)) for r in (manifest.get("outputs") or {}).get("reports", [])}
         own = lambda r: ownership.report_is_own(r, layout.folder, job.name, job.columns)  # noqa: E731
         gone = [r for r in reports - {layout.report, *job.extra_reports}  # an earlier --hdf5, say
-                if r.suffix.lower() in (".csv", ".h5", ".hdf5") and r.is_file()
+                if r.suffix.lower() in REPORT_FORMATS and r.is_file()
                 and not ownership.inside(r, layout.folder) and own(r)]
         return sorted(stale) + gone
 
@@ -406,19 +367,12 @@ class BatchRun:
         command, settings = self.command, dict(self.job.settings)
         if self.cfg.anonymize_ids is not None:  # names given on the command line may be patients' names
             command, settings["inputs"] = None, f"{len(settings['inputs'])} input(s): see the --anonymize-ids file"
-        write_json(self.job.layout.manifest, {
-            "mmcli_command": self.job.name,
-            "command": command,
-            "settings": {**settings, "batch_size": self.batch_size, "workers": self.workers,
-                         "engine": self.engine.__name__},
-            "provenance": provenance(self.predictor.checkpoint),
-            "device": str(self.predictor.device),
-            "precision": self.predictor.precision,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "platform": sys.platform},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "input_list": self.input_list,
-            "counts": summary.counts(),
-            "seconds": round(summary.seconds, 3),
-            "outputs": {"folder": str(self.job.layout.folder), "reports": [str(p) for p in summary.reports]},
-        })
+        write_run_json(self.job.layout, run_record(
+            self.job.name, argv=command, status="finished", seconds=summary.seconds, counts=summary.counts(),
+            settings={**settings, "batch_size": self.batch_size, "workers": self.workers,
+                      "engine": self.engine.__name__},
+            outputs={"folder": str(self.job.layout.folder), "reports": [str(p) for p in summary.reports]},
+            provenance=provenance(self.predictor.checkpoint), device=str(self.predictor.device),
+            precision=self.predictor.precision, input_list=self.input_list,
+        ))
         self.summary = summary

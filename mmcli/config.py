@@ -76,8 +76,8 @@ class ModelRunConfig:
     ``batch_size`` and ``workers`` of ``None`` take the device's defaults
     (:mod:`mmcli.runtime`); ``weights`` of ``None`` the default weights; ``max_pixels``
     of ``None`` lifts mmcli's own pixel budget (Pillow's limit then applies); ``qa`` is the
-    quality-control policy (:mod:`mmcli.quality`); ``raw_masks`` keeps the network's own mask
-    instead of the anatomical one (:func:`mmcli.qa.anatomical_mask`).
+    quality-control policy (:mod:`mmcli.qa.policy`); ``raw_masks`` keeps the network's own mask
+    instead of the anatomical one (:func:`mmcli.qa.mask.anatomical_mask`).
     """
 
     weights: str | None = None

@@ -39,7 +39,7 @@ from pydicom.valuerep import validate_value
 from mmcli.errors import CaseError
 from mmcli.io.dicom import header_elements, redact
 from mmcli.io.writers import atomic_path
-from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
+from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
 __all__ = ["AlgorithmInfo", "LABEL_CODES", "LUNG_SEGMENTS", "write_dicom_seg", "write_dicom_sr"]
 
@@ -62,7 +62,7 @@ _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 _QUALITY_FINDING = hd.sr.CodedConcept("111052", "DCM", "Quality Finding")
 _CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 _SEGMENTATION_FRAME = hd.sr.CodedConcept("121214", "DCM", "Referenced Segmentation Frame")
-#: Segment number (the value in :func:`mmcli.qa.lung_sides`' label map), label and SNOMED CT code of each lung
+#: Segment number (the value in :func:`mmcli.qa.mask.lung_sides`' label map), label and SNOMED CT code of each lung
 LUNG_SEGMENTS: tuple[tuple[int, str, hd.sr.CodedConcept], ...] = (
     (RIGHT_LUNG, "Right lung", hd.sr.CodedConcept("3341006", "SCT", "Right lung")),
     (LEFT_LUNG, "Left lung", hd.sr.CodedConcept("44029006", "SCT", "Left lung")),
@@ -83,7 +83,7 @@ def write_dicom_seg(source: Path, sides: np.ndarray, out: Path, *, algorithm: Al
     """Write a binary DICOM Segmentation of the lungs of ``source`` to ``out`` and return ``out``.
 
     ``sides`` is (H, W) at the source's native size (H, W = Rows, Columns): a label map of 0, 1 (the
-    patient's right lung) and 2 (left lung), as :func:`mmcli.qa.lung_sides` gives, or a bool lung mask
+    patient's right lung) and 2 (left lung), as :func:`mmcli.qa.mask.lung_sides` gives, or a bool lung mask
     that is split by it. Two segments (:data:`LUNG_SEGMENTS`), category SCT 91723000 Anatomical
     Structure: 1 "Right lung" (SCT 3341006) and 2 "Left lung" (SCT 44029006), algorithm type AUTOMATIC;
     one frame each, empty or not. Raises :class:`CaseError` when it cannot be written.

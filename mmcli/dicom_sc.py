@@ -37,7 +37,7 @@ from mmcli.dicom_out import (
     _uid,
 )
 from mmcli.errors import CaseError
-from mmcli.qa import LEFT_LUNG, RIGHT_LUNG
+from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG
 
 __all__ = ["MAX_SIDE", "RESEARCH_NOTICE", "render_overlay", "write_dicom_sc"]
 
@@ -64,7 +64,7 @@ def write_dicom_sc(
 
     Args:
         pixels: (H, W) float film in [0, 1], 1 = bright, at the source's size (Rows, Columns).
-        sides: (H, W) lung label map (:func:`mmcli.qa.lung_sides`), or None: no outline.
+        sides: (H, W) lung label map (:func:`mmcli.qa.mask.lung_sides`), or None: no outline.
 
     Raises:
         CaseError: it cannot be written (the reason quotes no header value).

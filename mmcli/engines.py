@@ -69,7 +69,7 @@ class CaseTask(Protocol):
 
     @property
     def qa(self) -> str:
-        """The quality-control policy (mmcli.quality); "off": no checks."""
+        """The quality-control policy (mmcli.qa.policy); "off": no checks."""
         ...
 
     @property

@@ -35,17 +35,16 @@ from mmcli.data.folders import LABELS_CSV, MASKS_DIR, scan_dataset
 from mmcli.errors import UsageError
 from mmcli.io import ownership
 from mmcli.io.readers import is_dicom, read_radiograph
+from mmcli.io.runfolder import REPORT_FORMATS, RunLayout, open_run_folder, run_record, write_run_json
 from mmcli.io.writers import (
-    RunLock,
     atomic_path,
-    probe_writable,
     read_csv_rows,
     read_mask_png,
     write_csv,
     write_hdf5,
     write_json,
 )
-from mmcli.quality import UNCERTAIN
+from mmcli.qa.policy import UNCERTAIN
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class EvaluateConfig(ModelRunConfig):
         super().__post_init__()
         if not self.datasets:
             raise UsageError("No dataset folders given.")
-        if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".json", ".md"):
+        if self.out.suffix.lower() in (*REPORT_FORMATS, ".json", ".md"):
             raise UsageError(f"--out is a folder for the evaluation reports, got a file name {self.out.name!r}")
         if self.predictions is not None and not self.predictions.is_file():
             raise UsageError(f"--predictions {self.predictions} is not a file (a report written by `mmcli predict`)")
@@ -196,12 +195,11 @@ class EvaluationRun:
         self.refs = [r for folder, name in zip(self.folders, self.names, strict=True)
                      for r in find_references(folder, name)]
         self.summary: EvaluateSummary | None = None
-        ownership.check_folder(self.out, "evaluate", self.out / "per_case.csv", holds=_holds_evaluation(self.out))
+        self.layout = RunLayout.in_folder(self.out, "per_case.csv")
         if cfg.hdf5 is not None:
             _check_hdf5(cfg.hdf5.expanduser().resolve(), self.out)
-        probe_writable(self.out)
-        self._lock = RunLock(self.out / ".lock", self.out)
-        self._lock.acquire()  # held until the reports are written (or the run fails)
+        # the lock is held until the reports are written (or the run fails)
+        self._lock = open_run_folder(self.layout, "evaluate", holds=_holds_evaluation(self.out))
         try:
             self.predict_run = self._open_predict(command) if cfg.predictions is None else None
         except BaseException:
@@ -261,8 +259,17 @@ class EvaluationRun:
         ownership.remove_files([Path(os.path.normpath(out / f)) for f in stale], out)
         write_markdown(out / "summary.md", summary, figures)
         statuses = Counter(r["status"] for r in rows)
-        self.summary = EvaluateSummary(len(rows), statuses["ok"], statuses["error"], statuses["missing"],
-                                       time.perf_counter() - self.started, out)
+        self.summary = done = EvaluateSummary(len(rows), statuses["ok"], statuses["error"], statuses["missing"],
+                                              time.perf_counter() - self.started, out)
+        reports = [out / "per_case.csv", out / "summary.json", out / "summary.md"]
+        write_run_json(self.layout, run_record(
+            "evaluate", argv=self.command, settings=summary["settings"], status="finished", seconds=done.seconds,
+            counts={"total": done.cases, "ok": done.ok, "failed": done.failed, "missing": done.missing},
+            outputs={"folder": str(out), "reports": [str(p) for p in reports]
+                     + ([str(cfg.hdf5.expanduser().resolve())] if cfg.hdf5 is not None else []),
+                     "figures": figures},
+            predictions=str(self.report),
+        ))
 
 
 def _earlier_summary(out: Path) -> dict[str, Any]:

@@ -50,8 +50,11 @@ from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
+from mmcli.io.runfolder import REPORT_FORMATS
 from mmcli.io.writers import atomic_path, hdf5_key, write_csv
-from mmcli.quality import apply_policy, case_flags, lung_mask, native_lung_mask
+from mmcli.outcome import label_for
+from mmcli.qa.mask import lung_mask
+from mmcli.qa.policy import apply_policy, case_flags
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class ExplainConfig(BatchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.out.suffix.lower() in (".csv", ".h5", ".hdf5", ".png"):
+        if self.out.suffix.lower() in (*REPORT_FORMATS, ".png"):
             raise UsageError(f"--out is a folder for the explanations, got a file name {self.out.name!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--overlay-opacity must lie in [0, 1], got {self.alpha}")
@@ -167,14 +170,14 @@ class ExplainCase:
         pixels = item["pixels"]
         p = float(pred.probabilities[k, -1])
         height, width = pixels.shape
+        native = lung_mask(pred.mask_at(k, height, width), self.raw_masks)
         row = batch.new_row(EXPLAIN_COLUMNS, file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
-                            label=batch.label_for(p, self.threshold, self.class_names),
-                            lung_fraction=round(float(
-                                native_lung_mask(pred, k, height, width, self.raw_masks).mean()), 6))
+                            label=label_for(p, self.threshold, self.class_names),
+                            lung_fraction=round(float(native.mean()), 6))
         for view, heat in maps.items():
             row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
-        grid_meta = {**item["meta"], "pixel_spacing": None}  # the lungs here are on the model grid
-        apply_policy(row, case_flags(grid_meta, lungs, pred, k, self.qa), self.qa)
+        # the mask is judged as predict judges it: at native size, with the pixel spacing
+        apply_policy(row, case_flags(item["meta"], native, pred, k, self.qa), self.qa)
         shown = {"saliency": readable_saliency(pred.saliency[k : k + 1])[0, 0].numpy(), "gradcam": maps["gradcam"]}
         explained = self.class_names[int(pred.probabilities[k].argmax())] if self.target == "predicted" \
             else self.target

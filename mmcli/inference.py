@@ -29,7 +29,7 @@ from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.models.multimix import MultiMixOutput
-from mmcli.ood import OODStats
+from mmcli.qa.ood import OODStats
 from mmcli.runtime import (
     Precision,
     apply_precision_policy,
@@ -58,7 +58,7 @@ class BatchPrediction:
         saliency: ``(B, 1, S, S)`` the bridge's saliency map, or ``None`` without a bridge.
         gradcam: ``(B, 1, S, S)`` Grad-CAM in [0, 1] (only from :meth:`Predictor.explain`).
         ood_distance: ``(B,)`` distance of each image's features from the training images'
-            (see :mod:`mmcli.ood`), or ``None`` when the weights carry no statistics.
+            (see :mod:`mmcli.qa.ood`), or ``None`` when the weights carry no statistics.
         ood_threshold: the distance above which an image is out of distribution.
         native_masks: per image, its mask at native size as packed bits (``np.packbits`` of
             the row-major ``(H, W)`` mask), made on the device by :meth:`Predictor.predict`
@@ -79,6 +79,17 @@ class BatchPrediction:
             return None
         bits, height, width = self.native_masks[k]
         return np.unpackbits(bits, count=height * width).reshape(height, width).astype(bool)
+
+    def mask_at(self, k: int, height: int, width: int) -> np.ndarray:
+        """Image ``k``'s ``(height, width)`` bool mask at native size: the one the device brought back
+        (:meth:`native_mask`), else its ``(1, S, S)`` logits resized here."""
+        native = self.native_mask(k)
+        if native is not None:
+            return native
+        assert self.mask_logits is not None, "a mask needs a segmentation head"
+        from mmcli.data.transforms import mask_to_native
+
+        return mask_to_native(self.mask_logits[k], height, width).numpy()
 
     def failure(self, k: int) -> str | None:
         """Why image ``k`` has no answer (:data:`NONFINITE_REASON`: a probability or a mask logit

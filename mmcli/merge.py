@@ -32,27 +32,26 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mmcli import __version__
 from mmcli.errors import UsageError
 from mmcli.io.discover import input_list_sha256
 from mmcli.io.paths import inside
-from mmcli.io.writers import (
+from mmcli.io.runfolder import (
+    JOURNAL,
+    RUN_FILES,
+    RUN_JSON,
     Journal,
-    RunLock,
-    atomic_path,
-    probe_writable,
-    read_csv_rows,
-    read_mask_png,
-    write_csv,
-    write_hdf5,
-    write_json,
+    RunLayout,
+    is_hdf5,
+    open_run_folder,
+    report_format,
+    run_record,
+    write_run_json,
 )
+from mmcli.io.writers import atomic_path, read_csv_rows, read_mask_png, write_csv, write_hdf5
 
 __all__ = ["MergeSummary", "merge_reports"]
 
-_HDF5 = (".h5", ".hdf5")
 _VARYING = ("shard",)  # header keys that differ between the shards of one run
-_FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr", "dicom_sc")  # report columns that name a file of the run
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class MergeSummary:
 def _read_report_rows(report: Path) -> list[dict[str, Any]]:
     """The rows of a predict report (CSV or HDF5), in order, values as stored (CSV: read so
     that writing them again gives the same cells)."""
-    if report.suffix.lower() in _HDF5:
+    if is_hdf5(report):
         with h5py.File(report, "r") as h5:
             table = {col: h5["cases"][col][()] for col in h5["cases"]}
         n = len(table["case_id"])
@@ -109,11 +108,11 @@ def _read_report_rows(report: Path) -> list[dict[str, Any]]:
 def _open_shard(report: Path) -> Shard:
     report = report.expanduser().resolve()
     folder = report.with_suffix("")
-    manifest_path = folder / "run.json"
+    manifest_path = folder / RUN_JSON
     if not report.is_file() or not manifest_path.is_file():
         raise UsageError(f"{report} is not a finished `mmcli predict --shard` report (no report or no "
                          f"{manifest_path})")
-    header, journal_rows = Journal(folder / "journal.jsonl").read()
+    header, journal_rows = Journal(folder / JOURNAL).read()
     if not header.get("shard"):
         raise UsageError(f"{report} was not made with --shard: nothing to merge")
     try:
@@ -210,10 +209,8 @@ def _check_out(out: Path, folder: Path, shards: Sequence[Shard]) -> None:
                              "outside the shards")
 
 
-_RUN_FILES = ("run.json", "journal.jsonl", ".lock")  # a merge's own files: never a case's file
-
-
-def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path) -> list[list[tuple[str, Path, Path]]]:
+def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path,
+                 file_columns: Sequence[str]) -> list[list[tuple[str, Path, Path]]]:
     """For each row, ``(column, source, target)`` of each file it names, all checked before anything is written.
 
     Raises:
@@ -227,7 +224,7 @@ def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path) ->
     for shard, row in pairs:
         own = Path(os.path.realpath(shard.folder))
         plan = []
-        for column in _FILE_COLUMNS:
+        for column in file_columns:
             if not row.get(column):
                 continue
             named = str(row[column])
@@ -237,7 +234,7 @@ def _plan_copies(pairs: Sequence[tuple[Shard, dict[str, Any]]], folder: Path) ->
                 raise UsageError(f"{where}, which is not inside the shard's folder {own}: refused, nothing written")
             target = folder / source.relative_to(own)
             real_target = Path(os.path.realpath(target))
-            if not inside(real_target, real_folder) or real_target in {real_folder / f for f in _RUN_FILES}:
+            if not inside(real_target, real_folder) or real_target in {real_folder / f for f in RUN_FILES}:
                 raise UsageError(f"{where}, whose copy would not be a case's file in {folder}: refused, nothing "
                                  "written")
             if real_target in taken:
@@ -255,30 +252,34 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str]) -> MergeSummary:
+def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str], file_columns: Sequence[str],
+                  command: Sequence[str] | None = None) -> MergeSummary:
     """Merge the shard reports ``reports`` of one sharded predict run into ``out``.
 
     Args:
         columns: the report's columns (:data:`mmcli.predict.REPORT_COLUMNS`).
+        file_columns: those that name a case's files (:data:`mmcli.predict.FILE_COLUMNS`).
+        command: the command line, recorded in ``run.json``.
 
     Everything is checked before anything is written: the shards' settings and input lists,
-    that each shard's rows are exactly its share of the inputs, and that every file a row
-    names lies in its shard's folder and is copied into ours.
+    that each shard's rows are exactly its share of the inputs, that every file a row names
+    lies in its shard's folder and is copied into ours, and that ``out`` and its folder are
+    the merge's own or new (:func:`mmcli.io.runfolder.open_run_folder`).
 
     Raises:
         UsageError: no reports, a report that is not a finished shard, shards of runs with
             other weights or settings or of other input lists, a shard given twice or
             missing, a shard that lacks a case or holds one twice, a file path that leads out
-            of its shard's folder, an ``out`` that names a shard's files or cannot be written.
+            of its shard's folder, an ``out`` that names a shard's files, holds a file or
+            folder mmcli did not write for a merge, or cannot be written.
     """
     started = time.perf_counter()
     if not reports:
         raise UsageError("No shard reports given: name the <out>.shard-K-of-N reports of one run")
-    out = out.expanduser().resolve()
-    if out.suffix.lower() not in (".csv", *_HDF5):
-        raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {out.name!r}")
+    layout = RunLayout.for_report(out)
+    out, folder = layout.report, layout.folder
+    report_format(out)
     shards = [_open_shard(Path(r)) for r in reports]
-    folder = out.with_suffix("")
     _check_out(out, folder, shards)
     _same_run(shards)
     pairs = _interleave(shards)
@@ -286,9 +287,9 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
     if input_list_sha256([row["case_id"] for _, row in pairs]) != record["sha256"]:
         raise UsageError(f"the rows of the {len(shards)} shards, in the order of one run, are not the input list "
                          "their run.json records: run every shard again")
-    plans = _plan_copies(pairs, folder)
-    probe_writable(folder)
-    with RunLock(folder / ".lock", out):
+    plans = _plan_copies(pairs, folder, file_columns)
+    lock = open_run_folder(layout, "merge", columns=columns)
+    try:
         rows = []
         for (_, row), plan in zip(pairs, plans, strict=True):
             row = dict(row)
@@ -296,7 +297,7 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
                 _copy(source, target)
                 row[column] = os.path.relpath(target, out.parent)
             rows.append(row)
-        if out.suffix.lower() in _HDF5:
+        if is_hdf5(out):
             def mask(row: Mapping[str, Any]) -> np.ndarray | None:
                 return read_mask_png(out.parent / row["mask"]) if row.get("mask") else None
 
@@ -306,17 +307,16 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str])
         counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "error", "skipped")}
         counts = {"total": len(rows), **counts}
         first = shards[0].manifest
-        write_json(folder / "run.json", {
-            "command": "merge",
-            "mmcli_version": __version__,
-            "merged_from": [str(s.report) for s in sorted(shards, key=lambda s: s.part[0])],
-            "settings": {**first.get("settings", {}), "shard": None, "out": str(out)},
-            "provenance": first.get("provenance"),
-            "device": first.get("device"),
-            "precision": first.get("precision"),
-            "input_list": {"count": record["count"], "sha256": record["sha256"],
-                           "share": {"count": record["count"], "sha256": record["sha256"]}},
-            "counts": counts,
-            "outputs": {"folder": str(folder), "reports": [str(out)]},
-        })
-    return MergeSummary(out, counts, len(shards), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        write_run_json(layout, run_record(
+            "merge", argv=command, settings={**first.get("settings", {}), "shard": None, "out": str(out)},
+            status="finished", seconds=seconds, counts=counts,
+            outputs={"folder": str(folder), "reports": [str(out)]},
+            merged_from=[str(s.report) for s in sorted(shards, key=lambda s: s.part[0])],
+            provenance=first.get("provenance"), device=first.get("device"), precision=first.get("precision"),
+            input_list={"count": record["count"], "sha256": record["sha256"],
+                        "share": {"count": record["count"], "sha256": record["sha256"]}},
+        ))
+    finally:
+        lock.release()
+    return MergeSummary(out, counts, len(shards), seconds)

@@ -3,8 +3,8 @@
 The one source of a case's result, for ``mmcli predict`` (:class:`mmcli.predict.PredictCase`) and the
 Python API (:meth:`mmcli.api.Model.predict`): the probability (rounded to 6 places, as the report
 holds it), the label (from the unrounded probability), the lung mask at native size, the lung
-fractions and areas (:func:`mmcli.quality.lung_cells`), and the quality-control flags and policy
-(:func:`mmcli.quality.apply_policy`).
+fractions and areas (:func:`mmcli.qa.mask.lung_cells`), and the quality-control flags and policy
+(:func:`mmcli.qa.policy.apply_policy`).
 """
 
 from __future__ import annotations
@@ -15,17 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmcli.batch import label_for
-from mmcli.qa import lung_sides
-from mmcli.quality import apply_policy, case_flags, lung_cells, native_lung_mask
+from mmcli.qa.mask import lung_cells, lung_mask, lung_sides
+from mmcli.qa.policy import apply_policy, case_flags
 
 if TYPE_CHECKING:
     from mmcli.inference import BatchPrediction
 
-__all__ = ["CaseOutcome", "case_outcome"]
+__all__ = ["CaseOutcome", "case_outcome", "label_for"]
 
 PROBABILITY_PLACES = 6
 """Decimal places of ``p_pneumonia`` in a report (and the API's result)."""
+
+
+def label_for(probability: float, threshold: float, class_names: Sequence[str]) -> str:
+    """The last class (pneumonia) from ``threshold`` on, else the first (normal)."""
+    return class_names[-1] if probability >= threshold else class_names[0]
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class CaseOutcome:
             where the weights give a probability; the ``*lung_fraction`` and ``*lung_area_mm2`` cells
             where they give a mask; ``error`` (and no label) where ``--qa refuse`` refused the case.
         mask: ``(H, W)`` bool lung mask at native size, or None without a segmentation head.
-        sides: ``(H, W)`` uint8 lung label map of ``mask`` (:func:`mmcli.qa.lung_sides`), or None.
+        sides: ``(H, W)`` uint8 lung label map of ``mask`` (:func:`mmcli.qa.mask.lung_sides`), or None.
     """
 
     cells: dict[str, Any]
@@ -62,7 +66,7 @@ def case_outcome(pred: BatchPrediction, k: int, meta: Mapping[str, Any], *, thre
         cells["label"] = label_for(prob, threshold, class_names)
     mask = sides = None
     if pred.mask_logits is not None:
-        mask = native_lung_mask(pred, k, height, width, raw_masks)
+        mask = lung_mask(pred.mask_at(k, height, width), raw_masks)
         sides = lung_sides(mask)
         cells.update(lung_cells(sides, meta.get("pixel_spacing")))
     apply_policy(cells, case_flags(meta, mask, pred, k, qa), qa)

@@ -12,7 +12,7 @@ the rest of the batch goes on. A DICOM SEG, SR or SC that cannot be written (``-
 ``--dicom-sr``, ``--dicom-sc``) costs no prediction: the case stays ``ok`` and ``dicom_error`` says why.
 
 The patient's right and left lung (``right_lung_*``, ``left_lung_*``) come from the reported mask by
-:func:`mmcli.qa.lung_sides`; fractions are of the image at its native size.
+:func:`mmcli.qa.mask.lung_sides`; fractions are of the image at its native size.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from mmcli.batch import (
     RunLayout,
     RunSummary,
     all_shard_paths,
-    label_for,
     new_row,
     open_inputs,
     provenance,
@@ -44,21 +43,22 @@ from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
 from mmcli.errors import CaseError, UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
+from mmcli.io.runfolder import is_hdf5, report_format
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
-from mmcli.outcome import case_outcome
+from mmcli.outcome import case_outcome, label_for
 from mmcli.weights import weights_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "run_predict"]
+__all__ = ["FILE_COLUMNS", "REPORT_COLUMNS", "PredictCase", "PredictConfig", "open_predict", "run_predict"]
 
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "source", "status", "error", "p_pneumonia", "label", "qa_flags",
     "lung_fraction", "right_lung_fraction", "left_lung_fraction", "lung_area_mm2", "right_lung_area_mm2",
     "left_lung_area_mm2", "height", "width", "mask", "dicom_seg", "dicom_sr", "dicom_sc", "dicom_error",
 )
-HDF5_SUFFIXES = (".h5", ".hdf5")
-REPORT_SUFFIXES = (".csv", *HDF5_SUFFIXES)
+FILE_COLUMNS: tuple[str, ...] = ("mask", "dicom_seg", "dicom_sr", "dicom_sc")
+"""The report columns that name a case's files (relative to the report's folder)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,9 +75,8 @@ class PredictConfig(BatchConfig):
         if (self.dicom_seg or self.dicom_sr or self.dicom_sc) and self.anonymize_ids is not None:
             raise UsageError("--dicom-seg, --dicom-sr and --dicom-sc cannot be combined with --anonymize-ids: a DICOM "
                              "object derived from an image carries that image's patient and study")
-        if self.out.suffix.lower() not in REPORT_SUFFIXES:
-            raise UsageError(f"--out must end in .csv, .h5 or .hdf5, got {self.out.name!r}")
-        if self.hdf5 is not None and self.hdf5.suffix.lower() not in HDF5_SUFFIXES:
+        report_format(self.out)
+        if self.hdf5 is not None and not is_hdf5(self.hdf5):
             raise UsageError(f"--hdf5 must end in .h5 or .hdf5, got {self.hdf5.name!r}")
 
 
@@ -141,7 +140,7 @@ class DicomOutputs:
         if asked for, is still written, without a reference to the SEG). Never raises.
 
         Args:
-            sides: (H, W) uint8 lung label map (:func:`mmcli.qa.lung_sides`) at native size, or None.
+            sides: (H, W) uint8 lung label map (:func:`mmcli.qa.mask.lung_sides`) at native size, or None.
             pixels: (H, W) float film in [0, 1] (the reader's), for the secondary capture.
         """
         from mmcli import __version__
@@ -199,7 +198,7 @@ def _write_reports(cfg: PredictConfig, layout: RunLayout, rows: list[dict[str, A
 
     targets = [layout.report] + ([cfg.hdf5.expanduser().resolve()] if cfg.hdf5 is not None else [])
     for target in targets:
-        if target.suffix.lower() in HDF5_SUFFIXES:
+        if is_hdf5(target):
             write_hdf5(target, rows, REPORT_COLUMNS, masks=load_mask, attrs=attrs)
         else:
             write_csv(target, rows, REPORT_COLUMNS)
@@ -229,15 +228,12 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
                              **({"dicom_sc": True} if cfg.dicom_sc else {})),  # runs from before it still resume
         settings=asdict(cfg),  # write_json turns paths into strings
         still_done=lambda row: all((layout.report.parent / str(row[c])).is_file()
-                                   for c in ("mask", "dicom_seg", "dicom_sr", "dicom_sc") if row.get(c)),
+                                   for c in FILE_COLUMNS if row.get(c)),
         write_reports=lambda rows: _write_reports(cfg, layout, rows, provenance(ckpt)),
         file_columns=FILE_COLUMNS, extra_reports=(cfg.hdf5.expanduser().resolve(),) if cfg.hdf5 else (),
         relabel=lambda row, file: relabel(task, row, file),
     )
     return BatchRun(job, files, predictor, cfg, command)
-
-
-FILE_COLUMNS = ("mask", "dicom_seg", "dicom_sr", "dicom_sc")  # the columns that name a case's files
 
 
 def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str, Any]:
@@ -256,7 +252,7 @@ def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str
     if task.dicom is None or not old:
         return row
     from mmcli.io.readers import read_radiograph
-    from mmcli.qa import lung_sides
+    from mmcli.qa.mask import lung_sides
 
     sides = lung_sides(read_mask_png(task.report_dir / str(row["mask"]))) if row.get("mask") else None
     pixels = read_radiograph(file.path, voi_lut=task.voi_lut, max_pixels=task.max_pixels).pixels \

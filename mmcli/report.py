@@ -46,6 +46,7 @@ from PIL import Image, ImageFilter
 from mmcli.errors import MMCLIError, UsageError
 from mmcli.io.paths import resolves_inside
 from mmcli.io.readers import read_radiograph
+from mmcli.io.runfolder import REPORT_FORMATS, RUN_JSON, is_hdf5
 from mmcli.io.writers import atomic_path, hdf5_key, read_csv_rows, read_mask_png
 from mmcli.report_page import PAGE
 
@@ -98,7 +99,7 @@ class ReviewSummary:
     missing: int  # ok cases whose picture could not be drawn (their reason is on the page)
 
 
-REPORT_SUFFIXES = (".csv", ".h5", ".hdf5")
+REPORT_SUFFIXES = tuple(REPORT_FORMATS)
 
 
 def find_run(run: Path) -> Run:
@@ -135,7 +136,7 @@ def read_report(report: Path) -> list[dict[str, str]]:
     Raises:
         UsageError: the file cannot be read, or has no ``case_id`` and ``status`` columns.
     """
-    if report.suffix.lower() in (".h5", ".hdf5"):
+    if is_hdf5(report):
         return _read_hdf5_report(report)
     try:
         with open(report, newline="", encoding="utf-8") as f:
@@ -302,7 +303,7 @@ def _number(text: str | None) -> float | None:
 
 def _settings(run: Run) -> dict[str, Any]:
     try:
-        data = json.loads((run.folder / "run.json").read_text())
+        data = json.loads((run.folder / RUN_JSON).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

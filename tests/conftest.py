@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny random checkpoint and a folder of small radiographs, made in tmp_path."""
+"""Shared fixtures and builders: a tiny random checkpoint, small radiographs and DICOM files made in
+tmp_path, and the reader for CSV reports."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -11,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mmcli.config import PreprocessConfig
 from mmcli.models import create_model, model_kwargs
 from mmcli.weights import Checkpoint, save_checkpoint
 
 DATA = Path(__file__).parent / "data"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
 
 def make_checkpoint(path: Path, seed: int = 0, image_size: int = 64) -> Path:
@@ -65,6 +71,70 @@ def save_png16(path: Path, height: int, width: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((radiograph_like(height, width, seed) * 65535).astype(np.uint16)).save(path)
     return path
+
+
+def make_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    modality: str = "DX",
+    sop_class: str = DX_FOR_PRESENTATION,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    pixel_spacing: Sequence[float] | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    pixel_data: bool | bytes = True,
+    **attrs: object,
+) -> Path:
+    """Write a single-file DICOM image of ``pixels`` to ``path`` and return ``path``.
+
+    ``pixels`` is ``(H, W)`` grey, ``(frames, H, W)`` with ``NumberOfFrames`` in ``attrs``, or
+    ``(H, W, 3)`` with ``photometric="RGB"``; BitsAllocated follows its dtype, PixelRepresentation its
+    signedness, HighBit ``bits_stored``. ``pixel_data``: ``True`` stores ``pixels`` little endian
+    (uncompressed: keep the default ``transfer_syntax``), ``False`` stores no pixel data, ``bytes`` are
+    stored as they are (e.g. ``encapsulate([...])`` for a compressed ``transfer_syntax``). Every other
+    attribute (``PatientID=...``, ``RescaleSlope=...``, ``VOILUTSequence=...``) comes as a keyword,
+    set after the ones above, so it can override them (``Rows=16000``).
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape[:2] if photometric == "RGB" else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    if pixel_spacing is not None:
+        ds.PixelSpacing = list(pixel_spacing)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    if isinstance(pixel_data, bytes):
+        ds.PixelData = pixel_data
+    elif pixel_data:
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def read_rows(path: Path | str) -> list[dict[str, str]]:
+    """The rows of the CSV file at ``path`` (header first), each ``{column: cell text}``, in file order."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def rows_by_case(path: Path | str) -> dict[str, dict[str, str]]:
+    """``read_rows(path)`` keyed by the ``case_id`` column (a report's rows by case)."""
+    return {row["case_id"]: row for row in read_rows(path)}
 
 
 @pytest.fixture()

@@ -1,12 +1,11 @@
 """benchmarks/adult_split.py: the held-out split of every shared set (weights v2, site adaptation)."""
 
-import csv
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark, radiograph_like
+from conftest import load_benchmark, radiograph_like, read_rows
 from PIL import Image
 
 ROOT = Path(__file__).parents[1]
@@ -17,14 +16,9 @@ def adult_split():
     return load_benchmark("adult_split")
 
 
-def _rows(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def test_committed_list_keeps_v1s_split_and_holds_out_adult_patients():
-    v1 = {(r["set"], r["file"]): r["part"] for r in _rows(ROOT / "docs" / "results" / "holdout.csv")}
-    v2 = _rows(ROOT / "docs" / "results" / "holdout-v2.csv")
+    v1 = {(r["set"], r["file"]): r["part"] for r in read_rows(ROOT / "docs" / "results" / "holdout.csv")}
+    v2 = read_rows(ROOT / "docs" / "results" / "holdout-v2.csv")
     assert {(r["set"], r["file"]): r["part"] for r in v2 if r["set"] in ("seg-in", "cls-in")} == v1
     for name in ("seg-cross", "cls-cross"):
         rows = [r for r in v2 if r["set"] == name]
@@ -78,9 +72,9 @@ def test_split_writes_patient_disjoint_folders(adult_split, tmp_path):
     test_patients = {int(n[1:-4]) // 2 for n in pngs("seg-cross-test")}
     assert not test_patients & {int(n[1:-4]) // 2 for n in pngs("seg-cross-train")}
     assert (folders["seg-cross-test"] / "masks" / pngs("seg-cross-test")[0]).is_file()
-    nih = {r["file"]: r["label"] for r in _rows(folders["cls-cross-test"] / "labels.csv")}
+    nih = {r["file"]: r["label"] for r in read_rows(folders["cls-cross-test"] / "labels.csv")}
     assert len(nih) == 8 and Counter(nih.values()) == {"normal": 6, "pneumonia": 2}  # stratified
-    meta_rows = _rows(folders["cls-cross-test"] / "meta.csv")
+    meta_rows = read_rows(folders["cls-cross-test"] / "meta.csv")
     assert {r["file"]: r["patient"] for r in meta_rows} == {f: str(int(f[:8])) for f in nih}
-    rows = _rows(tmp_path / "list.csv")
+    rows = read_rows(tmp_path / "list.csv")
     assert len(rows) == 4 + 4 + 10 + 20 and {r["set"] for r in rows} == set(adult_split.SETS)

@@ -1,13 +1,12 @@
 """The Python API: one image at a time, the same answer as ``mmcli predict``."""
 
-import csv
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_png8
+from conftest import read_rows, save_png8
 from PIL import Image
 
 import mmcli
@@ -22,8 +21,7 @@ def test_api_gives_the_predict_rows_of_the_shipped_examples(tmp_path, monkeypatc
     monkeypatch.delenv("MMCLI_WEIGHTS", raising=False)
     cfg = PredictConfig(inputs=(str(SCANS),), out=tmp_path / "r.csv", workers=0, precision="fp32")
     run_predict(cfg)
-    with open(tmp_path / "r.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(tmp_path / "r.csv")
     model = mmcli.load(precision="fp32")
     assert len(rows) == 5
     for row in rows:
@@ -54,8 +52,7 @@ def test_api_result_is_the_report_row_cell_for_cell(tiny_weights, tmp_path, qa):
     cfg = PredictConfig(inputs=(str(scans),), out=tmp_path / "r.csv", weights=str(tiny_weights), workers=0,
                         batch_size=1, precision="fp32", threshold=0.3, qa=qa)
     run_predict(cfg)
-    with open(tmp_path / "r.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(tmp_path / "r.csv")
     model = mmcli.load(tiny_weights, precision="fp32", threshold=0.3, qa=qa)
     assert len(rows) == 2
     for row in rows:

@@ -1,6 +1,5 @@
 """The run skeleton shared by predict and explain: lock, resume rules, fail-fast, one summary."""
 
-import csv
 import json
 import os
 import re
@@ -12,14 +11,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import save_png8
+from conftest import rows_by_case, save_png8
 from typer.testing import CliRunner
 
-from mmcli.batch import RunLayout, _settings_changes
+from mmcli.batch import _settings_changes
 from mmcli.cli import app
 from mmcli.errors import UsageError
 from mmcli.explain import ExplainConfig, open_explain
-from mmcli.io.writers import RunLock
+from mmcli.io.runfolder import RunLayout, RunLock
 from mmcli.predict import PredictConfig, open_predict, run_predict
 from mmcli.runtime import resolve_precision
 
@@ -34,17 +33,12 @@ def scans(tmp_path):
     return tmp_path / "scans"
 
 
-def _csv(path):
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
-
-
 def test_predict_and_explain_agree(tmp_path, scans, tiny_weights):
     # one Predictor, one precision policy: the same probabilities and labels from both commands
     run_predict(PredictConfig(inputs=(str(scans),), out=tmp_path / "p.csv", weights=str(tiny_weights),
                               device="cpu"))
     open_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights), device="cpu")).run()
-    pred, expl = _csv(tmp_path / "p.csv"), _csv(tmp_path / "e" / "explain.csv")
+    pred, expl = rows_by_case(tmp_path / "p.csv"), rows_by_case(tmp_path / "e" / "explain.csv")
     assert pred.keys() == expl.keys()
     for case_id, row in pred.items():
         assert row["status"] == expl[case_id]["status"]
@@ -74,7 +68,7 @@ def test_fail_fast_skips_the_rest_in_explain(tmp_path, scans, tiny_weights):
     (scans / "a_bad.png").write_text("broken, and first in order")
     summary = open_explain(ExplainConfig(inputs=(str(scans),), out=tmp_path / "e", weights=str(tiny_weights),
                                          device="cpu", workers=0, batch_size=1, fail_fast=True)).run()
-    rows = _csv(tmp_path / "e" / "explain.csv")
+    rows = rows_by_case(tmp_path / "e" / "explain.csv")
     assert rows["a_bad"]["status"] == "error" and summary.failed == 1
     assert summary.skipped == 5 and all(r["status"] == "skipped" for k, r in rows.items() if k != "a_bad")
 
@@ -97,7 +91,7 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path, scans, tiny_weights
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from mmcli.io.writers import RunLock
+        from mmcli.io.runfolder import RunLock
         RunLock(Path({str(layout.lock)!r}), Path("r.csv")).acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -150,11 +144,11 @@ def test_a_replaced_input_is_predicted_again(tmp_path, scans, tiny_weights):
     out = tmp_path / "r.csv"
     cfg = PredictConfig(inputs=(str(scans),), out=out, weights=str(tiny_weights), device="cpu", workers=0)
     run_predict(cfg)
-    before = _csv(out)
+    before = rows_by_case(out)
     save_png8(scans / "s1.png", 90, 80, seed=9)  # same name, other image
     summary = run_predict(cfg)
     assert summary.resumed == 3  # s0, s2, s3 kept; s1 recomputed; bad.png retried
-    after = _csv(out)
+    after = rows_by_case(out)
     assert (after["s1"]["height"], after["s1"]["width"]) == ("90", "80") != (before["s1"]["height"], "64")
     assert after["s0"] == before["s0"]
 
@@ -172,7 +166,7 @@ def test_verify_inputs_compares_content_not_mtime(tmp_path, scans, tiny_weights)
     os.utime(scans / "s2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     summary = run_predict(cfg)
     assert summary.resumed == 3  # s0, s1, s3; s2 is predicted again (and now fails: a corrupt PNG)
-    assert _csv(out)["s2"]["status"] == "error"
+    assert rows_by_case(out)["s2"]["status"] == "error"
 
 
 def test_anonymized_ids_keep_no_file_name_and_map_back(tmp_path, scans, tiny_weights):

@@ -156,9 +156,7 @@ def test_a_case_whose_output_is_not_finite_has_no_answer():
 
 @pytest.mark.usefixtures("one_thread")
 def test_predict_and_explain_give_error_rows_for_outputs_that_overflow(tmp_path, good):
-    import csv
-
-    from conftest import save_png8
+    from conftest import read_rows, save_png8
 
     # finite weights that overflow to infinity in the forward pass: the checks on load cannot see it
     huge = _tamper(good, tmp_path / "huge.safetensors",
@@ -170,8 +168,7 @@ def test_predict_and_explain_give_error_rows_for_outputs_that_overflow(tmp_path,
                                  ("explain", tmp_path / "why", tmp_path / "why" / "explain.csv")):
         res = runner.invoke(app, [command, str(scans), "--out", str(out), "-w", str(huge), "-q", "-j", "0"])
         assert res.exit_code == 1, res.output
-        with open(report, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_rows(report)
         assert len(rows) == 2
         for row in rows:
             assert row["status"] == "error" and row["error"] == "the model's output is not finite", row

@@ -4,12 +4,10 @@ import shutil
 import h5py
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
-from conftest import DATA, make_checkpoint, radiograph_like, save_png8, save_png16
+from conftest import DATA, make_checkpoint, make_dicom, radiograph_like, save_png8, save_png16
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage
 from typer.testing import CliRunner
 
 import mmcli.weights
@@ -20,25 +18,6 @@ from mmcli.predict import PredictConfig, run_predict
 runner = CliRunner()
 
 
-def _dicom_with_patient(path, height=96, width=80):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PID-98765", "19700101"
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = height, width
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.2, 0.25]
-    ds.PixelData = (radiograph_like(height, width) * 4095).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture()
 def scans(tmp_path):
     root = tmp_path / "scans"
@@ -46,7 +25,9 @@ def scans(tmp_path):
     save_png8(root / "b" / "x.png", 64, 64, seed=2)
     save_png16(root / "c16.png", 120, 100, seed=3)
     Image.fromarray((radiograph_like(50, 60, 4) * 255).astype(np.uint8)).convert("RGB").save(root / "rgb.jpg")
-    _dicom_with_patient(root / "IM0001")  # DICOM without suffix
+    make_dicom(root / "IM0001", (radiograph_like(96, 80) * 4095).astype(np.uint16),  # DICOM without suffix
+               sop_class=SecondaryCaptureImageStorage, pixel_spacing=[0.2, 0.25],
+               PatientName="DOE^JANE", PatientID="PID-98765", PatientBirthDate="19700101")
     (root / "empty.png").write_bytes(b"")
     (root / "text.png").write_text("not an image")
     good = (root / "a" / "x.png").read_bytes()

@@ -82,7 +82,7 @@ def test_plain_lines_without_a_terminal(folders, tmp_path):
 
 
 def _threshold(out):
-    return json.loads((out / "run.json").read_text())["config"]["threshold"]
+    return json.loads((out / "run.json").read_text())["settings"]["threshold"]
 
 
 def test_pseudo_threshold_and_its_deprecated_name(folders, tmp_path):
@@ -127,6 +127,6 @@ def test_freeze_from_the_command_line(folders, tmp_path):
                                    str(tmp_path / "a" / "best.safetensors"), "--freeze", "encoder, classifier"))
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "b" / "run.json").read_text())
-    assert run["config"]["freeze"] == ["encoder", "classifier"] and set(run["frozen"]) == {"encoder", "classifier"}
+    assert run["settings"]["freeze"] == ["encoder", "classifier"] and set(run["frozen"]) == {"encoder", "classifier"}
     bad = runner.invoke(app, _args(folders, tmp_path / "c", "--epochs", "1", "--freeze", "encoder"))
     assert bad.exit_code == 2 and "--freeze keeps weights of the starting checkpoint" in bad.output

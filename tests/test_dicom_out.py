@@ -18,7 +18,7 @@ from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
 from mmcli.dicom_sc import RESEARCH_NOTICE, write_dicom_sc
 from mmcli.errors import CaseError, ReadError
 from mmcli.io.readers import read_radiograph
-from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
+from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
 DATA = Path(__file__).parent / "data" / "dicom"
 SOURCES = sorted(DATA.glob("*.dcm"))
@@ -293,11 +293,10 @@ def test_unusable_sources_and_values_are_case_errors(tmp_path: Path) -> None:
 
 
 def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights):
-    import csv
     import shutil
 
     import highdicom as hd
-    from conftest import save_png8
+    from conftest import rows_by_case, save_png8
     from typer.testing import CliRunner
 
     from mmcli.cli import app
@@ -310,8 +309,7 @@ def test_predict_writes_seg_and_sr_for_dicom_inputs_only(tmp_path, tiny_weights)
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(out), "-w", str(tiny_weights), "-q", "-j", "0",
                                    "--dicom-seg", "--dicom-sr", "--dicom-sc"])
     assert res.exit_code == 0, res.output
-    with open(out, newline="") as f:
-        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    rows = rows_by_case(out)
     assert rows["plain"]["status"] == "ok"
     assert rows["plain"]["dicom_seg"] == rows["plain"]["dicom_sr"] == rows["plain"]["dicom_sc"] == ""
     dicoms = [r for k, r in rows.items() if k != "plain"]
@@ -505,10 +503,9 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
                           str(tmp_path / "out" / "r.h5"), "-w", str(tiny_weights), "-j", "1", "--dicom-seg",
                           "--dicom-sr", "--dicom-sc"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr  # the unreadable file fails; a missing DICOM output does not
-    import csv
+    from conftest import rows_by_case
 
-    with open(out, newline="") as f:
-        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    rows = rows_by_case(out)
     assert [rows[c]["status"] for c in ("marked", "malformed", "no_uid", "unreadable")] == ["ok", "ok", "ok", "error"]
     for case in ("marked", "malformed"):
         assert rows[case]["dicom_seg"] and rows[case]["dicom_sr"] and rows[case]["dicom_sc"], rows[case]
@@ -533,9 +530,9 @@ def test_no_header_value_reaches_a_report_journal_log_or_error(tmp_path, tiny_we
 
 
 def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tiny_weights, monkeypatch):
-    import csv
     from contextlib import contextmanager
 
+    from conftest import read_rows
     from typer.testing import CliRunner
 
     import mmcli.dicom_out
@@ -557,8 +554,7 @@ def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tin
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
                                    "-j", "0", "--dicom-seg", "--dicom-sr", "--dicom-sc", "-q"])
     assert res.exit_code == 0, res.output
-    with open(tmp_path / "r.csv", newline="") as f:
-        (row,) = csv.DictReader(f)
+    (row,) = read_rows(tmp_path / "r.csv")
     assert row["status"] == "ok" and row["p_pneumonia"] and row["mask"] and not row["error"]
     assert row["dicom_seg"] == "" and row["dicom_sr"] == "r/dicom/a.sr.dcm"  # the SR, without the SEG
     assert row["dicom_error"].startswith("DICOM SEG not written: cannot write a.seg.dcm")

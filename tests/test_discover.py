@@ -171,9 +171,9 @@ def test_special_files_are_listed_without_being_opened(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_special_files_get_error_rows(tmp_path, tiny_weights):
-    import csv
     import signal
 
+    from conftest import read_rows
     from typer.testing import CliRunner
 
     from mmcli.cli import app
@@ -188,8 +188,7 @@ def test_special_files_get_error_rows(tmp_path, tiny_weights):
     finally:
         signal.alarm(0)
     assert res.exit_code == 1
-    with open(tmp_path / "r.csv", newline="") as f:
-        rows = {r["case_id"].removeprefix("scans/"): r for r in csv.DictReader(f)}
+    rows = {r["case_id"].removeprefix("scans/"): r for r in read_rows(tmp_path / "r.csv")}
     assert rows.pop("good")["status"] == "ok"
     expected = {
         "IM0001": "not a regular file (a named pipe)", "pipe": "not a regular file (a named pipe)",

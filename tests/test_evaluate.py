@@ -6,7 +6,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import save_png8
+from conftest import read_rows, save_png8
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,11 +19,6 @@ runner = CliRunner()
 
 def _run(args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _lung_mask(size=64, shift=0):
@@ -52,7 +47,7 @@ def test_evaluate_end_to_end(tmp_path, datasets, tiny_weights):
     res = _run(["evaluate", *datasets, "-w", tiny_weights, "--out", out, "-j", "0", "--bootstrap", "50",
                 "--hdf5", out / "evaluation.h5"])
     assert res.exit_code == 0, res.output
-    rows = _rows(out / "per_case.csv")
+    rows = read_rows(out / "per_case.csv")
     assert [r["dataset"] for r in rows] == ["seg"] * 3 + ["cls"] * 4  # the unlabelled image is left out
     assert all(r["status"] == "ok" for r in rows)
     for r in rows[:3]:  # per-case metrics are those of the predicted and reference mask files
@@ -81,7 +76,7 @@ def test_evaluate_end_to_end(tmp_path, datasets, tiny_weights):
     res = _run(["evaluate", *datasets, "--predictions", out / "predictions.csv", "--out", again,
                 "--bootstrap", "50", "--no-plots", "-q"])
     assert res.exit_code == 0, res.output
-    assert [r["dice"] for r in _rows(again / "per_case.csv")] == [r["dice"] for r in rows]
+    assert [r["dice"] for r in read_rows(again / "per_case.csv")] == [r["dice"] for r in rows]
     assert json.loads((again / "summary.json").read_text())["datasets"] == summary["datasets"]
     assert not (again / "predictions.csv").exists() and not (again / "roc.png").exists()
 
@@ -109,7 +104,7 @@ def test_evaluate_hand_made_predictions(tmp_path, datasets):
     out = tmp_path / "report"
     res = _run(["evaluate", seg, cls, "--predictions", pred_dir / "r.csv", "--out", out, "--bootstrap", "0", "-q"])
     assert res.exit_code == 1  # one failed prediction, one missing
-    by_id = {r["case_id"]: r for r in _rows(out / "per_case.csv")}
+    by_id = {r["case_id"]: r for r in read_rows(out / "per_case.csv")}
     assert float(by_id["s0"]["dice"]) == 1.0 and float(by_id["s0"]["ahd"]) == 0.0
     # 2 x 32 x 20 reference pixels, the top half of them predicted: Dice 2/3, Jaccard 1/2
     assert float(by_id["s1"]["dice"]) == pytest.approx(2 / 3) and float(by_id["s1"]["jaccard"]) == pytest.approx(0.5)
@@ -150,7 +145,7 @@ def test_evaluate_reports_quality_control(tmp_path, datasets):
     assert summary["classification"]["metrics"]["accuracy"]["value"] == pytest.approx(3 / 4)
     assert summary["without_flagged"]["classification"]["n"] == 2
     assert summary["without_flagged"]["classification"]["metrics"]["accuracy"]["value"] == 1.0
-    by_id = {r["case_id"]: r for r in _rows(out / "per_case.csv")}
+    by_id = {r["case_id"]: r for r in read_rows(out / "per_case.csv")}
     assert by_id["c2"]["qa_flags"] == "inverted;out_of_distribution"
     assert "## Quality control" in (out / "summary.md").read_text()
 

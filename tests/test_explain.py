@@ -1,6 +1,5 @@
 """``mmcli explain`` end to end, and the Adebayo et al. (2018) model-randomisation sanity check."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import radiograph_like, save_png8
+from conftest import radiograph_like, rows_by_case, save_png8
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,7 +20,7 @@ from mmcli.explain import mass_inside, readable_saliency
 from mmcli.inference import Predictor
 from mmcli.io.discover import InputFile
 from mmcli.models import create_model, model_kwargs
-from mmcli.quality import lung_mask
+from mmcli.qa.mask import lung_mask
 from mmcli.weights import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 runner = CliRunner()
@@ -29,11 +28,6 @@ runner = CliRunner()
 
 def _run(args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
@@ -46,7 +40,7 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     res = _run(["explain", scans, "--out", out, "-w", tiny_weights, "-b", "2", "-q", "--raw-masks",
                 "--precision", "fp32"])
     assert res.exit_code == 1  # the bad file fails alone
-    rows = _rows(out / "explain.csv")
+    rows = rows_by_case(out / "explain.csv")
     assert rows["bad"]["status"] == "error" and "not an image" in rows["bad"]["error"]
     for case_id, (h, w) in {"a": (64, 64), "sub/b": (90, 70)}.items():
         row = rows[case_id]

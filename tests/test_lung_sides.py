@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcli import qa
-from mmcli.qa import LEFT_LUNG, RIGHT_LUNG, lung_sides
+from mmcli.qa import mask as qa_mask
+from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
 REFERENCE_MASKS = sorted((Path(__file__).parents[2] / "shared" / "data" / "seg-in" / "masks").glob("*.png"))
 
@@ -54,7 +54,7 @@ def test_extra_pieces_join_the_side_of_their_centroid():
 def test_lungs_joined_at_the_mediastinum_are_cut_at_the_waist():
     m = two_lungs()
     m[100:106, 118:140] = True  # a bridge between the lungs: one piece
-    assert qa._parts(m).area.size == 1
+    assert qa_mask._parts(m).area.size == 1
     sides = lung_sides(m)
     _check_partition(sides, m)
     cut = int(np.argmax((sides == LEFT_LUNG).any(axis=0)))
@@ -72,7 +72,7 @@ def test_one_lung_alone_is_one_side_and_a_fused_blob_is_cut_at_the_mid_column():
     m = two_lungs()
     m[140:150, 30:118] = False  # the right lung in two stacked pieces, the left lung missed
     m[:, 128:] = False
-    assert qa._parts(m).area.size == 2 and set(np.unique(lung_sides(m))) == {0, RIGHT_LUNG}
+    assert qa_mask._parts(m).area.size == 2 and set(np.unique(lung_sides(m))) == {0, RIGHT_LUNG}
     blob = np.zeros((200, 300), bool)
     blob[40:180, 60:260] = True  # no waist, 45 % / 55 % of it either side of column 150
     sides = lung_sides(blob)
@@ -97,7 +97,7 @@ def test_split_is_exact_at_native_size():
 @pytest.mark.skipif(not REFERENCE_MASKS, reason="shared reference masks (data/seg-in/masks) are not here")
 def test_reference_masks_split_into_a_right_and_a_left_lung_even_when_joined():
     for path in REFERENCE_MASKS:
-        mask = qa.anatomical_mask(np.asarray(Image.open(path)) > 0)
+        mask = qa_mask.anatomical_mask(np.asarray(Image.open(path)) > 0)
         sides = lung_sides(mask)
         _check_partition(sides, mask)
         right, left = sides == RIGHT_LUNG, sides == LEFT_LUNG
@@ -112,5 +112,5 @@ def test_reference_masks_split_into_a_right_and_a_left_lung_even_when_joined():
         inner = np.flatnonzero(right[mid]).max(), np.flatnonzero(left[mid]).min()
         joined[mid - 2: mid + 3, inner[0]: inner[1] + 1] = True
         again = lung_sides(joined)
-        assert qa._parts(joined).area.size == 1, path.name
+        assert qa_mask._parts(joined).area.size == 1, path.name
         np.testing.assert_array_equal(again[mask], sides[mask], err_msg=path.name)  # the lungs' own pixels: as apart

@@ -1,13 +1,12 @@
 """Outputs never clobber a user's files; reruns remove only what the earlier run recorded, and a
 rerun whose only change is ``--threshold`` relabels the stored probabilities without the model."""
 
-import csv
 import json
 import shutil
 
 import h5py
 import pytest
-from conftest import DATA, save_png8
+from conftest import DATA, rows_by_case, save_png8
 from typer.testing import CliRunner
 
 import mmcli.inference
@@ -19,11 +18,6 @@ runner = CliRunner()
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def _one_line(res):
@@ -92,7 +86,7 @@ def test_overwrite_removes_only_what_the_earlier_run_recorded(tmp_path, scans, t
     assert sorted(p.name for p in masks.iterdir()) == ["mine.png", "s0.png", "s1.png"]
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
     assert not extra.exists()  # the earlier run's --hdf5 report, which this run does not write
-    assert list(_rows(out)) == ["s0", "s1"]
+    assert list(rows_by_case(out)) == ["s0", "s1"]
     # a plain rerun without a case drops its mask too: the folder holds one run
     (scans / "s1.png").unlink()
     assert _run("predict", scans, "--out", out, "-w", tiny_weights, "-j", "0", "-q").exit_code == 0
@@ -162,14 +156,14 @@ def test_a_threshold_change_relabels_without_the_model(tmp_path, scans, tiny_wei
     out = tmp_path / "r.csv"
     base = ["predict", scans, "--out", out, "-w", tiny_weights, "-j", "0", "-q"]
     assert _run(*base, "--threshold", "0").exit_code == 0
-    first = _rows(out)
+    first = rows_by_case(out)
     masks = {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "masks").iterdir()}
     _no_model(monkeypatch)
     for threshold, label in (("1", "normal"), ("0", "pneumonia")):
         res = _run(*base[:-1], "--threshold", threshold)
         assert res.exit_code == 0, res.output
         assert "(4 resumed)" in res.output
-        rows = _rows(out)
+        rows = rows_by_case(out)
         for case_id, row in rows.items():
             assert row["p_pneumonia"] == first[case_id]["p_pneumonia"]
             # quality control's "uncertain" stays; every other label follows the threshold
@@ -197,14 +191,14 @@ def test_a_threshold_change_rewrites_the_dicom_sr(tmp_path, tiny_weights, monkey
         [group] = hd.sr.srread(path).content.get_image_measurement_groups()
         return group.finding_type.value
 
-    row = _rows(out)["cxr"]
+    row = rows_by_case(out)["cxr"]
     assert row["label"] == "pneumonia" and finding(tmp_path / row["dicom_sr"]) == "233604007"
     seg = tmp_path / row["dicom_seg"]
     seg_bytes = seg.read_bytes()
     _no_model(monkeypatch)
     assert _run(*base, "--out", out, "--threshold", "1").exit_code == 0
-    row = _rows(out)["cxr"]
+    row = rows_by_case(out)["cxr"]
     assert row["label"] == "normal" and finding(tmp_path / row["dicom_sr"]) == "17621005"
     assert seg.read_bytes() == seg_bytes
     # the same bytes as a fresh run at that threshold, its reference to the SEG included
-    assert (tmp_path / row["dicom_sr"]).read_bytes() == (tmp_path / _rows(fresh)["cxr"]["dicom_sr"]).read_bytes()
+    assert (tmp_path / row["dicom_sr"]).read_bytes() == (tmp_path / rows_by_case(fresh)["cxr"]["dicom_sr"]).read_bytes()

@@ -10,8 +10,9 @@ from conftest import make_checkpoint
 
 from mmcli.errors import WeightsError
 from mmcli.inference import Predictor
-from mmcli.ood import OODStats, fit_ood
-from mmcli.quality import OUT_OF_DISTRIBUTION, case_flags
+from mmcli.qa.flags import OUT_OF_DISTRIBUTION
+from mmcli.qa.ood import OODStats, fit_ood
+from mmcli.qa.policy import case_flags
 from mmcli.weights import load_checkpoint, save_checkpoint
 
 

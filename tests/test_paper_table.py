@@ -1,12 +1,11 @@
 """benchmarks/paper_table.py: the patient-disjoint held-out split and a tiny end-to-end table."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_benchmark, radiograph_like
+from conftest import load_benchmark, radiograph_like, read_rows
 from PIL import Image
 
 
@@ -55,8 +54,7 @@ def test_rows_and_groups(paper_table):
 
 def test_holdout_is_patient_disjoint(paper_table, data, tmp_path):
     folders = paper_table.split_holdout(data, tmp_path / "split", seed=0, fraction=0.25)
-    with open(tmp_path / "split" / "holdout.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(tmp_path / "split" / "holdout.csv")
     parts = {}
     for r in rows:
         if r["patient"]:
@@ -66,8 +64,7 @@ def test_holdout_is_patient_disjoint(paper_table, data, tmp_path):
     train_cls = sorted(p.name for p in folders["cls-in-train"].glob("*.png"))
     assert len(test_cls) + len(train_cls) == 20 and not set(test_cls) & set(train_cls)
     # 1 of 4 normal and 2 of 8 pneumonia patients (two films each) are held out
-    with open(folders["cls-in-test"] / "labels.csv", newline="") as f:
-        labels = [r["label"] for r in csv.DictReader(f)]
+    labels = [r["label"] for r in read_rows(folders["cls-in-test"] / "labels.csv")]
     assert labels.count("normal") == 1 and labels.count("pneumonia") == 4
     assert len(list(folders["seg-in-test"].glob("*.png"))) == 4  # round(0.25 * 15)
     assert all((folders["seg-in-test"] / "masks" / p.name).is_file() for p in folders["seg-in-test"].glob("*.png"))

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcli import qa
 from mmcli.io.readers import read_radiograph
+from mmcli.qa import flags as qa_flag
+from mmcli.qa import image as qa_image
+from mmcli.qa import mask as qa_mask
 
 SCANS = Path(__file__).parents[1] / "examples" / "scans"
 
@@ -24,7 +26,7 @@ def two_lungs(n: int = 256) -> np.ndarray:
 
 
 def flags(x: np.ndarray, colour: bool = False) -> list[str]:
-    return qa.image_flags(x, height=x.shape[0], width=x.shape[1], colour=colour)
+    return qa_image.image_flags(x, height=x.shape[0], width=x.shape[1], colour=colour)
 
 
 # --- anatomical_mask -----------------------------------------------------------------------
@@ -34,7 +36,7 @@ def test_keeps_the_two_lungs_and_drops_a_speck_and_a_blob_above_the_shoulder():
     m = lungs.copy()
     m[240:243, 5:8] = True  # speck
     m[0:40, 100:160] = True  # blob above the shoulders, touching the top border (3.7 % of the frame)
-    out = qa.anatomical_mask(m)
+    out = qa_mask.anatomical_mask(m)
     assert out.dtype == bool and out.shape == m.shape
     np.testing.assert_array_equal(out, lungs)
 
@@ -43,9 +45,9 @@ def test_fills_a_hole_and_keeps_one_big_component():
     m = np.zeros((256, 256), bool)
     m[50:220, 40:216] = True
     m[100:120, 100:130] = False  # hole
-    out = qa.anatomical_mask(m)
+    out = qa_mask.anatomical_mask(m)
     assert out[50:220, 40:216].all() and out.sum() == 170 * 176
-    assert not qa.anatomical_mask(m, fill_holes=False)[100:120, 100:130].any()
+    assert not qa_mask.anatomical_mask(m, fill_holes=False)[100:120, 100:130].any()
 
 
 def test_prefers_a_piece_on_the_other_side_to_a_second_piece_of_the_same_lung():
@@ -55,20 +57,20 @@ def test_prefers_a_piece_on_the_other_side_to_a_second_piece_of_the_same_lung():
     m[150:220, 138:226] = True  # right lung, lower part (split off)
     m[60:220, 30:118] = False
     m[80:160, 50:100] = True  # left lung, smaller than both right pieces
-    out = qa.anatomical_mask(m)
+    out = qa_mask.anatomical_mask(m)
     assert out[100, 70] and out[100, 180]  # both sides kept
-    assert qa._parts(out).area.size == 2
+    assert qa_mask._parts(out).area.size == 2
 
 
 def test_is_exact_at_native_size_and_ignores_implausible_only_masks():
     lungs = two_lungs(2048)
     m = lungs.copy()
     m[2000:2010, 20:30] = True
-    np.testing.assert_array_equal(qa.anatomical_mask(m), lungs)
+    np.testing.assert_array_equal(qa_mask.anatomical_mask(m), lungs)
     blob = np.zeros((256, 256), bool)
     blob[0:30, 0:30] = True  # corner blob only: nothing is a lung
-    assert not qa.anatomical_mask(blob).any()
-    assert not qa.anatomical_mask(np.zeros((5, 7), bool)).any()
+    assert not qa_mask.anatomical_mask(blob).any()
+    assert not qa_mask.anatomical_mask(np.zeros((5, 7), bool)).any()
 
 
 def test_cell_counts_and_parts_match_direct_sums():
@@ -79,9 +81,9 @@ def test_cell_counts_and_parts_match_direct_sums():
         padded = np.zeros((h * f, w * f), bool)
         padded[: shape[0], : shape[1]] = m
         expected = padded.reshape(h, f, w, f).sum(axis=(1, 3))
-        np.testing.assert_array_equal(qa._cell_counts(m, f), expected)
+        np.testing.assert_array_equal(qa_mask._cell_counts(m, f), expected)
     # pieces at 2048 px (cells of 4): areas, centroids and lowest rows of two rectangles
-    p = qa._parts(two_lungs(2048))
+    p = qa_mask._parts(two_lungs(2048))
     np.testing.assert_array_equal(p.area, [160 * 8 * 88 * 8] * 2)
     np.testing.assert_allclose(p.cy, [140 * 8 / 2048] * 2)
     np.testing.assert_allclose(p.cx, [74 * 8 / 2048, 182 * 8 / 2048])
@@ -93,33 +95,33 @@ def test_fills_holes_through_whole_and_ragged_cells():
         lungs = two_lungs(2048)[:n, :n]
         holed = lungs.copy()
         holed[800:840, 400:440] = False  # a closed hole inside the left lung
-        np.testing.assert_array_equal(qa.anatomical_mask(holed), lungs)
+        np.testing.assert_array_equal(qa_mask.anatomical_mask(holed), lungs)
 
 
 # --- mask_flags ----------------------------------------------------------------------------
 
 def test_mask_flags_on_hand_made_masks():
     good = two_lungs()
-    assert qa.mask_flags(good) == []
-    assert qa.mask_flags(good, pixel_spacing=(1.0, 1.0)) == []  # 282 cm^2
+    assert qa_mask.mask_flags(good) == []
+    assert qa_mask.mask_flags(good, pixel_spacing=(1.0, 1.0)) == []  # 282 cm^2
     small = np.zeros((256, 256), bool)
     small[100:130, 60:100] = small[100:130, 150:190] = True  # 3.7 % of the frame
-    assert qa.mask_flags(small) == [qa.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(small) == [qa_flag.MASK_IMPLAUSIBLE]
     huge = np.zeros((256, 256), bool)
     huge[10:250, 5:125] = huge[10:250, 131:251] = True  # 88 %
-    assert qa.mask_flags(huge) == [qa.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(huge) == [qa_flag.MASK_IMPLAUSIBLE]
     one = np.zeros((256, 256), bool)
     one[40:230, 30:226] = True  # one lung-sized piece
-    assert qa.mask_flags(one) == [qa.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(one) == [qa_flag.MASK_IMPLAUSIBLE]
     lopsided = good.copy()
     lopsided[60:220, 138:226] = False
     lopsided[100:120, 160:180] = True  # other "lung" 400 px: the first holds over 90 % of the area
-    assert qa.mask_flags(lopsided) == [qa.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(lopsided) == [qa_flag.MASK_IMPLAUSIBLE]
     # 28 160 px: 0.1 mm pixels give 2.8 cm^2 (too small), 3 mm ones 2534 cm^2 (too big)
-    assert qa.mask_flags(good, pixel_spacing=(0.1, 0.1)) == [qa.MASK_IMPLAUSIBLE]
-    assert qa.mask_flags(good, pixel_spacing=(3.0, 3.0)) == [qa.MASK_IMPLAUSIBLE]
-    assert qa.mask_flags(good, pixel_spacing=(0.5, 0.5)) == []
-    assert qa.mask_flags(good, stats=qa.MaskStats(fraction=(0.5, 0.9))) == [qa.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(good, pixel_spacing=(0.1, 0.1)) == [qa_flag.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(good, pixel_spacing=(3.0, 3.0)) == [qa_flag.MASK_IMPLAUSIBLE]
+    assert qa_mask.mask_flags(good, pixel_spacing=(0.5, 0.5)) == []
+    assert qa_mask.mask_flags(good, stats=qa_mask.MaskStats(fraction=(0.5, 0.9))) == [qa_flag.MASK_IMPLAUSIBLE]
 
 
 # --- image_flags ---------------------------------------------------------------------------
@@ -128,16 +130,16 @@ def test_image_flags_exact_rules():
     rng = np.random.default_rng(0)
     film = read_radiograph(SCANS / "nih_siim_example.dcm").pixels
     assert flags(film) == []
-    assert qa.image_flags(film, height=63, width=1024) == [qa.NOT_RADIOGRAPH]  # source side 63 px
-    assert flags(film[:63]) == [qa.NOT_RADIOGRAPH]
-    assert flags(np.full((1, 1), 0.5, np.float32)) == [qa.NOT_RADIOGRAPH]
-    assert flags(np.full((300, 200), 0.7, np.float32)) == [qa.NOT_RADIOGRAPH]  # constant
-    assert flags(np.zeros((256, 256), np.float32)) == [qa.NOT_RADIOGRAPH]
-    assert flags(rng.random((256, 256), dtype=np.float32)) == [qa.NOT_RADIOGRAPH]  # noise
-    assert flags(np.tile(np.linspace(0, 1, 512, dtype=np.float32), (512, 1))) == [qa.NOT_RADIOGRAPH]
+    assert qa_image.image_flags(film, height=63, width=1024) == [qa_flag.NOT_RADIOGRAPH]  # source side 63 px
+    assert flags(film[:63]) == [qa_flag.NOT_RADIOGRAPH]
+    assert flags(np.full((1, 1), 0.5, np.float32)) == [qa_flag.NOT_RADIOGRAPH]
+    assert flags(np.full((300, 200), 0.7, np.float32)) == [qa_flag.NOT_RADIOGRAPH]  # constant
+    assert flags(np.zeros((256, 256), np.float32)) == [qa_flag.NOT_RADIOGRAPH]
+    assert flags(rng.random((256, 256), dtype=np.float32)) == [qa_flag.NOT_RADIOGRAPH]  # noise
+    assert flags(np.tile(np.linspace(0, 1, 512, dtype=np.float32), (512, 1))) == [qa_flag.NOT_RADIOGRAPH]
     yy, xx = np.mgrid[:256, :256]
-    assert flags((((yy // 32) + (xx // 32)) % 2).astype(np.float32)) == [qa.NOT_RADIOGRAPH]
-    assert flags(film, colour=True) == [qa.NOT_RADIOGRAPH]
+    assert flags((((yy // 32) + (xx // 32)) % 2).astype(np.float32)) == [qa_flag.NOT_RADIOGRAPH]
+    assert flags(film, colour=True) == [qa_flag.NOT_RADIOGRAPH]
     with pytest.raises(ValueError):
         flags(film * 2)
     with pytest.raises(ValueError):
@@ -146,8 +148,8 @@ def test_image_flags_exact_rules():
 
 def test_thumbnail_is_a_box_average():
     x = np.arange(16, dtype=np.float32).reshape(4, 4)
-    np.testing.assert_allclose(qa.thumbnail(x, 2), [[2.5, 4.5], [10.5, 12.5]])
-    assert qa.thumbnail(np.ones((2047, 1001)), 256).shape == (256, 256)
+    np.testing.assert_allclose(qa_image.thumbnail(x, 2), [[2.5, 4.5], [10.5, 12.5]])
+    assert qa_image.thumbnail(np.ones((2047, 1001)), 256).shape == (256, 256)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def test_real_examples_are_not_flagged_and_their_inversions_and_turns_are(exampl
     assert len(examples) == 5
     for name, x in examples.items():
         assert flags(x) == [], name
-        assert flags(1.0 - x) == [qa.INVERTED], name
+        assert flags(1.0 - x) == [qa_flag.INVERTED], name
         for turned in (np.rot90(x), np.rot90(x, -1), np.rot90(x, 2), x[::-1]):
-            assert flags(np.ascontiguousarray(turned)) == [qa.ROTATED], name
-        assert flags(np.ascontiguousarray(1.0 - np.rot90(x))) == [qa.INVERTED, qa.ROTATED], name
+            assert flags(np.ascontiguousarray(turned)) == [qa_flag.ROTATED], name
+        assert flags(np.ascontiguousarray(1.0 - np.rot90(x))) == [qa_flag.INVERTED, qa_flag.ROTATED], name

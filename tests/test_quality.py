@@ -1,15 +1,13 @@
 """The --qa policy end to end: flags in every per-case output, uncertain labels, refusals."""
 
-import csv
-
 import numpy as np
 import pytest
-from conftest import DATA, save_png8
+from conftest import DATA, rows_by_case, save_png8
 from PIL import Image
 from typer.testing import CliRunner
 
 from mmcli.cli import app
-from mmcli.quality import apply_policy
+from mmcli.qa.policy import apply_policy
 
 runner = CliRunner()
 EXAMPLES = DATA.parent.parent / "examples" / "scans"
@@ -30,16 +28,11 @@ def scans(tmp_path):
     return root
 
 
-def _rows(path):
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
-
-
 def test_warn_flags_and_labels_doubtful_images_uncertain(tmp_path, scans, tiny_weights):
     res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
                               "-j", "0"])
     assert res.exit_code == 0, res.output
-    rows = _rows(tmp_path / "r.csv")
+    rows = rows_by_case(tmp_path / "r.csv")
     assert rows["grey"]["qa_flags"].split(";")[0] == "not_radiograph" and rows["grey"]["label"] == "uncertain"
     assert rows["tiny"]["qa_flags"].startswith("not_radiograph") and rows["tiny"]["label"] == "uncertain"
     assert "inverted" in rows["negative"]["qa_flags"].split(";") and rows["negative"]["label"] == "uncertain"
@@ -53,14 +46,14 @@ def test_refuse_fails_flagged_cases_and_off_checks_nothing(tmp_path, scans, tiny
     res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
                               "-j", "0", "-q", "--qa", "refuse"])
     assert res.exit_code == 1
-    rows = _rows(tmp_path / "r.csv")
+    rows = rows_by_case(tmp_path / "r.csv")
     assert rows["grey"]["status"] == "error"
     assert rows["grey"]["error"].startswith("refused by quality control: not_radiograph")
     assert rows["negative"]["status"] == "error" and rows["negative"]["label"] == ""
     res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "off.csv"), "-w", str(tiny_weights),
                               "-j", "0", "-q", "--qa", "off"])
     assert res.exit_code == 0
-    rows = _rows(tmp_path / "off.csv")
+    rows = rows_by_case(tmp_path / "off.csv")
     assert all(r["qa_flags"] == "" and r["label"] in ("normal", "pneumonia") for r in rows.values())
     res = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "x.csv"), "--qa", "maybe"])
     assert res.exit_code == 2 and "--qa must be warn, refuse or off" in res.output
@@ -69,8 +62,8 @@ def test_refuse_fails_flagged_cases_and_off_checks_nothing(tmp_path, scans, tiny
 def test_explain_reports_the_same_flags(tmp_path, scans, tiny_weights):
     runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights), "-q"])
     runner.invoke(app, ["explain", str(scans), "--out", str(tmp_path / "e"), "-w", str(tiny_weights), "-q"])
-    pred, expl = _rows(tmp_path / "r.csv"), _rows(tmp_path / "e" / "explain.csv")
-    for case_id in ("grey", "tiny", "negative"):  # image flags are the same; mask flags are judged per grid
+    pred, expl = rows_by_case(tmp_path / "r.csv"), rows_by_case(tmp_path / "e" / "explain.csv")
+    for case_id in ("grey", "tiny", "negative"):  # image flags (mask flags: test_qa_registry.py, in fp32)
         image_flags = {"not_radiograph", "inverted", "rotated"}
         assert set(pred[case_id]["qa_flags"].split(";")) & image_flags == \
             set(expl[case_id]["qa_flags"].split(";")) & image_flags
@@ -90,8 +83,7 @@ def test_the_policy_on_hand_made_rows():
 
 
 def test_lung_cells_of_a_hand_made_label_map():
-    from mmcli.qa import LEFT_LUNG, RIGHT_LUNG
-    from mmcli.quality import lung_cells
+    from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG, lung_cells
 
     sides = np.zeros((100, 200), np.uint8)
     sides[10:60, 20:80] = RIGHT_LUNG  # 3000 px
@@ -116,7 +108,7 @@ def test_predict_reports_each_lung_and_explain_the_same_lung_fraction(tmp_path, 
         res = runner.invoke(app, ["explain", str(scans), "--out", str(tmp_path / f"e{len(masks)}"), "-w",
                                   str(tiny_weights), "-q", "-j", "0", "-b", "1", "--qa", "off", *masks])
         assert res.exit_code == 0, res.output
-        pred, expl = _rows(out), _rows(tmp_path / f"e{len(masks)}" / "explain.csv")
+        pred, expl = rows_by_case(out), rows_by_case(tmp_path / f"e{len(masks)}" / "explain.csv")
         assert set(pred) == set(expl) and len(pred) == 6
         for case_id, row in pred.items():
             total, right, left = (float(row[f"{c}lung_fraction"]) for c in ("", "right_", "left_"))
@@ -142,11 +134,10 @@ def test_native_lung_mask_is_taken_at_the_native_size():
     import torch
 
     from mmcli.inference import BatchPrediction
-    from mmcli.quality import native_lung_mask
 
     logits = torch.full((1, 1, 64, 64), -0.1)
     logits[0, 0, 32, 32] = 1.0
     pred = BatchPrediction(None, logits, None)
-    native = native_lung_mask(pred, 0, 640, 640, raw_masks=True)
+    native = pred.mask_at(0, 640, 640)
     assert native.shape == (640, 640) and native.dtype == bool
     assert 2.5 / 4096 < native.mean() < 4 / 4096 and native[325, 325]

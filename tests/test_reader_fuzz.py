@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_dicom
 from PIL import Image
-from test_readers import FAKE_MONO1, MONO2, make_dicom
+from test_readers import FAKE_MONO1, MONO2
 
 from mmcli.errors import ReadError
 from mmcli.io.readers import Radiograph, read_radiograph

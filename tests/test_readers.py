@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import make_dicom, read_rows
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import JPEGBaseline8Bit
 
 from mmcli.errors import ReadError, UsageError
 from mmcli.io.readers import SUPPORTED_SUFFIXES, Radiograph, is_dicom, read_radiograph
@@ -34,42 +35,6 @@ FAKE_MONO1 = DICOM_DIR / "Fake_MONOHR1.dcm"
 
 def f32(values: np.ndarray | list[float]) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).astype(np.float32)
-
-
-def make_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    *,
-    bits_stored: int = 12,
-    photometric: str = "MONOCHROME2",
-    pixel_data: bool = True,
-    **attrs: object,
-) -> Path:
-    """Write an uncompressed (explicit VR little endian) DX file with ``pixels`` (H, W)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[:2] if photometric == "RGB" else pixels.shape[-2:]
-    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    if photometric == "RGB":
-        ds.PlanarConfiguration = 0
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    if pixel_data:
-        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def png(path: Path, array: np.ndarray) -> Path:
@@ -408,11 +373,8 @@ def test_refuse_dicom_without_pixels_even_named_png(tmp_path: Path) -> None:
 
 
 def test_refuse_undecodable_dicom(tmp_path: Path) -> None:
-    path = make_dicom(tmp_path / "j.dcm", np.zeros((8, 8), np.uint8), bits_stored=8)
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.PixelData = encapsulate([b"\xff\xd8 not really a jpeg"])
-    ds.save_as(path, enforce_file_format=True)
+    path = make_dicom(tmp_path / "j.dcm", np.zeros((8, 8), np.uint8), bits_stored=8, transfer_syntax=JPEGBaseline8Bit,
+                      pixel_data=encapsulate([b"\xff\xd8 not really a jpeg"]))
     assert_refused(path, "truncated or corrupt DICOM pixel data", "JPEG Baseline")
 
 
@@ -474,11 +436,8 @@ def test_pillow_bomb_limit_only_without_ours(tmp_path: Path, monkeypatch: pytest
 
 
 def test_shipped_examples_read_and_match_their_labels():
-    import csv
-
     scans = Path(__file__).parents[1] / "examples" / "scans"
-    with open(scans / "labels.csv", newline="") as f:
-        labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    labels = {row["file"]: row["label"] for row in read_rows(scans / "labels.csv")}
     assert set(labels.values()) == {"normal", "pneumonia"}
     for path in sorted(scans.iterdir()):
         if path.suffix == ".csv":

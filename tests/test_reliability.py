@@ -1,7 +1,6 @@
 """Errors at the edge: bad outputs found before any work, a full disk mid-run, bad checkpoint
 metadata, locked run folders, and one line (no traceback) for every failure."""
 
-import csv
 import errno
 import hashlib
 import hmac
@@ -13,10 +12,10 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from conftest import make_checkpoint, save_png8
+from conftest import make_checkpoint, rows_by_case, save_png8
 from typer.testing import CliRunner
 
-import mmcli.io.writers as writers
+import mmcli.io.runfolder as runfolder
 from mmcli.cli import app
 from mmcli.config import PreprocessConfig
 from mmcli.errors import WeightsError
@@ -35,11 +34,6 @@ def scans(tmp_path):
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def _one_error_line(res):
@@ -67,7 +61,7 @@ def test_an_out_that_cannot_be_created_fails_before_any_work(tmp_path, scans, ti
 
 
 def test_a_full_disk_mid_run_is_one_line_and_a_rerun_finishes(tmp_path, scans, tiny_weights, monkeypatch):
-    real = writers.Journal.append
+    real = runfolder.Journal.append
     calls = []
 
     def full_after_one(self, row):
@@ -76,14 +70,14 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_finishes(tmp_path, scans, t
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         real(self, row)
 
-    monkeypatch.setattr(writers.Journal, "append", full_after_one)
+    monkeypatch.setattr(runfolder.Journal, "append", full_after_one)
     out = tmp_path / "r.csv"
     res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-j", "0", "-b", "1")
     assert res.exit_code == 1
     line = _one_error_line(res)
     assert "No space left on device" in line and "journal.jsonl" in line and "run the same command again" in line
     assert not out.exists()
-    monkeypatch.setattr(writers.Journal, "append", real)
+    monkeypatch.setattr(runfolder.Journal, "append", real)
     res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-j", "0")
     assert res.exit_code == 0 and "(1 resumed)" in res.output
 
@@ -129,7 +123,7 @@ def test_bad_checkpoint_metadata_is_refused_on_load(tmp_path, scans, changes, me
 
 
 def test_train_and_evaluate_run_folders_are_locked(tmp_path, scans, tiny_weights):
-    from mmcli.io.writers import RunLock
+    from mmcli.io.runfolder import RunLock
 
     (scans / "labels.csv").write_text("file,label\ns0.png,normal\ns1.png,pneumonia\n")
     with RunLock(tmp_path / "ev" / ".lock", tmp_path / "ev"):
@@ -169,14 +163,14 @@ def test_bombs_get_error_rows_and_max_pixels_sets_the_budget(tmp_path, scans, ti
     out = tmp_path / "r.csv"
     res = _run("predict", scans, "--out", out, "-w", tiny_weights, "-q", "-j", "0")
     assert res.exit_code == 1
-    rows = _rows(out)
+    rows = rows_by_case(out)
     assert rows["bomb.png"]["error"] == "image of 13000 x 13000 pixels exceeds the 60 MP limit"
     assert rows["bomb.dcm"]["error"] == "image of 16000 x 16000 pixels exceeds the 60 MP limit"
     assert [rows[f"s{i}"]["status"] for i in range(3)] == ["ok"] * 3
     res = _run("predict", scans / "s0.png", "--out", tmp_path / "small.csv", "-w", tiny_weights, "-q",
                "--max-pixels", "4000")
     assert res.exit_code == 1
-    (row,) = _rows(tmp_path / "small.csv").values()
+    (row,) = rows_by_case(tmp_path / "small.csv").values()
     assert row["error"] == "image of 64 x 64 pixels exceeds the 0.004 MP limit"
     manifest = json.loads((tmp_path / "small" / "run.json").read_text())
     assert manifest["settings"]["max_pixels"] == 4000

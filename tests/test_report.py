@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-from conftest import save_png8
+from conftest import read_rows, save_png8
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -202,8 +202,7 @@ def test_review_links_are_encoded_and_pictures_named_from_the_id(tmp_path):
 def test_review_reads_and_writes_pictures_only_inside_the_run(tmp_path):
     report = _predict_run(tmp_path)
     save_png8(tmp_path / "outside.png", 80, 100)
-    with open(report, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(report)
     rows[0]["mask"] = "outside.png"  # beside the report, not in the run's folder
     rows[1]["source"] = str(tmp_path)  # a folder, not a file
     _write_report(report, rows)

@@ -1,12 +1,12 @@
 """The default weights in weights/: they load, match their sha256 and behave on the shipped examples."""
 
-import csv
 from pathlib import Path
 
 import pytest
+from conftest import read_rows
 
-from mmcli.ood import OODStats
 from mmcli.predict import PredictConfig, run_predict
+from mmcli.qa.ood import OODStats
 from mmcli.weights import WEIGHTS_DIRS, file_sha256, load_weights, read_registry
 
 ROOT = Path(__file__).parents[1]
@@ -37,8 +37,7 @@ def test_default_weights_on_the_examples(tmp_path, monkeypatch):
     assert summary.ok == 5 and summary.failed == 0
     for row in rows.values():  # lungs cover a plausible share of a chest radiograph
         assert 0.10 <= row["lung_fraction"] <= 0.60, row
-    with open(ROOT / "examples" / "scans" / "labels.csv", newline="") as f:
-        truth = {Path(r["file"]).stem: r["label"] for r in csv.DictReader(f)}
+    truth = {Path(r["file"]).stem: r["label"] for r in read_rows(ROOT / "examples" / "scans" / "labels.csv")}
     p = {lab: [rows[c]["p_pneumonia"] for c, t in truth.items() if t == lab] for lab in ("normal", "pneumonia")}
     assert min(p["pneumonia"]) > max(p["normal"])  # the labelled examples are ranked right
     for label in ("normal", "pneumonia"):  # and each class has an example labelled right

@@ -190,7 +190,7 @@ def test_cli_train_then_predict(folders, tmp_path):
     splits = pd.read_csv(out / "splits.csv")
     assert (splits["cls_role"] == "labelled").sum() == 4 and (splits["seg_role"] == "labelled").sum() == 2
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "finished" and run["config"]["cls_labels"] == 4 and run["ece_after"] is not None
+    assert run["status"] == "finished" and run["settings"]["cls_labels"] == 4 and run["ece_after"] is not None
     ckpt = load_checkpoint(out / "best.safetensors")
     assert ckpt.temperature == run["temperature"] and ckpt.train_config["variant"] == "multimix"
     assert ckpt.preprocess.image_size == 64
@@ -266,7 +266,7 @@ def test_set_schedule_after_first_epoch_equals_that_schedule_from_the_start(fold
     for k, v in _weights(tmp_path / "a" / "last.safetensors").items():
         assert torch.equal(v, _weights(tmp_path / "b" / "last.safetensors")[k]), k
     run = json.loads((tmp_path / "b" / "run.json").read_text())
-    assert run["config"]["epochs"] == 3 and run["config"]["lr_step"] == 2
+    assert run["settings"]["epochs"] == 3 and run["settings"]["lr_step"] == 2
     with pytest.raises(UsageError, match="stepped"):
         trainers[0].set_schedule(5, 1)
 
@@ -334,7 +334,7 @@ def test_freeze_keeps_the_frozen_parts_exactly_and_trains_the_rest(folders, star
     model = create_model("multimix_tiny")
     assert manifest["frozen"] == {"encoder": sum(p.numel() for p in model.encoder.parameters()),
                                   "classifier": sum(p.numel() for p in model.classifier.parameters())}
-    assert manifest["config"]["freeze"] == ["encoder", "classifier"]
+    assert manifest["settings"]["freeze"] == ["encoder", "classifier"]
     assert manifest["temperature"] == 1.0 and manifest["temperature_from_init"] is True
 
 
@@ -432,7 +432,7 @@ def test_run_json_records_sampling_site_augmentation_and_calibration(folders, tm
     run_train(_cfg(folders, tmp_path / "r", cls_data=(str(cls), str(seg)), balance_sources=True,
                    site_aug=("gamma", "rotate")))
     run = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert run["config"]["site_aug"] == ["gamma", "rotate"] and run["config"]["balance_sources"] is True
+    assert run["settings"]["site_aug"] == ["gamma", "rotate"] and run["settings"]["balance_sources"] is True
     assert run["site_augment"] == {"gamma": {"p": 0.3, "range": [-0.4, 0.4], "unit": "log of the gamma exponent"},
                                    "rotate": {"p": 0.3, "range": [-10.0, 10.0], "unit": "degrees"}}
     # seg images have no labels: they are unlabelled classification images next to cls's

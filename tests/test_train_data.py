@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import radiograph_like, save_png8
+from conftest import make_dicom, radiograph_like, save_png8
 from PIL import Image
 
 from mmcli.config import CLASS_NAMES, PreprocessConfig
@@ -168,8 +168,6 @@ def test_table_reads_masks_with_the_one_mask_reader(tmp_path):
 
 
 def test_table_honours_voi_lut(tmp_path):
-    from test_readers import make_dicom
-
     raw = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
     (tmp_path / "cls").mkdir()
     path = make_dicom(tmp_path / "cls" / "w.dcm", raw, WindowCenter=2048, WindowWidth=1024)

@@ -114,7 +114,7 @@ def test_a_folder_without_masks_beside_others_is_warned_about(folders, tmp_path,
 # ---- one meaning per option name ----
 
 def _config(out):
-    return json.loads((out / "run.json").read_text())["config"]
+    return json.loads((out / "run.json").read_text())["settings"]
 
 
 def test_train_dice_and_consistency_weights_and_their_old_names(folders, tmp_path):

@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
+from mmcli.io.runfolder import Journal
 from mmcli.io.writers import (
-    Journal,
     atomic_path,
     read_csv_rows,
     read_mask_png,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,9 +30,9 @@ def merge(
     """
     with exit_on_error():
         from mmcli.merge import merge_reports
-        from mmcli.predict import REPORT_COLUMNS
+        from mmcli.predict import FILE_COLUMNS, REPORT_COLUMNS
 
-        summary = merge_reports(reports, out, columns=REPORT_COLUMNS)
+        summary = merge_reports(reports, out, columns=REPORT_COLUMNS, file_columns=FILE_COLUMNS, command=sys.argv)
     if not quiet:
         c = summary.counts
         say(f"{summary.shards} shards: {c['ok']} ok, {c['error']} failed, {c['skipped']} skipped "

@@ -14,7 +14,7 @@ from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError
 from mmcli.io.discover import InputFile
 from mmcli.io.readers import read_radiograph
-from mmcli.qa import image_flags
+from mmcli.qa.image import image_flags
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_case(
     """Read and preprocess one file; a failure is returned as the item's ``error``, never raised.
 
     ``max_pixels`` is the reader's pixel budget, checked from the header before decoding.
-    ``image_qa`` adds ``meta["image_flags"]``, :func:`mmcli.qa.image_flags` of the pixels read.
+    ``image_qa`` adds ``meta["image_flags"]``, :func:`mmcli.qa.image.image_flags` of the pixels read.
 
     Returns:
         ``{"index", "image": (1, S, S) tensor or None, "error": str or None, "meta": {...}}``,

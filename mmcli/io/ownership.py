@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.errors import UsageError
-
-MANIFEST, JOURNAL = "run.json", "journal.jsonl"
+from mmcli.io.runfolder import JOURNAL, is_hdf5
+from mmcli.io.runfolder import RUN_JSON as MANIFEST
 
 
 def _json_file(path: Path, *, first_line: bool = False) -> dict[str, Any] | None:
@@ -56,10 +56,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _manifest_command(manifest: Mapping[str, Any]) -> str | None:
-    """The command that wrote a ``run.json``: ``mmcli_command``, or ``merge`` (whose report is predict's)."""
+    """The command that wrote a ``run.json``: ``mmcli_command``, or ``merge`` for a merge's from before it was
+    recorded (``"command": "merge"``)."""
     if isinstance(manifest.get("mmcli_command"), str):
         return str(manifest["mmcli_command"])
-    return "predict" if manifest.get("command") == "merge" else None
+    return "merge" if manifest.get("command") == "merge" else None
 
 
 def _manifest_reports(manifest: Mapping[str, Any]) -> set[Path]:
@@ -101,7 +102,7 @@ def report_is_own(path: Path, folder: Path, command: str, columns: Sequence[str]
 def has_report_columns(path: Path, columns: Sequence[str]) -> bool:
     """Whether ``path`` is a CSV whose header row is exactly ``columns``, or an HDF5 file mmcli wrote
     (``mmcli_version`` attribute) with a ``cases`` table of exactly those columns."""
-    if path.suffix.lower() in (".h5", ".hdf5"):
+    if is_hdf5(path):
         import h5py
 
         try:
@@ -209,7 +210,7 @@ def report_rows(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
     """The rows of an earlier report (CSV or HDF5), ``columns`` only; none where it cannot be read."""
     if not path.is_file():
         return []
-    if path.suffix.lower() in (".h5", ".hdf5"):
+    if is_hdf5(path):
         import h5py
 
         try:

@@ -1,30 +1,27 @@
-"""Write outputs atomically: mask PNGs, CSV and HDF5 reports, JSON manifests.
+"""Write outputs atomically: mask PNGs, CSV and HDF5 reports, JSON files.
 
 Every writer goes through a temporary file in the destination folder and
 :func:`os.replace`, so a killed run never leaves a half-written file under the final
-name. :class:`Journal` records finished cases one line at a time so that a killed run
-can resume where it stopped.
+name. The state of a run (its folder, lock, journal and ``run.json``) is
+:mod:`mmcli.io.runfolder`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
-
-from mmcli.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -245,120 +242,3 @@ def hdf5_key(case_id: str) -> str:
     """
     key = quote(case_id, safe="")
     return key.replace(".", "%2E") if key in (".", "..") else key  # "." names the group itself
-
-
-class Journal:
-    """Append-only JSON-lines record of finished cases, flushed after every write.
-
-    The first line is a header (e.g. the weights' sha256); each later line one case row.
-    A line cut short by a kill is ignored on reading.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._file: Any = None
-
-    def read(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """Return the header and the last row recorded for each case id."""
-        header: dict[str, Any] = {}
-        rows: dict[str, dict[str, Any]] = {}
-        if not self.path.is_file():
-            return header, rows
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if i == 0 and "header" in record:
-                    header = record["header"]
-                elif "case_id" in record:
-                    rows[str(record["case_id"])] = record
-        return header, rows
-
-    def start(self, header: Mapping[str, Any], rows: Iterable[Mapping[str, Any]] = (), *,
-              command: str | None = None) -> None:
-        """(Re)write the journal with ``header`` and the ``rows`` carried over, then keep it open.
-
-        ``command`` (``predict``, ``explain``) is recorded beside the header: the folder is then
-        known as that command's run (:mod:`mmcli.io.ownership`) even before its ``run.json``.
-        """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        first = {"header": dict(header), **({"command": command} if command else {})}
-        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(first) + "\n")
-            for row in rows:
-                f.write(json.dumps(dict(row), default=str) + "\n")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(dict(row), default=str) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class RunLock:
-    """An exclusive lock on a run folder for a whole run (``flock`` on a lock file in it).
-
-    The kernel drops the lock when its process ends, however it ends, so a killed run
-    never leaves a stale lock behind. The holder's pid is written into the file for the
-    message a second run gets.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], what: str | os.PathLike[str]) -> None:
-        self.path, self.what = Path(path), what
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Raises: UsageError: another process holds the lock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UsageError(f"another mmcli run (pid {holder}) is writing {self.what}: wait for it to finish, "
-                             "or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def probe_writable(*folders: str | os.PathLike[str]) -> None:
-    """Create each folder and a file in it, before any work, so a bad ``--out`` fails at once.
-
-    Raises:
-        UsageError: a folder cannot be created or written (parent is a file, read-only
-            file system, no permission, disk full), naming it and the cause.
-    """
-    for folder in folders:
-        folder = Path(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
-            try:
-                os.write(fd, b"mmcli")
-            finally:
-                os.close(fd)
-                os.unlink(probe)
-        except OSError as err:
-            raise UsageError(f"cannot write the outputs to {folder}: {err.strerror or err}") from None

@@ -22,7 +22,7 @@ from mmcli import metrics as M
 from mmcli.config import PreprocessConfig
 from mmcli.data.transforms import normalize
 from mmcli.models import MultiMix
-from mmcli.ood import bottleneck_features, fit_ood
+from mmcli.qa.ood import bottleneck_features, fit_ood
 from mmcli.training.datasets import ImageTable
 from mmcli.training.step import evaluate
 from mmcli.weights import Checkpoint, load_checkpoint, save_checkpoint
@@ -190,7 +190,7 @@ def _same_weights(a: Checkpoint, b: Checkpoint) -> bool:
 
 def table_features(model: MultiMix, table: ImageTable, positions: list[int], pre: PreprocessConfig, *,
                    batch_size: int, device: torch.device) -> Tensor:
-    """``(N, C)`` bottleneck features (see :mod:`mmcli.ood`) of the table's images at ``positions``."""
+    """``(N, C)`` bottleneck features (see :mod:`mmcli.qa.ood`) of the table's images at ``positions``."""
     model.eval()
     chunks = []
     for start in range(0, len(positions), batch_size):

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
 from mmcli.errors import MMCLIError, UsageError
-from mmcli.io.writers import RunLock, probe_writable, write_csv, write_json
+from mmcli.io import ownership
+from mmcli.io.runfolder import RunLayout, open_run_folder, run_record, write_run_json
+from mmcli.io.writers import write_csv
 from mmcli.models import create_model, model_kwargs
 from mmcli.runtime import (
     apply_precision_policy,
@@ -391,6 +391,13 @@ class Trainer:
         return cal
 
 
+def _holds_training(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier training run (its ``run.json`` names ``train``, or, written before
+    it did, records the model it trained)."""
+    manifest = ownership.read_manifest(folder)
+    return manifest is not None and (manifest.get("mmcli_command") == "train" or "model_kwargs" in manifest)
+
+
 def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = None,
               on_step: StepCallback | None = None,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -400,8 +407,8 @@ def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = 
     keep_freed_memory()
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run folder, held by torchrun's rank 0
-            probe_writable(cfg.out)
-            stack.enter_context(RunLock(Path(cfg.out) / ".lock", cfg.out))
+            layout = RunLayout.in_folder(Path(cfg.out), "best.safetensors")
+            stack.callback(open_run_folder(layout, "train", holds=_holds_training(layout.folder)).release)
         trainer = Trainer(cfg)
         try:
             return _run(trainer, started, on_start, on_step, on_epoch, command)
@@ -415,20 +422,23 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
     cfg, main = trainer.cfg, trainer.dist.is_main
     if not main:  # only rank 0 reports progress
         on_start = on_step = on_epoch = None
-    manifest: dict[str, Any] = {
-        "mmcli_version": __version__, "torch_version": torch.__version__, "python": sys.version.split()[0],
-        "command": command, "config": cfg.to_dict(), "device": str(trainer.device), "precision": trainer.precision,
+    layout = RunLayout.in_folder(trainer.out, "best.safetensors")
+    manifest = run_record(
+        "train", argv=command, settings=cfg.to_dict(), status="running", counts=trainer.counts(),
+        outputs={"folder": str(trainer.out), "files": []},
+    )
+    manifest.update({
+        "device": str(trainer.device), "precision": trainer.precision,
         "model_name": trainer.variant.model, "model_kwargs": trainer.model_kwargs,
         "preprocess": trainer.pre.to_dict(), "class_names": list(trainer.class_names),
-        "counts": trainer.counts(), "sampling": trainer.sampling(),
+        "sampling": trainer.sampling(),
         "site_augment": site_augment_record(cfg.site_aug), "frozen": trainer.frozen,
         "unreadable": trainer.failures,
         "data": {"sha256": data_digest(trainer.data), "files": len(trainer.data)},  # see mmcli.training.fingerprint
         "world_size": trainer.dist.world,
-        "status": "running",
-    }
+    })
     if main:
-        write_json(trainer.out / "run.json", manifest)
+        write_run_json(layout, manifest)
     if on_start is not None:
         on_start(trainer)
     try:
@@ -440,7 +450,7 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         if main:
             manifest.update({"status": "diverged", "error": str(err), "epochs_run": trainer.epoch,
                              "best_epoch": trainer.best_epoch, "seconds": round(time.time() - started, 1)})
-            write_json(trainer.out / "run.json", manifest)
+            write_run_json(layout, manifest)
         raise
     done = trainer.finish()
     barrier(trainer.dist)
@@ -450,14 +460,15 @@ def _run(trainer: Trainer, started: float, on_start: Callable[[Trainer], None] |
         ece_after=done["ece_after"], calibration_kept=done["kept"], history=trainer.history, is_main=main,
     )
     manifest.update({
-        "config": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
+        "settings": trainer.cfg.to_dict(),  # with the schedule it ended with (see Trainer.set_schedule)
         "status": "stopped early" if summary.stopped_early else "finished", "epochs_run": summary.epochs_run,
         "best_epoch": summary.best_epoch, "best_score": summary.best_score,
         "temperature": done["temperature"], "ece_before": done["ece_before"], "ece_after": done["ece_after"],
         "temperature_kept_at_1": done["kept"], "temperature_from_init": done["from_init"], "ood": done["ood"],
         "seconds": round(time.time() - started, 1),
-        "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"],
+        "outputs": {"folder": str(trainer.out),
+                    "files": ["best.safetensors", "last.safetensors", "state.pt", "history.csv", "splits.csv"]},
     })
     if main:
-        write_json(trainer.out / "run.json", manifest)
+        write_run_json(layout, manifest)
     return summary
