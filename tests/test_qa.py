@@ -113,6 +113,15 @@ def test_mask_flags_on_hand_made_masks():
     one = np.zeros((256, 256), bool)
     one[40:230, 30:226] = True  # one lung-sized piece
     assert qa_mask.mask_flags(one) == [qa_flag.MASK_IMPLAUSIBLE]
+    joined = good.copy()
+    joined[120:140, 100:160] = True  # the two lungs touch at the mediastinum: one piece with a waist
+    assert qa_mask._parts(joined).area.size == 1 and qa_mask.mask_flags(joined) == []
+    assert set(np.unique(qa_mask.lung_sides(joined))) == {0, qa_mask.RIGHT_LUNG, qa_mask.LEFT_LUNG}
+    lopsided_joined = joined.copy()
+    lopsided_joined[40:230, 138:226] = False
+    lopsided_joined[120:140, 118:170] = True  # a band out of one lung: no waist, not a second lung
+    assert qa_mask._parts(lopsided_joined).area.size == 1
+    assert qa_mask.mask_flags(lopsided_joined) == [qa_flag.MASK_IMPLAUSIBLE]
     lopsided = good.copy()
     lopsided[60:220, 138:226] = False
     lopsided[100:120, 160:180] = True  # other "lung" 400 px: the first holds over 90 % of the area
