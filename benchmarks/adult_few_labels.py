@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from paper_table import _cell, _metric  # noqa: E402
+from paper_table import cell, metric  # noqa: E402
 from weights_v3 import mmcli, train_once  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
@@ -98,8 +98,8 @@ def write_table(out: Path, results: list[dict[str, Any]]) -> str:
              "| adult labels | seed | arm | ROC AUC | AUC within AP | AUC within PA | balanced accuracy |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["labels"], r["seed"], r["arm"])):
-        cells = [_cell(_metric(r, t, "classification", "roc_auc")) for t in TEST]
-        bal = _cell(_metric(r, "cls-adult-test", "classification", "balanced_accuracy"))
+        cells = [cell(metric(r, t, "classification", "roc_auc")) for t in TEST]
+        bal = cell(metric(r, "cls-adult-test", "classification", "balanced_accuracy"))
         lines.append(f"| {r['labels']} | {r['seed']} | {r['arm']} | {' | '.join(cells)} | {bal} |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text, encoding="utf-8")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from paper_table import _link_folder, _read_csv  # noqa: E402
+from paper_table import link_folder, read_csv  # noqa: E402
 
 from mmcli.config import CLASS_NAMES  # noqa: E402
 from mmcli.training.datasets import make_splits, scan_folders  # noqa: E402
@@ -36,7 +36,7 @@ IN_DOMAIN_LIST = Path(__file__).parents[1] / "docs" / "results" / "holdout.csv"
 SETS = ("seg-in", "cls-in", "seg-cross", "cls-cross")
 
 
-def _nih_patient(name: str) -> str:
+def nih_patient(name: str) -> str:
     return name.split("_", 1)[0].lstrip("0") or "0"
 
 
@@ -57,7 +57,7 @@ def split(data: Path, out: Path, listing: Path, *, seed: int = 0, fraction: floa
             parts[row["set"]][row["file"]] = row["part"]
             patients[row["set"]][row["file"]] = row["patient"]
     # The adult sets: mmcli's validation split (by patient, stratified by class) becomes the test part.
-    samples = [s if s.patient is not None else replace(s, patient=f"nih::{_nih_patient(s.path.name)}")
+    samples = [s if s.patient is not None else replace(s, patient=f"nih::{nih_patient(s.path.name)}")
                for s in scan_folders([data / "seg-cross"], [data / "cls-cross"], CLASS_NAMES)]
     splits = make_splits(samples, seg_labels=None, cls_labels=None, val_fraction=fraction, seed=seed)
     test = set(splits.val_seg) | set(splits.val_cls)
@@ -68,17 +68,17 @@ def split(data: Path, out: Path, listing: Path, *, seed: int = 0, fraction: floa
     folders: dict[str, Path] = {}
     for name in SETS:
         src = data / name
-        fields, meta = _read_csv(src / "meta.csv")
-        _, label_rows = _read_csv(src / "labels.csv")
+        fields, meta = read_csv(src / "meta.csv")
+        _, label_rows = read_csv(src / "labels.csv")
         labels = {k: v["label"] for k, v in label_rows.items()}
         if name == "cls-cross":
             fields = [*fields, "patient"]
-            meta = {k: {**v, "patient": _nih_patient(k)} for k, v in meta.items()}
+            meta = {k: {**v, "patient": nih_patient(k)} for k, v in meta.items()}
         for part in ("train", "test"):
             dst = out / f"{name}-{part}"
             files = [src / f for f, p in sorted(parts[name].items()) if p == part]
             if not dst.is_dir():
-                _link_folder(dst, src, files, meta, fields, labels)
+                link_folder(dst, src, files, meta, fields, labels)
             folders[dst.name] = dst
     listing.parent.mkdir(parents=True, exist_ok=True)
     with open(listing, "w", newline="", encoding="utf-8") as f:

@@ -85,7 +85,7 @@ def table_rows() -> list[dict[str, Any]]:
 # ---- patient-disjoint held-out split ----
 
 
-def _link_folder(dst: Path, src: Path, files: list[Path], meta: dict[str, dict[str, str]], fields: list[str],
+def link_folder(dst: Path, src: Path, files: list[Path], meta: dict[str, dict[str, str]], fields: list[str],
                  labels: dict[str, str]) -> None:
     """``dst`` with links to ``files`` (and their masks), plus the matching rows of labels.csv and meta.csv."""
     (dst / "masks").mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def _link_folder(dst: Path, src: Path, files: list[Path], meta: dict[str, dict[s
             w.writerows(meta[f.name] for f in files if f.name in meta)
 
 
-def _read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     if not path.is_file():
         return [], {}
     with open(path, newline="", encoding="utf-8") as f:
@@ -138,8 +138,8 @@ def split_holdout(data: Path, out: Path, *, seed: int, fraction: float) -> dict[
     test = set(splits.val_seg) | set(splits.val_cls)
     rows = []
     for src in (seg, cls):
-        fields, meta = _read_csv(src / "meta.csv")
-        _, label_rows = _read_csv(src / "labels.csv")
+        fields, meta = read_csv(src / "meta.csv")
+        _, label_rows = read_csv(src / "labels.csv")
         labels = {k: v["label"] for k, v in label_rows.items()}
         part = {"train": [], "test": []}
         for i, s in enumerate(samples):
@@ -148,7 +148,7 @@ def split_holdout(data: Path, out: Path, *, seed: int, fraction: float) -> dict[
                 rows.append({"file": s.path.name, "set": src.name, "patient": s.patient or "",
                              "part": "test" if i in test else "train"})
         for p, files in part.items():
-            _link_folder(out / f"{src.name}-{p}", src, files, meta, fields, labels)
+            link_folder(out / f"{src.name}-{p}", src, files, meta, fields, labels)
     with open(done, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["file", "set", "patient", "part"])
         w.writeheader()
@@ -220,12 +220,12 @@ SEG_COLS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("ssim", "SSIM"), ("ahd", 
             ("precision", "Prec"), ("recall", "Rec"))
 
 
-def _metric(result: dict[str, Any], dataset: str, task: str, key: str) -> dict[str, Any] | None:
+def metric(result: dict[str, Any], dataset: str, task: str, key: str) -> dict[str, Any] | None:
     d = result.get("datasets", {}).get(dataset, {}).get(task)
     return None if d is None else d["metrics"].get(key)
 
 
-def _cell(m: dict[str, Any] | None, key: str = "value") -> str:
+def cell(m: dict[str, Any] | None, key: str = "value") -> str:
     if m is None or m.get(key) is None or (isinstance(m[key], float) and math.isnan(m[key])):
         return "-"
     if key == "baseline":
@@ -250,13 +250,13 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
         lines.extend([f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
         for r in results:
             cells = [r["name"], str(r.get("epochs_run", "-")), f"{r['train_seconds']:.0f}"]
-            cells += [_cell(_metric(r, cls_set, "classification", k)) for k, _ in cls_cols]
-            cells += [_cell(_metric(r, seg_set, "segmentation", k)) for k, _ in seg_cols]
+            cells += [cell(metric(r, cls_set, "classification", k)) for k, _ in cls_cols]
+            cells += [cell(metric(r, seg_set, "segmentation", k)) for k, _ in seg_cols]
             lines.append("| " + " | ".join(cells) + " |")
-        base = next((r for r in results if _metric(r, cls_set, "classification", "accuracy")), None)
+        base = next((r for r in results if metric(r, cls_set, "classification", "accuracy")), None)
         if base is not None:
             majority = base["datasets"][cls_set]["classification"]["majority_class"]
-            cells = [f"always {majority}", "-", "-"] + [_cell(_metric(base, cls_set, "classification", k), "baseline")
+            cells = [f"always {majority}", "-", "-"] + [cell(metric(base, cls_set, "classification", k), "baseline")
                                                    for k, _ in cls_cols] + ["-"] * len(seg_cols)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from adult_split import _nih_patient  # noqa: E402
-from paper_table import _cell as _format  # noqa: E402
-from paper_table import _metric, _read_csv  # noqa: E402
+from adult_split import nih_patient  # noqa: E402
+from paper_table import cell as _format  # noqa: E402
+from paper_table import metric, read_csv  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
 
@@ -47,7 +47,7 @@ def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[P
     The ``n`` labelled films are drawn stratified by class (at least one of each class when
     ``n`` >= 2). Either folder is None when it would be empty.
     """
-    labels = {k: v["label"] for k, v in _read_csv(train / "labels.csv")[1].items()}
+    labels = {k: v["label"] for k, v in read_csv(train / "labels.csv")[1].items()}
     if n is None:
         return train, None
     rng = np.random.default_rng(seed)
@@ -69,7 +69,7 @@ def nih_folders(train: Path, out: Path, n: int | None, seed: int = 0) -> tuple[P
         with open(lab / "labels.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "label", "patient"])
-            w.writerows([name, labels[name], _nih_patient(name)] for name in picked)
+            w.writerows([name, labels[name], nih_patient(name)] for name in picked)
     return (lab if picked else None), (free if rest else None)
 
 
@@ -120,8 +120,8 @@ def run_row(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[
                         {"row": name, "nih_labels": n, "train": run})
 
 
-def _cell(r: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
-    return _format(_metric(r, dataset, task, key), field)
+def cell(r: dict[str, Any], dataset: str, task: str, key: str, field: str = "value") -> str:
+    return _format(metric(r, dataset, task, key), field)
 
 
 def _nih_given(r: dict[str, Any]) -> int:
@@ -144,14 +144,14 @@ def write_curve(path: Path, results: list[dict[str, Any]]) -> None:
     xs = [_nih_given(r) for r in rows]
     for dataset, name, colour in (("cls-cross-test", "NIH (adult), held out", "tab:red"),
                                   ("cls-in-test", "Kermany (children), held out", "tab:blue")):
-        ms = [_metric(r, dataset, "classification", "roc_auc") for r in rows]
+        ms = [metric(r, dataset, "classification", "roc_auc") for r in rows]
         pts = [(x, m) for x, m in zip(xs, ms, strict=True) if m is not None]
         if pts:
             ax.errorbar([x for x, _ in pts], [m["value"] for _, m in pts],
                         yerr=[[m["value"] - m["ci_low"] for _, m in pts], [m["ci_high"] - m["value"] for _, m in pts]],
                         marker="o", capsize=3, color=colour, label=name)
         v1 = [r for r in results if r["row"] == "v1"]
-        if v1 and (m := _metric(v1[0], dataset, "classification", "roc_auc")) is not None:
+        if v1 and (m := metric(v1[0], dataset, "classification", "roc_auc")) is not None:
             ax.axhline(m["value"], color=colour, linestyle="--", linewidth=1, label=f"{name.split(',')[0]}: v1")
     ax.axhline(0.75, color="grey", linestyle=":", linewidth=1, label="NIH target 0.75")
     ax.set_xlabel("NIH training labels (the other NIH training films unlabelled)")
@@ -171,12 +171,12 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
     for r in results:
         n = "-" if r["row"] == "v1" else ("all" if r.get("nih_labels") is None else str(r["nih_labels"]))
         lines.append(" | ".join([
-            f"| {r['row']}", n, _cell(r, "cls-cross-test", "classification", "roc_auc"),
-            _cell(r, "cls-cross-test", "classification", "accuracy"),
-            _cell(r, "cls-cross-test", "classification", "accuracy", "baseline"),
-            _cell(r, "cls-in-test", "classification", "accuracy"),
-            _cell(r, "cls-in-test", "classification", "roc_auc"),
-            _cell(r, "seg-in-test", "segmentation", "dice"), _cell(r, "seg-cross-test", "segmentation", "dice"),
+            f"| {r['row']}", n, cell(r, "cls-cross-test", "classification", "roc_auc"),
+            cell(r, "cls-cross-test", "classification", "accuracy"),
+            cell(r, "cls-cross-test", "classification", "accuracy", "baseline"),
+            cell(r, "cls-in-test", "classification", "accuracy"),
+            cell(r, "cls-in-test", "classification", "roc_auc"),
+            cell(r, "seg-in-test", "segmentation", "dice"), cell(r, "seg-cross-test", "segmentation", "dice"),
         ]) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

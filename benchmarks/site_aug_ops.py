@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from paper_table import _cell as _format  # noqa: E402
-from paper_table import _metric  # noqa: E402
+from paper_table import cell as _format  # noqa: E402
+from paper_table import metric  # noqa: E402
 from site_adaptation import evaluate_row, run_rows, study_meta, study_parser, train_from_v1  # noqa: E402
 
 from mmcli.io.writers import write_json  # noqa: E402
@@ -194,7 +194,7 @@ def write_table(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) 
     head = "| row | " + " | ".join(label for label, _, _ in FIGURES) + " | verdict |"
     lines = ["Held-out figures (95 % bootstrap intervals):", "", head, "|" + "---|" * (len(FIGURES) + 2)]
     for r in results:
-        cells = [_format(_metric(r, ds, "segmentation" if kind == "dice" else "classification", kinds[kind]), "value")
+        cells = [_format(metric(r, ds, "segmentation" if kind == "dice" else "classification", kinds[kind]), "value")
                  for _, ds, kind in FIGURES]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r.get('verdict', '-')} |")
     lines += ["", f"Paired difference from row `none` ({LEVEL:.0%} paired bootstrap interval over patients; "

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adult_split import split as split_v2  # noqa: E402
-from paper_table import _link_folder, _read_csv  # noqa: E402
+from paper_table import link_folder, read_csv  # noqa: E402
 
 from mmcli.config import CLASS_NAMES  # noqa: E402
 from mmcli.training.datasets import make_splits, scan_folders  # noqa: E402
@@ -70,8 +70,8 @@ def split(data: Path, out: Path, listing: Path, *, seed: int = 0, fraction: floa
         parts[Path(s.source).name][s.path.name] = "test" if i in test else "train"
     for name in ADULT_SETS:
         src = data / name
-        fields, meta = _read_csv(src / "meta.csv")
-        _, label_rows = _read_csv(src / "labels.csv")
+        fields, meta = read_csv(src / "meta.csv")
+        _, label_rows = read_csv(src / "labels.csv")
         labels = {k: v["label"] for k, v in label_rows.items()}
         for part in ("train", "test"):
             names = [f for f, p in sorted(parts[name].items()) if p == part]
@@ -100,7 +100,7 @@ def split(data: Path, out: Path, listing: Path, *, seed: int = 0, fraction: floa
 def _ensure(dst: Path, src: Path, names: list[str], meta: dict[str, dict[str, str]], fields: list[str],
             labels: dict[str, str]) -> Path:
     if not dst.is_dir():
-        _link_folder(dst, src, [src / f for f in names], meta, fields, labels)
+        link_folder(dst, src, [src / f for f in names], meta, fields, labels)
     return dst
 
 

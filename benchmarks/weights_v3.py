@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from paper_table import _cell, _metric  # noqa: E402
+from paper_table import cell, metric  # noqa: E402
 
 from mmcli import metrics as M  # noqa: E402
 from mmcli.io.writers import write_json  # noqa: E402
@@ -62,6 +62,10 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
                       ("--init", "multimix-cxr-v2", *ALL_ADULT, "--unlabelled-data", "cls-cross-train",
                        "--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8",
                        "--lr", "1e-4")),
+    "E-v3-longer": ("as C-vb-nocross, continued from v3 for 8 more epochs at half the learning rate",
+                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
+                     "--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8",
+                     "--lr", "5e-5")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
@@ -136,21 +140,21 @@ SEG = (("seg-in-test", "JSRT"), ("seg-cross-test", "COVID-19 (gb)"), ("seg-adult
 
 def write_table(out: Path, results: list[dict[str, Any]], view: dict[str, float]) -> str:
     lines = ["# Weights v3 candidates", "",
-             f"ROC AUC of the view alone on the adult NIH test films (PA 1, AP 0): {_cell(view)} (n={view['n']}).",
+             f"ROC AUC of the view alone on the adult NIH test films (PA 1, AP 0): {cell(view)} (n={view['n']}).",
              "", "| row | set | ROC AUC | accuracy (majority class) | balanced accuracy | ECE | any QA flag |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         for key, label in CLS:
-            auc = _metric(r, key, "classification", "roc_auc")
-            acc = _metric(r, key, "classification", "accuracy")
-            lines.append(f"| {r['row']} | {label} | {_cell(auc)} | {_cell(acc)} ({_cell(acc, 'baseline')}) | "
-                         f"{_cell(_metric(r, key, 'classification', 'balanced_accuracy'))} | "
-                         f"{_cell(_metric(r, key, 'classification', 'ece'))} | "
+            auc = metric(r, key, "classification", "roc_auc")
+            acc = metric(r, key, "classification", "accuracy")
+            lines.append(f"| {r['row']} | {label} | {cell(auc)} | {cell(acc)} ({cell(acc, 'baseline')}) | "
+                         f"{cell(metric(r, key, 'classification', 'balanced_accuracy'))} | "
+                         f"{cell(metric(r, key, 'classification', 'ece'))} | "
                          f"{r.get('any_flag', {}).get(key, float('nan')):.3f} |")
     lines += ["", "| row | set | Dice | any QA flag |", "|---|---|---|---|"]
     for r in results:
         for key, label in SEG:
-            lines.append(f"| {r['row']} | {label} | {_cell(_metric(r, key, 'segmentation', 'dice'))} | "
+            lines.append(f"| {r['row']} | {label} | {cell(metric(r, key, 'segmentation', 'dice'))} | "
                          f"{r.get('any_flag', {}).get(key, float('nan')):.3f} |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text, encoding="utf-8")
