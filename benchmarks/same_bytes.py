@@ -224,7 +224,7 @@ def first_array_difference(a: np.ndarray, b: np.ndarray, where: str) -> str | No
     if not bad:
         return None
     i = np.unravel_index(bad[0], a.shape) if a.ndim else ()
-    first = f"{a[i].tolist()!r} != {b[i].tolist()!r}"
+    first = f"{np.asarray(a[i]).tolist()!r} != {np.asarray(b[i]).tolist()!r}"
     return f"{where}: {len(bad)} of {a.size} values differ, first at {list(map(int, i))}: {first}"
 
 

@@ -22,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcli.config import DEFAULT_MAX_PIXELS
+from mmcli.config import DEFAULT_MAX_PIXELS, ReadOptions
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError, UsageError
 from mmcli.inference import Precision, Predictor
 from mmcli.io.discover import InputFile
+from mmcli.io.image import ImageFacts
 from mmcli.outcome import case_outcome
 from mmcli.qa.image import image_flags
 from mmcli.qa.policy import QA_POLICIES
+from mmcli.status import Status
 from mmcli.weights import load_weights
 
 __all__ = ["Model", "Result", "load"]
@@ -103,27 +105,26 @@ class Model:
         if isinstance(image, np.ndarray):
             pixels = _as_pixels(image)
             height, width = pixels.shape
-            meta = {"height": height, "width": width, "pixel_spacing": None, "format": "array"}
-            if self.qa != "off":
-                meta["image_flags"] = image_flags(pixels, height=height, width=width)
+            flags = tuple(image_flags(pixels, height=height, width=width)) if self.qa != "off" else ()
+            facts = ImageFacts(height, width, None, "array", flags)
             x = preprocess(pixels, self.predictor.preprocess)
             source = "the array"
         else:
             path = Path(image).expanduser().resolve()
-            item = load_case(InputFile(path, path.stem), self.predictor.preprocess, voi_lut=self.voi_lut,
-                             max_pixels=self.max_pixels, image_qa=self.qa != "off")
-            if item["error"] is not None:
-                raise CaseError(path, item["error"])
-            meta, x, source = item["meta"], item["image"], str(path)
-        pred = self.predictor.predict(x[None], [(int(meta["height"]), int(meta["width"]))])
+            read = ReadOptions(voi_lut=self.voi_lut, max_pixels=self.max_pixels, image_qa=self.qa != "off")
+            case = load_case(InputFile(path, path.stem), self.predictor.preprocess, read)
+            if case.error is not None or case.image is None or case.facts is None:
+                raise CaseError(path, case.error or "not read")
+            facts, x, source = case.facts, case.image, str(path)
+        pred = self.predictor.predict(x[None], [(facts.height, facts.width)])
         failure = pred.failure(0)
         if failure is not None or pred.probabilities is None:
             raise CaseError(source, failure or "these weights give no probability")
-        outcome = case_outcome(pred, 0, meta, threshold=self.threshold, qa=self.qa, raw_masks=self.raw_masks,
+        outcome = case_outcome(pred, 0, facts, threshold=self.threshold, qa=self.qa, raw_masks=self.raw_masks,
                                class_names=self.predictor.checkpoint.class_names)
         if outcome.mask is None:
             raise UsageError("these weights give no lung mask")
-        if outcome.cells["status"] != "ok":
+        if outcome.cells["status"] != Status.OK:
             raise CaseError(source, outcome.cells["error"])
         return Result(mask=outcome.mask, flags=outcome.flags, **{f: outcome.cells[f] for f in _CELLS})
 

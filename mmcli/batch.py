@@ -37,6 +37,7 @@ from mmcli.io.discover import InputFile, discover_inputs, input_list_sha256
 from mmcli.io.identity import FINGERPRINT, anonymize, fingerprint, same_input
 from mmcli.io.runfolder import REPORT_FORMATS, Journal, RunLayout, open_run_folder, run_record, write_run_json
 from mmcli.runtime import default_batch_size, default_workers, has_fast_bf16
+from mmcli.status import Status
 from mmcli.weights import Checkpoint, load_weights, weights_name
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class BatchRun:
             )
         self.relabel = _settings_changes(old_header, self.job.header) or None
         return {case_id: row for case_id, row in rows.items()
-                if row.get("status") == "ok" and case_id in self._sources and self.job.still_done(row)
+                if row.get("status") == Status.OK and case_id in self._sources and self.job.still_done(row)
                 and same_input(row.get(FINGERPRINT), fingerprint(self._sources[case_id], self.cfg.verify_inputs))}
 
     def _earlier_outputs(self, rows: dict[str, dict[str, Any]], done: Mapping[str, Mapping[str, Any]]) -> list[Path]:
@@ -341,7 +342,7 @@ class BatchRun:
                 self.rows[row["case_id"]] = row
                 journal.append({**row, FINGERPRINT: fingerprint(self._sources[row["case_id"]], self.cfg.verify_inputs)})
                 yield row
-                if self.cfg.fail_fast and row["status"] == "error":
+                if self.cfg.fail_fast and row["status"] == Status.ERROR:
                     break
         finally:
             results.close()
@@ -357,13 +358,13 @@ class BatchRun:
         return self.summary
 
     def _finish(self) -> None:
-        ordered = [self.rows.get(f.case_id) or new_row(self.job.columns, f, status="skipped", error=SKIPPED_REASON)
+        ordered = [self.rows.get(f.case_id) or new_row(self.job.columns, f, status=Status.SKIPPED, error=SKIPPED_REASON)
                    for f in self.files]
         reports = self.job.write_reports(ordered)
         statuses = Counter(r["status"] for r in ordered)
-        flagged = sum(r["status"] == "ok" and bool(r.get("qa_flags")) for r in ordered)
-        summary = RunSummary(len(self.files), statuses["ok"], statuses["error"], statuses["skipped"], self.resumed,
-                             time.perf_counter() - self.started, reports, flagged)
+        flagged = sum(r["status"] == Status.OK and bool(r.get("qa_flags")) for r in ordered)
+        summary = RunSummary(len(self.files), statuses[Status.OK], statuses[Status.ERROR], statuses[Status.SKIPPED],
+                             self.resumed, time.perf_counter() - self.started, reports, flagged)
         command, settings = self.command, dict(self.job.settings)
         if self.cfg.anonymize_ids is not None:  # names given on the command line may be patients' names
             command, settings["inputs"] = None, f"{len(settings['inputs'])} input(s): see the --anonymize-ids file"

@@ -70,6 +70,23 @@ def arch_overrides(arch: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How a command reads its images, passed whole from its settings to the reader
+    (:func:`mmcli.data.datasets.load_case`).
+
+    Attributes:
+        voi_lut: apply a DICOM's VOI LUT. max_pixels: the reader's pixel budget (None: no budget
+        of mmcli's own). keep_pixels: keep the native pixels for the task (a picture, a DICOM SC).
+        image_qa: compute the image's quality-control flags (off under ``--qa off``).
+    """
+
+    voi_lut: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    keep_pixels: bool = False
+    image_qa: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelRunConfig:
     """Settings of every command that runs the model over images (predict, explain, evaluate).
 
@@ -91,6 +108,11 @@ class ModelRunConfig:
     qa: str = "warn"
     raw_masks: bool = False
     overwrite: bool = False
+
+    def read_options(self, *, keep_pixels: bool = False) -> ReadOptions:
+        """How this run reads its images."""
+        return ReadOptions(voi_lut=self.voi_lut, max_pixels=self.max_pixels, keep_pixels=keep_pixels,
+                           image_qa=self.qa != "off")
 
     def __post_init__(self) -> None:
         if self.qa not in ("warn", "refuse", "off"):

@@ -39,8 +39,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from mmcli.config import DEFAULT_CASE_TIMEOUT, PreprocessConfig
-from mmcli.data.datasets import RadiographDataset, collate_cases, load_case, worker_init
+from mmcli.config import DEFAULT_CASE_TIMEOUT, PreprocessConfig, ReadOptions
+from mmcli.data.datasets import Case, RadiographDataset, collate_cases, load_case, worker_init
 from mmcli.errors import MMCLIError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
@@ -60,21 +60,8 @@ class CaseTask(Protocol):
     """
 
     @property
-    def voi_lut(self) -> bool: ...
-
-    @property
-    def max_pixels(self) -> int | None:
-        """The reader's pixel budget."""
-        ...
-
-    @property
-    def qa(self) -> str:
-        """The quality-control policy (mmcli.qa.policy); "off": no checks."""
-        ...
-
-    @property
-    def keep_pixels(self) -> bool:
-        """Whether :meth:`finish` needs the native pixels (``item["pixels"]``)."""
+    def read(self) -> ReadOptions:
+        """How the task's files are read (and whether :meth:`finish` gets their native pixels)."""
         ...
 
     def run_model(self, predictor: Predictor, images: torch.Tensor,
@@ -83,8 +70,8 @@ class CaseTask(Protocol):
         image) masks may come back at native size too (:attr:`BatchPrediction.native_masks`)."""
         ...
 
-    def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
-        """The row of a case that was read (``item`` from :func:`load_case`), output ``k`` of ``pred``."""
+    def finish(self, file: InputFile, case: Case, pred: BatchPrediction, k: int) -> dict[str, Any]:
+        """The row of a case that was read (:func:`mmcli.data.datasets.load_case`), output ``k`` of ``pred``."""
         ...
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
@@ -92,39 +79,38 @@ class CaseTask(Protocol):
         ...
 
 
-def _finish_safely(task: CaseTask, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
-                   ) -> dict[str, Any]:
+def _finish_safely(task: CaseTask, file: InputFile, case: Case, pred: BatchPrediction, k: int) -> dict[str, Any]:
     reason = pred.failure(k)  # a NaN or infinite output is an error row, never a label
     if reason is not None:
         return task.failed(file, reason)
     try:
-        return task.finish(file, item, pred, k)
+        return task.finish(file, case, pred, k)
     except Exception as err:  # one case fails alone (e.g. its output cannot be written)
         logger.debug("finishing %s failed", file.path, exc_info=True)
         return task.failed(file, f"{type(err).__name__}: {err}")
 
 
-def _read_options(task: CaseTask) -> dict[str, Any]:
-    """How a task's files are read (:func:`mmcli.data.datasets.load_case`'s options), for both engines."""
-    return {"voi_lut": task.voi_lut, "keep_pixels": task.keep_pixels, "max_pixels": task.max_pixels,
-            "image_qa": task.qa != "off"}
-
-
-def _read(files: Sequence[InputFile], task: CaseTask, pre: PreprocessConfig) -> list[dict[str, Any]]:
-    return [load_case(f, pre, index=i, **_read_options(task)) for i, f in enumerate(files)]
+def _read(files: Sequence[InputFile], task: CaseTask, pre: PreprocessConfig) -> list[Case]:
+    return [load_case(f, pre, task.read, index=i) for i, f in enumerate(files)]
 
 
 def predict_files(predictor: Predictor, files: Sequence[InputFile], task: CaseTask) -> list[dict[str, Any]]:
     """Read, predict and finish ``files`` as one batch in this process."""
     batch = collate_cases(_read(files, task, predictor.preprocess))
-    pred = task.run_model(predictor, batch["images"]) if batch["images"] is not None else None
+    pred = task.run_model(predictor, batch.images) if batch.images is not None else None
     rows = []
-    for pos, item in enumerate(batch["items"]):
-        if item["error"] is not None:
-            rows.append(task.failed(files[pos], item["error"]))
+    for pos, case in enumerate(batch.cases):
+        if case.error is not None:
+            rows.append(task.failed(files[pos], case.error))
         else:
-            rows.append(_finish_safely(task, files[pos], item, pred, batch["ok"].index(pos)))  # type: ignore[arg-type]
+            rows.append(_finish_safely(task, files[pos], case, pred, batch.ok.index(pos)))  # type: ignore[arg-type]
     return rows
+
+
+def _size(case: Case) -> tuple[int, int]:
+    """A read case's native ``(H, W)``."""
+    assert case.facts is not None
+    return case.facts.height, case.facts.width
 
 
 def iter_rows_loader(
@@ -148,7 +134,7 @@ def iter_rows_loader(
     native = predictor.device.type != "cpu" if native_masks is None else native_masks
     n_finish = default_finishers(predictor.device, workers) if finishers is None else finishers
     loader = DataLoader(
-        RadiographDataset(files, predictor.preprocess, **_read_options(task)),
+        RadiographDataset(files, predictor.preprocess, task.read),
         batch_size=batch_size, num_workers=workers, collate_fn=collate_cases,
         worker_init_fn=functools.partial(_init_loader_worker, os.getpid()) if workers else None,
         pin_memory=predictor.device.type == "cuda",
@@ -161,18 +147,17 @@ def iter_rows_loader(
     try:
         for batch in batches:
             pred = None
-            if batch["images"] is not None:
-                sizes = [(int(batch["items"][pos]["meta"]["height"]), int(batch["items"][pos]["meta"]["width"]))
-                         for pos in batch["ok"]] if native else None
-                pred = task.run_model(predictor, batch["images"], sizes)
-            for pos, item in enumerate(batch["items"]):
-                file = files[item["index"]]
-                if item["error"] is not None:  # queued behind earlier cases: rows come in input order
+            if batch.images is not None:
+                sizes = [_size(batch.cases[pos]) for pos in batch.ok] if native else None
+                pred = task.run_model(predictor, batch.images, sizes)
+            for pos, case in enumerate(batch.cases):
+                file = files[case.index]
+                if case.error is not None:  # queued behind earlier cases: rows come in input order
                     failed: Future[dict[str, Any]] = Future()
-                    failed.set_result(task.failed(file, item["error"]))
+                    failed.set_result(task.failed(file, case.error))
                     pending.append((file, failed, None))
                     continue
-                pending.append(finisher.submit(file, item, pred, batch["ok"].index(pos)))  # type: ignore[arg-type]
+                pending.append(finisher.submit(file, case, pred, batch.ok.index(pos)))  # type: ignore[arg-type]
             while pending and (pending[0][1].done() or len(pending) > window):
                 yield finisher.result(*pending.popleft())
         while pending:
@@ -215,12 +200,12 @@ class _Finisher:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_finisher, initargs=(os.getpid(), self.task))
 
-    def submit(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int,
+    def submit(self, file: InputFile, case: Case, pred: BatchPrediction, k: int,
                ) -> tuple[InputFile, Future[dict[str, Any]], _Job | None]:
         """Finish output ``k`` of ``pred``: a process gets that case's outputs alone (:meth:`BatchPrediction.case`)."""
         if not self.processes:
-            return file, self.pool.submit(_finish_safely, self.task, file, item, pred, k), None
-        blob = pickle.dumps((file, item, pred.case(k), 0), protocol=pickle.HIGHEST_PROTOCOL)  # no shared memory
+            return file, self.pool.submit(_finish_safely, self.task, file, case, pred, k), None
+        blob = pickle.dumps((file, case, pred.case(k), 0), protocol=pickle.HIGHEST_PROTOCOL)  # no shared memory
         return file, *self._send(blob)
 
     def _send(self, blob: bytes) -> tuple[Future[dict[str, Any]], _Job]:

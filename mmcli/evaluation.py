@@ -45,6 +45,7 @@ from mmcli.io.writers import (
     write_json,
 )
 from mmcli.qa.policy import UNCERTAIN
+from mmcli.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +150,17 @@ def evaluate_case(ref: Reference, pred: dict[str, Any] | None, voi_lut: bool = F
     row.update(dataset=ref.dataset, case_id=ref.key, source=str(ref.path), true_label=ref.label,
                true_mask=str(ref.mask) if ref.mask else None)
     if pred is None:
-        return {**row, "status": "missing", "error": "no prediction for this image in the predictions report"}
+        return {**row, "status": Status.MISSING, "error": "no prediction for this image in the predictions report"}
     row.update(label=pred.get("label"), p_pneumonia=pred.get("p_pneumonia"), qa_flags=pred.get("qa_flags"),
                height=pred.get("height"), width=pred.get("width"))
-    if pred.get("status") != "ok":
-        return {**row, "status": "error", "error": pred.get("error") or "prediction failed"}
+    if pred.get("status") != Status.OK:
+        return {**row, "status": Status.ERROR, "error": pred.get("error") or "prediction failed"}
     if ref.label is not None and row["p_pneumonia"] is None:
-        return {**row, "status": "error", "error": "the model gave no pneumonia probability (no classifier)"}
+        return {**row, "status": Status.ERROR, "error": "the model gave no pneumonia probability (no classifier)"}
     if ref.mask is not None:
         mask_path = pred.get("mask_path")
         if mask_path is None or not Path(mask_path).is_file():
-            return {**row, "status": "error", "error": "no predicted mask file (model without decoder?)"}
+            return {**row, "status": Status.ERROR, "error": "no predicted mask file (model without decoder?)"}
         row["pred_mask"] = str(mask_path)
         try:
             predicted, true = read_mask_png(mask_path), read_mask_png(ref.mask)
@@ -168,8 +169,8 @@ def evaluate_case(ref: Reference, pred: dict[str, Any] | None, voi_lut: bool = F
                                  f"{predicted.shape[1]}x{predicted.shape[0]}")
             row.update(M.segmentation_metrics(predicted, true, _spacing(ref.path, voi_lut)))
         except Exception as err:  # one bad reference must not stop the evaluation
-            return {**row, "status": "error", "error": f"{type(err).__name__}: {err}"}
-    return {**row, "status": "ok"}
+            return {**row, "status": Status.ERROR, "error": f"{type(err).__name__}: {err}"}
+    return {**row, "status": Status.OK}
 
 
 class EvaluationRun:
@@ -259,8 +260,8 @@ class EvaluationRun:
         ownership.remove_files([Path(os.path.normpath(out / f)) for f in stale], out)
         write_markdown(out / "summary.md", summary, figures)
         statuses = Counter(r["status"] for r in rows)
-        self.summary = done = EvaluateSummary(len(rows), statuses["ok"], statuses["error"], statuses["missing"],
-                                              time.perf_counter() - self.started, out)
+        self.summary = done = EvaluateSummary(len(rows), statuses[Status.OK], statuses[Status.ERROR],
+                                              statuses[Status.MISSING], time.perf_counter() - self.started, out)
         reports = [out / "per_case.csv", out / "summary.json", out / "summary.md"]
         write_run_json(self.layout, run_record(
             "evaluate", argv=self.command, settings=summary["settings"], status="finished", seconds=done.seconds,
@@ -329,7 +330,7 @@ def _write_plots(out: Path, rows: list[dict[str, Any]], names: list[str], cfg: E
     """The PNG figures that have data: Dice box plot, ROC, reliability diagram, worst cases."""
     from mmcli import plots
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == Status.OK]
     dice = {n: np.array([r["dice"] for r in ok if r["dataset"] == n and r["dice"] is not None]) for n in names}
     dice = {n: d for n, d in dice.items() if d.size}
     cls = {}
@@ -361,7 +362,7 @@ def summarise_with_qa(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int
     """:func:`summarise_dataset` of every case, plus quality control: how many evaluated cases
     were flagged (by flag), and the same summary without them (``without_flagged``)."""
     out = summarise_dataset(rows, folder, n_bootstrap, seed, threshold)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == Status.OK]
     flagged = [r for r in ok if r.get("qa_flags")]
     by_flag: dict[str, int] = {}
     for r in flagged:
@@ -381,12 +382,12 @@ def summarise_dataset(rows: list[dict[str, Any]], folder: Path, n_bootstrap: int
 
     The predicted label is the report's ``label`` column (the threshold of the predict run).
     """
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == Status.OK]
     out: dict[str, Any] = {
         "folder": str(folder),
         "cases": len(rows), "ok": len(ok),
-        "failed": sum(r["status"] == "error" for r in rows),
-        "missing": sum(r["status"] == "missing" for r in rows),
+        "failed": sum(r["status"] == Status.ERROR for r in rows),
+        "missing": sum(r["status"] == Status.MISSING for r in rows),
     }
     labelled = [r for r in ok if r["true_label"] is not None]
     if labelled:

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from mmcli import batch
-from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
+from mmcli.config import BatchConfig, ReadOptions
+from mmcli.data.datasets import Case
 from mmcli.errors import UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
@@ -55,6 +56,7 @@ from mmcli.io.writers import atomic_path, hdf5_key, write_csv
 from mmcli.outcome import label_for
 from mmcli.qa.mask import lung_mask
 from mmcli.qa.policy import apply_policy, case_flags
+from mmcli.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +136,9 @@ class ExplainCase:
     threshold: float
     class_names: tuple[str, ...]
     alpha: float = 0.6
-    voi_lut: bool = False
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    read: ReadOptions = ReadOptions(keep_pixels=True)  # overlays are drawn on the pixels the model saw
     qa: str = "warn"
     raw_masks: bool = False
-    keep_pixels: bool = True  # overlays are drawn on the pixels the model saw
     target: Target = "pneumonia"
 
     def target_index(self) -> int | None:
@@ -161,23 +161,24 @@ class ExplainCase:
         return predictor.explain(images, self.target_index())
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
-        return batch.new_row(EXPLAIN_COLUMNS, file, status="error", error=reason)
+        return batch.new_row(EXPLAIN_COLUMNS, file, status=Status.ERROR, error=reason)
 
-    def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
+    def finish(self, file: InputFile, case: Case, pred: BatchPrediction, k: int) -> dict[str, Any]:
         assert pred.saliency is not None and pred.gradcam is not None and pred.probabilities is not None
         maps = {"saliency": pred.saliency[k, 0].numpy(), "gradcam": pred.gradcam[k, 0].numpy()}
         lungs = lung_mask(pred.mask_logits[k, 0].numpy() >= 0, self.raw_masks)  # type: ignore[index]
-        pixels = item["pixels"]
+        pixels, facts = case.pixels, case.facts
+        assert pixels is not None and facts is not None
         p = float(pred.probabilities[k, -1])
         height, width = pixels.shape
         native = lung_mask(pred.mask_at(k, height, width), self.raw_masks)
-        row = batch.new_row(EXPLAIN_COLUMNS, file, status="ok", p_pneumonia=round(p, 6), height=height, width=width,
-                            label=label_for(p, self.threshold, self.class_names),
+        row = batch.new_row(EXPLAIN_COLUMNS, file, status=Status.OK, p_pneumonia=round(p, 6), height=height,
+                            width=width, label=label_for(p, self.threshold, self.class_names),
                             lung_fraction=round(float(native.mean()), 6))
         for view, heat in maps.items():
             row[f"{view}_in_lungs"] = round(mass_inside(heat, lungs), 6)
         # the mask is judged as predict judges it: at native size, with the pixel spacing
-        apply_policy(row, case_flags(item["meta"], native, pred, k, self.qa), self.qa)
+        apply_policy(row, case_flags(facts, native, pred, k, self.qa), self.qa)
         shown = {"saliency": readable_saliency(pred.saliency[k : k + 1])[0, 0].numpy(), "gradcam": maps["gradcam"]}
         explained = self.class_names[int(pred.probabilities[k].argmax())] if self.target == "predicted" \
             else self.target
@@ -231,7 +232,7 @@ def _write_maps(task: ExplainCase, maps: Path, rows: list[dict[str, Any]], attrs
         with atomic_path(maps) as tmp, h5py.File(tmp, "w") as h5:
             h5.attrs.update({k: str(v) for k, v in attrs.items()})
             for row in rows:
-                if row["status"] != "ok":
+                if row["status"] != Status.OK:
                     continue
                 case_id, partial = row["case_id"], task.partial(row["case_id"])
                 for view in VIEWS:
@@ -268,8 +269,8 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
     files, predictor = batch.open_inputs(cfg, exclude=batch.all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard))
     ckpt = predictor.checkpoint
     predictor.require_bridge()
-    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha, cfg.voi_lut, cfg.max_pixels,
-                       cfg.qa, cfg.raw_masks, target=cfg.target)
+    task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha,
+                       read=cfg.read_options(keep_pixels=True), qa=cfg.qa, raw_masks=cfg.raw_masks, target=cfg.target)
     task.target_index()  # a target the model has no class for is refused before any work
     have_maps = _old_map_ids(layout.folder / "maps.h5") if not cfg.overwrite else set()
 

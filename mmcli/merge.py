@@ -48,6 +48,7 @@ from mmcli.io.runfolder import (
     write_run_json,
 )
 from mmcli.io.writers import atomic_path, read_csv_rows, read_mask_png, write_csv, write_hdf5
+from mmcli.status import Status
 
 __all__ = ["MergeSummary", "merge_reports"]
 
@@ -304,8 +305,8 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str],
             write_hdf5(out, rows, columns, masks=mask, attrs=dict(shards[0].manifest.get("provenance", {})))
         else:
             write_csv(out, rows, columns)
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "error", "skipped")}
-        counts = {"total": len(rows), **counts}
+        counts = {"total": len(rows),
+                  **{str(s): sum(r["status"] == s for r in rows) for s in (Status.OK, Status.ERROR, Status.SKIPPED)}}
         first = shards[0].manifest
         seconds = time.perf_counter() - started
         write_run_json(layout, run_record(

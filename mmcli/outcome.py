@@ -9,14 +9,16 @@ fractions and areas (:func:`mmcli.qa.mask.lung_cells`), and the quality-control 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmcli.io.image import ImageFacts
 from mmcli.qa.mask import lung_cells, lung_mask, lung_sides
 from mmcli.qa.policy import apply_policy, case_flags
+from mmcli.status import Status
 
 if TYPE_CHECKING:
     from mmcli.inference import BatchPrediction
@@ -54,12 +56,12 @@ class CaseOutcome:
         return tuple(f for f in (self.cells.get("qa_flags") or "").split(";") if f)
 
 
-def case_outcome(pred: BatchPrediction, k: int, meta: Mapping[str, Any], *, threshold: float,
+def case_outcome(pred: BatchPrediction, k: int, facts: ImageFacts, *, threshold: float,
                  class_names: Sequence[str], qa: str, raw_masks: bool) -> CaseOutcome:
-    """Case ``k`` of a batch prediction, of an image whose reader gave ``meta`` (``height``, ``width``,
-    ``pixel_spacing``, ``image_flags``), under the ``--threshold``, ``--qa`` and ``--raw-masks`` settings."""
-    height, width = int(meta["height"]), int(meta["width"])
-    cells: dict[str, Any] = {"status": "ok", "height": height, "width": width}
+    """Case ``k`` of a batch prediction, of an image whose reader gave ``facts`` (native size, spacing,
+    image flags), under the ``--threshold``, ``--qa`` and ``--raw-masks`` settings."""
+    height, width = facts.height, facts.width
+    cells: dict[str, Any] = {"status": Status.OK, "height": height, "width": width}
     if pred.probabilities is not None:
         prob = float(pred.probabilities[k, -1])
         cells["p_pneumonia"] = round(prob, PROBABILITY_PLACES)
@@ -68,6 +70,6 @@ def case_outcome(pred: BatchPrediction, k: int, meta: Mapping[str, Any], *, thre
     if pred.mask_logits is not None:
         mask = lung_mask(pred.mask_at(k, height, width), raw_masks)
         sides = lung_sides(mask)
-        cells.update(lung_cells(sides, meta.get("pixel_spacing")))
-    apply_policy(cells, case_flags(meta, mask, pred, k, qa), qa)
+        cells.update(lung_cells(sides, facts.pixel_spacing))
+    apply_policy(cells, case_flags(facts, mask, pred, k, qa), qa)
     return CaseOutcome(cells, mask, sides)

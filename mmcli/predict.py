@@ -39,13 +39,15 @@ from mmcli.batch import (
     resume_header,
     shard_path,
 )
-from mmcli.config import DEFAULT_MAX_PIXELS, BatchConfig
+from mmcli.config import BatchConfig, ReadOptions
+from mmcli.data.datasets import Case
 from mmcli.errors import CaseError, UsageError
 from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.io.runfolder import is_hdf5, report_format
 from mmcli.io.writers import read_mask_png, write_csv, write_hdf5, write_mask_png
 from mmcli.outcome import case_outcome, label_for
+from mmcli.status import Status
 from mmcli.weights import weights_name
 
 logger = logging.getLogger(__name__)
@@ -92,11 +94,9 @@ class PredictCase:
     masks_dir: Path
     report_dir: Path
     class_names: tuple[str, ...]
-    voi_lut: bool = False
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    read: ReadOptions = ReadOptions()
     qa: str = "warn"
     raw_masks: bool = False
-    keep_pixels: bool = False
     dicom: DicomOutputs | None = None
 
     def run_model(self, predictor: Predictor, images: torch.Tensor,
@@ -104,20 +104,20 @@ class PredictCase:
         return predictor.predict(images, native_sizes)
 
     def failed(self, file: InputFile, reason: str) -> dict[str, Any]:
-        return new_row(REPORT_COLUMNS, file, status="error", error=reason)
+        return new_row(REPORT_COLUMNS, file, status=Status.ERROR, error=reason)
 
-    def finish(self, file: InputFile, item: dict[str, Any], pred: BatchPrediction, k: int) -> dict[str, Any]:
+    def finish(self, file: InputFile, case: Case, pred: BatchPrediction, k: int) -> dict[str, Any]:
         """The case's row (:func:`mmcli.outcome.case_outcome`), its mask file and DICOM objects."""
-        meta = item["meta"]
-        outcome = case_outcome(pred, k, meta, threshold=self.threshold, class_names=self.class_names, qa=self.qa,
-                               raw_masks=self.raw_masks)
+        assert case.facts is not None
+        outcome = case_outcome(pred, k, case.facts, threshold=self.threshold, class_names=self.class_names,
+                               qa=self.qa, raw_masks=self.raw_masks)
         row = new_row(REPORT_COLUMNS, file, **outcome.cells)
         if outcome.mask is not None:
             mask_path = self.masks_dir / f"{file.case_id}.png"
             write_mask_png(mask_path, outcome.mask)
             row["mask"] = os.path.relpath(mask_path, self.report_dir)
-        if self.dicom is not None and meta.get("format") == "dicom" and row["status"] == "ok":
-            row.update(self.dicom.write(file, row, outcome.sides, self.report_dir, item.get("pixels")))
+        if self.dicom is not None and case.facts.format == "dicom" and row["status"] == Status.OK:
+            row.update(self.dicom.write(file, row, outcome.sides, self.report_dir, case.pixels))
         return row
 
 
@@ -221,7 +221,8 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         dicom = DicomOutputs(layout.folder / "dicom", cfg.dicom_seg, cfg.dicom_sr, weights_name(ckpt),
                              ckpt.sha256 or "", sc=cfg.dicom_sc)
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
-                       cfg.voi_lut, cfg.max_pixels, cfg.qa, cfg.raw_masks, keep_pixels=cfg.dicom_sc, dicom=dicom)
+                       read=cfg.read_options(keep_pixels=cfg.dicom_sc), qa=cfg.qa, raw_masks=cfg.raw_masks,
+                       dicom=dicom)
     job = Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header=resume_header(cfg, predictor, dicom_seg=cfg.dicom_seg, dicom_sr=cfg.dicom_sr,
@@ -242,7 +243,7 @@ def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str
     (the SR's coded finding and the SC's caption state it) are written again as a fresh run would
     write them, from the stored mask and the film read again; one that cannot be is removed, and
     ``dicom_error`` says why."""
-    if row.get("status") != "ok" or row.get("p_pneumonia") is None or row.get("label") not in task.class_names:
+    if row.get("status") != Status.OK or row.get("p_pneumonia") is None or row.get("label") not in task.class_names:
         return row
     label = label_for(float(row["p_pneumonia"]), task.threshold, task.class_names)
     if label == row["label"]:
@@ -255,7 +256,7 @@ def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str
     from mmcli.qa.mask import lung_sides
 
     sides = lung_sides(read_mask_png(task.report_dir / str(row["mask"]))) if row.get("mask") else None
-    pixels = read_radiograph(file.path, voi_lut=task.voi_lut, max_pixels=task.max_pixels).pixels \
+    pixels = read_radiograph(file.path, voi_lut=task.read.voi_lut, max_pixels=task.read.max_pixels).pixels \
         if task.dicom.sc else None
     row.update({c: None for c in old}, dicom_error=None)
     row.update(task.dicom.write(file, row, sides, task.report_dir, pixels))

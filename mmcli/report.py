@@ -49,6 +49,7 @@ from mmcli.io.readers import read_radiograph
 from mmcli.io.runfolder import REPORT_FORMATS, RUN_JSON, is_hdf5
 from mmcli.io.writers import atomic_path, hdf5_key, read_csv_rows, read_mask_png
 from mmcli.report_page import PAGE
+from mmcli.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def build_review(run_path: Path, out: Path | None = None,
         status = row.get("status") or ""
         thumb = full = why = ""
         links: tuple[tuple[str, str], ...] = ()
-        if status == "ok":
+        if status == Status.OK:
             thumb, full, links, why = pictures.make(row)
             missing += bool(why)
         if on_case is not None:
@@ -345,7 +346,7 @@ def build_review(run_path: Path, out: Path | None = None,
     with atomic_path(page) as tmp:
         tmp.write_text(render_page(cases, title=title, about=_about(run, settings, page.parent)), encoding="utf-8")
     logger.info("wrote %s", page)
-    failed = sum(c.status != "ok" for c in cases)
+    failed = sum(c.status != Status.OK for c in cases)
     return ReviewSummary(page, len(cases), failed, len(cases) - failed - missing, missing)
 
 
@@ -370,7 +371,7 @@ def _json_for_script(data: Any) -> str:
 def _failed_rows(cases: Sequence[ReviewCase]) -> Iterator[str]:
     e = html.escape
     for c in cases:
-        if c.status != "ok" or c.error:
+        if c.status != Status.OK or c.error:
             yield f"<tr><td>{e(c.case_id)}</td><td>{e(c.status)}</td><td>{e(c.error)}</td></tr>"
 
 

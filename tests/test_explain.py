@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mmcli import plots
 from mmcli.cli import app
-from mmcli.config import PreprocessConfig
+from mmcli.config import PreprocessConfig, ReadOptions
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
 from mmcli.explain import mass_inside, readable_saliency
@@ -54,9 +54,9 @@ def test_explain_end_to_end_and_resume(tmp_path, tiny_weights):
     # the HDF5 saliency is exactly the tensor the model's forward feeds its decoder
     ckpt = load_checkpoint(tiny_weights)
     model = ckpt.build_model().eval()
-    item = load_case(InputFile(scans / "sub" / "b.png", "sub/b"), ckpt.preprocess)
+    case = load_case(InputFile(scans / "sub" / "b.png", "sub/b"), ckpt.preprocess, ReadOptions())
     with torch.no_grad():
-        forward = model(item["image"][None])
+        forward = model(case.image[None])
     with h5py.File(out / "maps.h5") as h5:  # flat, percent-encoded keys with the case id as an attribute
         saliency, cam = h5["saliency/sub%2Fb"][()], h5["gradcam/sub%2Fb"][()]
         assert set(h5["saliency"]) == set(h5["gradcam"]) == {"a", "sub%2Fb"}
@@ -229,7 +229,7 @@ def _border_to_centre(maps):
 def test_maps_on_the_example_films(one_thread):
     """Measured on the shipped films with weights v2 (the figures are in the changelog)."""
     predictor = Predictor(load_weights("multimix-cxr-v2"), device="cpu", precision="fp32")
-    x = torch.stack([load_case(InputFile(p, p.stem), predictor.preprocess)["image"] for p in EXAMPLES])
+    x = torch.stack([load_case(InputFile(p, p.stem), predictor.preprocess, ReadOptions()).image for p in EXAMPLES])
     out = predictor.explain(x, 1)
     lungs = [lung_mask(m[0].numpy() >= 0, False) for m in out.mask_logits]
     # no bright bands along the edges for either class: before, the plain pneumonia map had strips 1.7 to 3.4

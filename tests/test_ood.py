@@ -10,6 +10,7 @@ from conftest import make_checkpoint
 
 from mmcli.errors import WeightsError
 from mmcli.inference import Predictor
+from mmcli.io.image import ImageFacts
 from mmcli.qa.flags import OUT_OF_DISTRIBUTION
 from mmcli.qa.ood import OODStats, fit_ood
 from mmcli.qa.policy import case_flags
@@ -69,9 +70,9 @@ def test_the_predictor_gives_distances_and_the_flag(tmp_path):
     assert pred.ood_threshold == stats.threshold
     far = pred.ood_distance > stats.threshold
     for k in range(6):
-        flags = case_flags({}, None, pred, k, "warn")
+        flags = case_flags(ImageFacts(64, 64), None, pred, k, "warn")
         assert (OUT_OF_DISTRIBUTION in flags) == bool(far[k])
-        assert case_flags({}, None, pred, k, "off") == []
+        assert case_flags(ImageFacts(64, 64), None, pred, k, "off") == []
     explained = predictor.explain(images)
     torch.testing.assert_close(explained.ood_distance, pred.ood_distance, rtol=1e-4, atol=1e-4)
 

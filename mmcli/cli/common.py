@@ -241,7 +241,7 @@ def follow_rows(name: str, rows: Iterable[dict[str, Any]], total: int, *, quiet:
     written, gets one warning line naming its file."""
     with Ticker(name, total, quiet=quiet) as ticker:
         for row in rows:
-            failed = row.get("status") in ("error", "missing")
+            failed = row.get("status") in ("error", "missing")  # mmcli.status.Status (not imported at CLI start)
             case = row.get("source") or row.get("case_id")  # no source with --anonymize-ids
             if failed:
                 logger.warning("%s: %s", case, row.get("error"))

@@ -12,11 +12,29 @@ import numpy as np
 from mmcli.config import DEFAULT_MAX_PIXELS
 from mmcli.errors import ReadError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "NOT_AN_IMAGE", "NO_MEMORY", "Radiograph", "check_budget", "chunked"]
+__all__ = ["DEFAULT_MAX_PIXELS", "NOT_AN_IMAGE", "NO_MEMORY", "ImageFacts", "Radiograph", "check_budget", "chunked"]
 
 NO_MEMORY = "not enough memory to decode the image"
 NOT_AN_IMAGE = "not an image or DICOM file (cannot identify image format)"
 _CHUNK_PIXELS = 1 << 21  # float64 intermediates are made a block of rows this big at a time
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What a case's result needs to know of its image, beside its pixels.
+
+    Attributes:
+        height, width: the native size (what a lung mask is written at).
+        pixel_spacing: (row, col) in mm, or None (no DICOM, or no spacing in it).
+        format: the reader's format name (``dicom``, ``png``, ``jpeg``, ..., ``array`` for the API).
+        image_flags: the image's quality-control flags (:func:`mmcli.qa.image.image_flags`), if computed.
+    """
+
+    height: int
+    width: int
+    pixel_spacing: tuple[float, float] | None = None
+    format: str = "array"
+    image_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

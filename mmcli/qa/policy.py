@@ -14,13 +14,15 @@ and decides what a flagged case becomes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
 
+from mmcli.io.image import ImageFacts
 from mmcli.qa.flags import NO_GROUNDS, OUT_OF_DISTRIBUTION
 from mmcli.qa.mask import mask_flags
+from mmcli.status import Status
 
 __all__ = ["QA_POLICIES", "UNCERTAIN", "apply_policy", "case_flags"]
 
@@ -38,15 +40,15 @@ class _Distances(Protocol):
     def ood_threshold(self) -> float | None: ...
 
 
-def case_flags(meta: Mapping[str, Any], mask: np.ndarray | None, pred: _Distances, k: int, policy: str) -> list[str]:
-    """Every flag of case ``k`` of a batch: the image's (``meta["image_flags"]``), the mask's (``mask`` at the
-    image's native size, judged with ``meta["pixel_spacing"]``), and ``out_of_distribution`` where the weights
+def case_flags(facts: ImageFacts, mask: np.ndarray | None, pred: _Distances, k: int, policy: str) -> list[str]:
+    """Every flag of case ``k`` of a batch: the image's (``facts.image_flags``), the mask's (``mask`` at the
+    image's native size, judged with ``facts.pixel_spacing``), and ``out_of_distribution`` where the weights
     carry feature statistics (``pred.ood_distance``)."""
     if policy == "off":
         return []
-    flags = list(meta.get("image_flags", ()))
+    flags = list(facts.image_flags)
     if mask is not None:
-        flags += mask_flags(mask, pixel_spacing=meta.get("pixel_spacing"))
+        flags += mask_flags(mask, pixel_spacing=facts.pixel_spacing)
     distance, threshold = pred.ood_distance, pred.ood_threshold
     if distance is not None and threshold is not None and float(distance[k]) > threshold:
         flags.append(OUT_OF_DISTRIBUTION)
@@ -63,7 +65,7 @@ def apply_policy(row: dict[str, Any], flags: Iterable[str], policy: str) -> dict
     if not found:
         return row
     if policy == "refuse":
-        row.update(status="error", error=f"refused by quality control: {';'.join(found)}", label=None)
+        row.update(status=Status.ERROR, error=f"refused by quality control: {';'.join(found)}", label=None)
     elif any(flag in NO_GROUNDS for flag in found) and row.get("label") is not None:
         row["label"] = UNCERTAIN
     return row
