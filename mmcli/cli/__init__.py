@@ -5,7 +5,7 @@ This is the only package that imports typer or rich.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.core
@@ -19,26 +19,37 @@ if TYPE_CHECKING:
 
 # Typer prints Python annotations (<bool>, <list[str]>) as value placeholders. A flag takes no
 # value, and every other option and argument here names its value (N, DIR). Typer builds its
-# TyperOption and TyperArgument itself and takes no class of ours for them, so their
-# display_type_rich is replaced, for the whole process, before any help is printed.
-_OPTION_TYPE = typer.core.TyperOption.display_type_rich
-_ARGUMENT_TYPE = typer.core.TyperArgument.display_type_rich
+# parameters itself, so mmcli's commands and group drop those placeholders from their own
+# parameters as they are made (nothing outside mmcli's commands changes).
+def _no_placeholder(ctx: ClickContext) -> str | None:
+    return None
 
 
-def _option_type(self: typer.core.TyperOption, ctx: ClickContext) -> str | None:
-    return None if self.is_flag or self.count else _OPTION_TYPE(self, ctx)
+def _drop_placeholders(params: list[Any]) -> None:
+    for param in params:
+        flag = isinstance(param, typer.core.TyperOption) and (param.is_flag or param.count)
+        named = isinstance(param, typer.core.TyperArgument) and param.metavar is not None
+        if flag or named:
+            param.display_type_rich = _no_placeholder  # this parameter's own; the class is untouched
 
 
-def _argument_type(self: typer.core.TyperArgument, ctx: ClickContext) -> str | None:
-    return None if self.metavar is not None else _ARGUMENT_TYPE(self, ctx)
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: ClickContext) -> list[Any]:  # with --help, which click adds here
+        params = super().get_params(ctx)
+        _drop_placeholders(params)
+        return params
 
 
-typer.core.TyperOption.display_type_rich = _option_type  # type: ignore[method-assign]
-# assignment: Typer declares the method on its private base class, whose self is any parameter
-typer.core.TyperArgument.display_type_rich = _argument_type  # type: ignore[method-assign, assignment]
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: ClickContext) -> list[Any]:
+        params = super().get_params(ctx)
+        _drop_placeholders(params)
+        return params
+
 
 app = typer.Typer(
     name="mmcli",
+    cls=_Group,
     help="MultiMix for chest radiographs: lung masks and pneumonia probabilities from one network.",
     no_args_is_help=True,
     add_completion=False,
@@ -62,13 +73,13 @@ def _root(
     setup_logging(verbose)
 
 
-app.command("train")(train.train)
-app.command("predict")(predict.predict)
-app.command("evaluate")(evaluate.evaluate)
-app.command("explain")(explain.explain)
-app.command("merge")(merge.merge)
-app.command("report")(report.report)
-app.command("info")(info.info)
+app.command("train", cls=_Command)(train.train)
+app.command("predict", cls=_Command)(predict.predict)
+app.command("evaluate", cls=_Command)(evaluate.evaluate)
+app.command("explain", cls=_Command)(explain.explain)
+app.command("merge", cls=_Command)(merge.merge)
+app.command("report", cls=_Command)(report.report)
+app.command("info", cls=_Command)(info.info)
 
 
 def main() -> None:

@@ -8,10 +8,12 @@ for ``explain``, ``evaluate`` and ``train``, which write several reports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +23,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mmcli.config import DEFAULT_CASE_TIMEOUT, DEFAULT_MAX_PIXELS
+from mmcli.config import BatchConfig, Precision
 from mmcli.errors import MMCLIError, UsageError
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line: log files stay greppable
@@ -137,38 +139,80 @@ ReportOutOpt = Annotated[
 ]
 
 
+_MODEL_RUN = ("weights", "device", "precision", "batch_size", "workers", "threshold", "voi_lut", "max_pixels", "qa",
+              "raw_masks", "overwrite")
+_BATCH = ("fail_fast", "verify_inputs", "anonymize_ids", "shard", "case_timeout")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(BatchConfig) if f.name in (*_MODEL_RUN, *_BATCH)}
+"""The shared options' defaults: the config's own, so that an option not given means "the config's default"."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The options every model-running command shares, as :func:`model_run_options` hands them to it.
+
+    The fields are :class:`mmcli.config.BatchConfig`'s of the same names (their defaults are the
+    config's), plus ``quiet``; :meth:`settings` gives those a config takes.
+    """
+
+    weights: str | None = _DEFAULTS["weights"]
+    device: str = _DEFAULTS["device"]
+    precision: Precision = _DEFAULTS["precision"]
+    batch_size: int | None = _DEFAULTS["batch_size"]
+    workers: int | None = _DEFAULTS["workers"]
+    threshold: float = _DEFAULTS["threshold"]
+    voi_lut: bool = _DEFAULTS["voi_lut"]
+    max_pixels: int | None = _DEFAULTS["max_pixels"]
+    qa: str = _DEFAULTS["qa"]
+    raw_masks: bool = _DEFAULTS["raw_masks"]
+    overwrite: bool = _DEFAULTS["overwrite"]
+    fail_fast: bool = _DEFAULTS["fail_fast"]
+    verify_inputs: bool = _DEFAULTS["verify_inputs"]
+    anonymize_ids: Path | None = _DEFAULTS["anonymize_ids"]
+    shard: tuple[int, int] | None = _DEFAULTS["shard"]
+    case_timeout: float = _DEFAULTS["case_timeout"]
+    quiet: bool = False
+
+    def settings(self, config: type) -> dict[str, Any]:
+        """These options as keyword arguments of the dataclass ``config`` (the fields it has)."""
+        names = {f.name for f in fields(config)}
+        return {name: getattr(self, name) for name in (*_MODEL_RUN, *_BATCH) if name in names}
+
+
 def model_run_options(*, batch: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command the options of every command that runs the model, declared once, here.
 
-    ``batch``: also the options of commands over INPUT... (``--fail-fast``,
-    ``--verify-inputs``, ``--anonymize-ids``, ``--shard``, ``--case-timeout``). The command declares its own parameters
-    and ``**run``; it receives these options in
-    ``run`` (named as the config fields they fill, plus ``quiet``). In ``--help`` they come
-    right after the command's required parameters.
+    ``batch``: also the options of commands over INPUT... (``--fail-fast``, ``--verify-inputs``,
+    ``--anonymize-ids``, ``--shard``, ``--case-timeout``). The command declares its own
+    parameters and a keyword-only ``run: RunOptions``, which receives these options (their
+    defaults are the config's). In ``--help`` they come right after the command's required
+    parameters.
     """
-    shared: list[tuple[str, Any, Any]] = [
-        ("weights", WeightsOpt, None), ("device", DeviceOpt, "auto"), ("precision", PrecisionOpt, "auto"),
-        ("batch_size", BatchSizeOpt, None), ("workers", WorkersOpt, None), ("threshold", ThresholdOpt, 0.5),
-        ("voi_lut", VoiLutOpt, False), ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS), ("qa", QAOpt, "warn"),
-        ("raw_masks", RawMasksOpt, False),
-        ("overwrite", OverwriteOpt, False),
-        *([("fail_fast", FailFastOpt, False), ("verify_inputs", VerifyInputsOpt, False),
-           ("anonymize_ids", AnonymizeOpt, None), ("shard", ShardOpt, None),
-           ("case_timeout", CaseTimeoutOpt, DEFAULT_CASE_TIMEOUT)] if batch else []),
-        ("quiet", QuietOpt, False),
+    shared: list[tuple[str, Any]] = [
+        ("weights", WeightsOpt), ("device", DeviceOpt), ("precision", PrecisionOpt), ("batch_size", BatchSizeOpt),
+        ("workers", WorkersOpt), ("threshold", ThresholdOpt), ("voi_lut", VoiLutOpt), ("max_pixels", MaxPixelsOpt),
+        ("qa", QAOpt), ("raw_masks", RawMasksOpt), ("overwrite", OverwriteOpt),
+        *([("fail_fast", FailFastOpt), ("verify_inputs", VerifyInputsOpt), ("anonymize_ids", AnonymizeOpt),
+           ("shard", ShardOpt), ("case_timeout", CaseTimeoutOpt)] if batch else []),
+        ("quiet", QuietOpt),
     ]
 
     def add(command: Callable[..., None]) -> Callable[..., None]:
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-                 for name, annotation, default in shared]
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "run"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS.get(name, False),
+                                   annotation=annotation) for name, annotation in shared]
         required = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is p.empty]
         optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not p.empty]
         signature = inspect.Signature([*required, *added, *optional])
-        # Typer reads a function's parameters through inspect.signature, which honours __signature__
-        command.__signature__ = signature  # type: ignore[attr-defined]  # not declared on Callable
-        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
-        return command
+
+        @functools.wraps(command)
+        def with_options(**given: Any) -> None:
+            run = RunOptions(**{name: given.pop(name) for name, _ in shared})
+            command(**given, run=run)
+
+        # Typer reads a command's parameters through inspect.signature, which honours __signature__
+        with_options.__signature__ = signature  # type: ignore[attr-defined]  # not declared on Callable
+        with_options.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        return with_options
 
     return add
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mmcli.cli.common import (
     HDF5Opt,
+    RunOptions,
     exit_on_error,
     folder_out,
     follow_rows,
@@ -41,7 +42,8 @@ def evaluate(
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the bootstrap.")] = 0,
     worst: Annotated[int, typer.Option("--worst", min=0, metavar="N", help="Lowest-Dice cases shown per dataset.")] = 4,
-    **run: Any,
+    *,
+    run: RunOptions,
 ) -> None:
     """Compute the paper's metrics against reference masks and labels.
 
@@ -51,12 +53,12 @@ def evaluate(
     intervals) and PNG figures. Several datasets appear side by side. Exit code 0 when
     every case was evaluated, 1 when any failed or had no prediction, 2 on usage errors.
     """
-    quiet = run.pop("quiet")
+    quiet = run.quiet
     with exit_on_error():
         from mmcli.evaluation import EvaluateConfig, EvaluationRun  # metrics and plots: only once it runs
 
         cfg = EvaluateConfig(datasets=tuple(datasets), out=out, predictions=predictions, hdf5=hdf5, plots=plots,
-                             n_bootstrap=bootstrap, seed=seed, worst=worst, **run)
+                             n_bootstrap=bootstrap, seed=seed, worst=worst, **run.settings(EvaluateConfig))
         evaluation = EvaluationRun(cfg, command=sys.argv)
         with stop_cleanly("predictions finished so far are kept in " + str(evaluation.report.with_suffix("")),
                           "run the same command again to resume"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
 import typer
 
-from mmcli.cli.common import InputsArg, drive_run, exit_on_error, folder_out, model_run_options
+from mmcli.cli.common import InputsArg, RunOptions, drive_run, exit_on_error, folder_out, model_run_options
 from mmcli.errors import UsageError
 
 logger = logging.getLogger("mmcli.cli")
@@ -46,7 +46,8 @@ def explain(
     overlay_opacity: OverlayOpacityOpt = 0.6,
     alpha: AlphaOpt = None,
     target: TargetOpt = "pneumonia",
-    **run: Any,
+    *,
+    run: RunOptions,
 ) -> None:
     """Write saliency maps that show where the model looked.
 
@@ -58,11 +59,10 @@ def explain(
     Exit code 0 when every case succeeded, 1 when any failed, 2 on usage errors.
     --alpha, the old name of --overlay-opacity, still works with a warning until it is removed.
     """
-    quiet = run.pop("quiet")
     with exit_on_error():
         from mmcli.explain import ExplainConfig, Target, open_explain  # torch: only once a command runs
 
         # the config field keeps its name (alpha): run.json and a resume of an older run compare it
         cfg = ExplainConfig(inputs=tuple(inputs), out=out, alpha=_opacity(ctx, overlay_opacity, alpha),
-                            target=cast(Target, target), **run)  # ExplainConfig checks the value
-        drive_run("explain", open_explain(cfg, command=sys.argv), quiet=quiet)
+                            target=cast(Target, target), **run.settings(ExplainConfig))  # it checks the target
+        drive_run("explain", open_explain(cfg, command=sys.argv), quiet=run.quiet)
