@@ -199,6 +199,21 @@ def open_inputs(cfg: BatchConfig, exclude: Sequence[Path]) -> tuple[list[InputFi
     return files, predictor
 
 
+def open_batch(cfg: BatchConfig, layout_of: Callable[[Path], RunLayout],
+               make_job: Callable[[RunLayout, Predictor], Job], command: Sequence[str] | None) -> BatchRun:
+    """The opening every batch command shares: its layout (of its shard, if sharded), the inputs
+    discovered without any shard's outputs, the model, then the command's job and the run.
+
+    Args:
+        layout_of: the layout of a run into ``--out`` (:meth:`RunLayout.for_report` or a folder's).
+        make_job: the command's :class:`Job`, given the layout and the loaded model.
+    """
+    layout = layout_of(shard_path(cfg.out, cfg.shard))
+    every = [layout_of(path) for path in all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard)]
+    files, predictor = open_inputs(cfg, exclude=list(dict.fromkeys(p for o in every for p in (o.report, o.folder))))
+    return BatchRun(make_job(layout, predictor), files, predictor, cfg, command)
+
+
 def resume_header(cfg: BatchConfig, predictor: Predictor, **extra: Any) -> dict[str, Any]:
     """The settings a resume must match: the weights, how the model runs and what a case's
     outputs depend on, plus the command's own (``extra``)."""

@@ -16,6 +16,8 @@ DEFAULT_MAX_PIXELS = 60_000_000
 DEFAULT_CASE_TIMEOUT = 300.0
 """Seconds a worker process may spend on one case before the case fails and the worker is replaced."""
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "mixed", "bf16")
+QA_POLICIES: tuple[str, ...] = ("warn", "refuse", "off")
+"""The ``--qa`` policies (what each does: :mod:`mmcli.qa.policy`)."""
 TRAIN_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 """``mixed`` is for running a model only: training takes these."""
 
@@ -115,7 +117,7 @@ class ModelRunConfig:
                            image_qa=self.qa != "off")
 
     def __post_init__(self) -> None:
-        if self.qa not in ("warn", "refuse", "off"):
+        if self.qa not in QA_POLICIES:
             raise UsageError(f"--qa must be warn, refuse or off, got {self.qa!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")

@@ -265,8 +265,11 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         UsageError: no inputs, no weights, a model without the saliency bridge, another run
             writing the same folder, or an earlier run there with other settings.
     """
-    layout = batch.RunLayout.in_folder(batch.shard_path(cfg.out, cfg.shard), "explain.csv")
-    files, predictor = batch.open_inputs(cfg, exclude=batch.all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard))
+    return batch.open_batch(cfg, lambda out: batch.RunLayout.in_folder(out, "explain.csv"),
+                            lambda layout, predictor: _job(cfg, layout, predictor), command)
+
+
+def _job(cfg: ExplainConfig, layout: batch.RunLayout, predictor: Predictor) -> batch.Job:
     ckpt = predictor.checkpoint
     predictor.require_bridge()
     task = ExplainCase(layout.folder, cfg.threshold, tuple(ckpt.class_names), cfg.alpha,
@@ -279,12 +282,11 @@ def open_explain(cfg: ExplainConfig, *, command: Sequence[str] | None = None) ->
         return all(task.png(v, case_id).is_file() for v in VIEWS) and (
             case_id in have_maps or task.partial(case_id).is_file())
 
-    job = batch.Job(
+    return batch.Job(
         name="explain", layout=layout, columns=EXPLAIN_COLUMNS, task=task,
         header=batch.resume_header(cfg, predictor, alpha=cfg.alpha, target=cfg.target),
         settings=asdict(cfg), still_done=still_done,
         write_reports=lambda rows: _write_reports(task, layout, rows, batch.provenance(ckpt)),
         file_columns=("saliency_png", "gradcam_png"),
     )
-    return batch.BatchRun(job, files, predictor, cfg, command)
 

@@ -32,12 +32,10 @@ from mmcli.batch import (
     Job,
     RunLayout,
     RunSummary,
-    all_shard_paths,
     new_row,
-    open_inputs,
+    open_batch,
     provenance,
     resume_header,
-    shard_path,
 )
 from mmcli.config import BatchConfig, ReadOptions
 from mmcli.data.datasets import Case
@@ -144,7 +142,7 @@ class DicomOutputs:
             pixels: (H, W) float film in [0, 1] (the reader's), for the secondary capture.
         """
         from mmcli import __version__
-        from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr  # highdicom: only when asked
+        from mmcli.io.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr  # highdicom: only when asked
 
         algorithm = AlgorithmInfo(version=__version__, weights_name=self.weights_name,
                                   weights_sha256=self.weights_sha256)
@@ -166,7 +164,7 @@ class DicomOutputs:
             if sr is not None:
                 out["dicom_sr"] = os.path.relpath(sr, report_dir)
         if self.sc:
-            from mmcli.dicom_sc import write_dicom_sc
+            from mmcli.io.dicom_sc import write_dicom_sc
 
             sc = _written(errors, "DICOM SC", lambda: write_dicom_sc(
                 file.path, pixels, sides, self.folder / f"{file.case_id}.sc.dcm", p_pneumonia=row["p_pneumonia"],
@@ -179,7 +177,7 @@ class DicomOutputs:
 
 
 def _written(errors: list[str], what: str, write: Callable[[], Path]) -> Path | None:
-    """``write()``'s path, or None with the reason added to ``errors``: the reasons :mod:`mmcli.dicom_out`
+    """``write()``'s path, or None with the reason added to ``errors``: the reasons :mod:`mmcli.io.dicom_out`
     gives quote no header value, and an unexpected error is named by its type alone (its text might)."""
     try:
         return write()
@@ -212,9 +210,10 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         UsageError: no inputs, no weights, another run writing the same report, or an
             earlier run into it with other settings (without ``overwrite``).
     """
-    layout = RunLayout.for_report(shard_path(cfg.out, cfg.shard))
-    others = [p for r in all_shard_paths(cfg.out.expanduser().resolve(), cfg.shard) for p in (r, r.with_suffix(""))]
-    files, predictor = open_inputs(cfg, exclude=others)
+    return open_batch(cfg, RunLayout.for_report, lambda layout, predictor: _job(cfg, layout, predictor), command)
+
+
+def _job(cfg: PredictConfig, layout: RunLayout, predictor: Predictor) -> Job:
     ckpt = predictor.checkpoint
     dicom = None
     if cfg.dicom_seg or cfg.dicom_sr or cfg.dicom_sc:
@@ -223,7 +222,7 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
     task = PredictCase(cfg.threshold, layout.folder / "masks", layout.report.parent, tuple(ckpt.class_names),
                        read=cfg.read_options(keep_pixels=cfg.dicom_sc), qa=cfg.qa, raw_masks=cfg.raw_masks,
                        dicom=dicom)
-    job = Job(
+    return Job(
         name="predict", layout=layout, columns=REPORT_COLUMNS, task=task,
         header=resume_header(cfg, predictor, dicom_seg=cfg.dicom_seg, dicom_sr=cfg.dicom_sr,
                              **({"dicom_sc": True} if cfg.dicom_sc else {})),  # runs from before it still resume
@@ -234,7 +233,6 @@ def open_predict(cfg: PredictConfig, *, command: Sequence[str] | None = None) ->
         file_columns=FILE_COLUMNS, extra_reports=(cfg.hdf5.expanduser().resolve(),) if cfg.hdf5 else (),
         relabel=lambda row, file: relabel(task, row, file),
     )
-    return BatchRun(job, files, predictor, cfg, command)
 
 
 def relabel(task: PredictCase, row: dict[str, Any], file: InputFile) -> dict[str, Any]:

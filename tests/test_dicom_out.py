@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from mmcli.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
-from mmcli.dicom_sc import RESEARCH_NOTICE, write_dicom_sc
 from mmcli.errors import CaseError, ReadError
+from mmcli.io.dicom_out import AlgorithmInfo, write_dicom_seg, write_dicom_sr
+from mmcli.io.dicom_sc import RESEARCH_NOTICE, write_dicom_sc
 from mmcli.io.readers import read_radiograph
 from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
@@ -178,7 +178,7 @@ def _fixed(hdr: pydicom.Dataset) -> str:
 
 
 def test_render_overlay_widens_a_small_film_for_its_text() -> None:
-    from mmcli.dicom_sc import render_overlay
+    from mmcli.io.dicom_sc import render_overlay
 
     film = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     sides = np.zeros((64, 64), np.uint8)
@@ -388,7 +388,7 @@ def test_malformed_source_attributes_are_left_out_not_fatal(tmp_path: Path) -> N
 
 
 def test_a_library_error_is_reported_without_header_values(tmp_path: Path) -> None:
-    from mmcli.dicom_out import _build, _read_source
+    from mmcli.io.dicom_out import _build, _read_source
 
     src = _read_source(DATA / "RG1_J2KI.dcm")
     name = str(src.PatientName)
@@ -535,13 +535,13 @@ def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tin
     from conftest import read_rows
     from typer.testing import CliRunner
 
-    import mmcli.dicom_out
+    import mmcli.io.dicom_out
     from mmcli.cli import app
 
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copyfile(DATA / "Fake_MONOHR1.dcm", scans / "a.dcm")
-    atomic_path = mmcli.dicom_out.atomic_path
+    atomic_path = mmcli.io.dicom_out.atomic_path
 
     @contextmanager
     def full_disk_for_seg_and_sc(path: Path):
@@ -550,7 +550,7 @@ def test_a_dicom_output_that_cannot_be_written_costs_no_prediction(tmp_path, tin
         with atomic_path(path) as tmp:
             yield tmp
 
-    monkeypatch.setattr(mmcli.dicom_out, "atomic_path", full_disk_for_seg_and_sc)  # -j 0: the case runs here
+    monkeypatch.setattr(mmcli.io.dicom_out, "atomic_path", full_disk_for_seg_and_sc)  # -j 0: the case runs here
     res = CliRunner().invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv"), "-w", str(tiny_weights),
                                    "-j", "0", "--dicom-seg", "--dicom-sr", "--dicom-sc", "-q"])
     assert res.exit_code == 0, res.output

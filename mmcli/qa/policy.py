@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mmcli.config import QA_POLICIES
 from mmcli.io.image import ImageFacts
 from mmcli.qa.flags import NO_GROUNDS, OUT_OF_DISTRIBUTION
 from mmcli.qa.mask import mask_flags
@@ -26,7 +27,6 @@ from mmcli.status import Status
 
 __all__ = ["QA_POLICIES", "UNCERTAIN", "apply_policy", "case_flags"]
 
-QA_POLICIES: tuple[str, ...] = ("warn", "refuse", "off")
 UNCERTAIN = "uncertain"
 
 

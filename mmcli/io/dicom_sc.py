@@ -9,7 +9,7 @@ those from the header, which the SC shares with the source's patient and study.
 
 The object joins the source's study (same StudyInstanceUID, a new series), references the source
 image (Source Image Sequence), is marked Burned In Annotation YES, and like the SEG and SR is
-reproducible: same inputs, same bytes (:mod:`mmcli.dicom_out` gives the UIDs, dates and header).
+reproducible: same inputs, same bytes (:mod:`mmcli.io.dicom_out` gives the UIDs, dates and header).
 It is written uncompressed: RGB, 8 bits, Explicit VR Little Endian.
 """
 
@@ -26,7 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 from scipy import ndimage as ndi
 
-from mmcli.dicom_out import (
+from mmcli.errors import CaseError
+from mmcli.io.dicom_out import (
     MANUFACTURER,
     AlgorithmInfo,
     _build,
@@ -36,7 +37,6 @@ from mmcli.dicom_out import (
     _save,
     _uid,
 )
-from mmcli.errors import CaseError
 from mmcli.qa.mask import LEFT_LUNG, RIGHT_LUNG
 
 __all__ = ["MAX_SIDE", "RESEARCH_NOTICE", "render_overlay", "write_dicom_sc"]
