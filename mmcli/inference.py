@@ -30,14 +30,7 @@ from mmcli.data.transforms import mask_to_native
 from mmcli.errors import UsageError
 from mmcli.models.multimix import MultiMixOutput
 from mmcli.qa.ood import OODStats
-from mmcli.runtime import (
-    Precision,
-    apply_precision_policy,
-    autocast,
-    decoder_dtype,
-    resolve_device,
-    resolve_precision,
-)
+from mmcli.runtime import Precision, apply_precision_policy, autocast, decoder_dtype, resolve_device, resolve_precision
 from mmcli.weights import Checkpoint
 
 logger = logging.getLogger(__name__)

@@ -60,6 +60,25 @@ def _lost(scanned: Sequence[Sample], samples: Sequence[Sample], has: str) -> str
     return f"{lost} image(s) with a {has} could not be read (see the warnings above)" if lost else None
 
 
+_WORDS = {  # has -> (the budget option, what it keeps, which images, the --*-data option, the default reason)
+    "mask": ("--seg-labels", "mask", "image with a mask", "images with masks", "--seg-data", "a mask"),
+    "label": ("--cls-labels", "class label", "labelled image", "labelled images", "--cls-data", "a class label"),
+}
+
+
+def _ending(reasons: list[str], cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sample], has: str,
+            budget: int | None) -> str:
+    """``reasons`` and the ones every stream shares: images with a ``has`` that could not be read, or all
+    left out of training (a budget of 0, or all gone to validation); else the default reason."""
+    option, kept, one, many, data, default = _WORDS[has]
+    reasons = [*reasons, _lost(scanned, samples, has) or ""]
+    if any(getattr(s, has) is not None for s in samples):
+        reasons.append(f"{option} 0 keeps no {kept} for training" if budget == 0 else
+                       f"every {one} went to validation (--val-fraction {cfg.val_fraction}): add {many} or lower "
+                       "--val-fraction")
+    return "; ".join(r for r in reasons if r) or f"no image of the {data} folders has {default}"
+
+
 def _no_masks(cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sample]) -> str:
     reasons = []
     for d in cfg.seg_data:
@@ -71,12 +90,7 @@ def _no_masks(cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sam
             first = next((s for s in scanned if s.source == str(folder)), None)
             example = f" (the mask of {first.path.name} is {masks / _key(first, folder)}.png)" if first else ""
             reasons.append(f"--seg-data {d}: no image has its mask in {masks}{example}")
-    reasons.append(_lost(scanned, samples, "mask") or "")
-    if any(s.mask is not None for s in samples):
-        reasons.append("--seg-labels 0 keeps no mask for training" if cfg.seg_labels == 0 else
-                       f"every image with a mask went to validation (--val-fraction {cfg.val_fraction}): "
-                       "add images with masks or lower --val-fraction")
-    return "; ".join(r for r in reasons if r) or "no image of the --seg-data folders has a mask"
+    return _ending(reasons, cfg, scanned, samples, "mask", cfg.seg_labels)
 
 
 def _no_labels(cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sample]) -> str:
@@ -91,12 +105,7 @@ def _no_labels(cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sa
         elif not labelled:
             reasons.append(f"{table} names none of the images of {d} (its file column holds paths relative to {d}, "
                            "such as sub/a.png)")
-    reasons.append(_lost(scanned, samples, "label") or "")
-    if any(s.label is not None for s in samples):
-        reasons.append("--cls-labels 0 keeps no class label for training" if cfg.cls_labels == 0 else
-                       f"every labelled image went to validation (--val-fraction {cfg.val_fraction}): "
-                       "add labelled images or lower --val-fraction")
-    return "; ".join(r for r in reasons if r) or "no image of the --cls-data folders has a class label"
+    return _ending(reasons, cfg, scanned, samples, "label", cfg.cls_labels)
 
 
 def _all_masked(cfg: TrainConfig, scanned: Sequence[Sample], samples: Sequence[Sample]) -> str:
