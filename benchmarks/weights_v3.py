@@ -66,6 +66,10 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
                     ("--init", "multimix-cxr-v3", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
                      "--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8",
                      "--lr", "5e-5")),
+    "F-v3-smooth": ("as E-v3-longer, with label smoothing 0.1 (for the text-mined NIH labels)",
+                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
+                     "--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8",
+                     "--lr", "5e-5", "--label-smoothing", "0.1")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)

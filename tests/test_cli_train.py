@@ -130,3 +130,12 @@ def test_freeze_from_the_command_line(folders, tmp_path):
     assert run["settings"]["freeze"] == ["encoder", "classifier"] and set(run["frozen"]) == {"encoder", "classifier"}
     bad = runner.invoke(app, _args(folders, tmp_path / "c", "--epochs", "1", "--freeze", "encoder"))
     assert bad.exit_code == 2 and "--freeze keeps weights of the starting checkpoint" in bad.output
+
+
+def test_label_smoothing_is_recorded_and_checked(folders, tmp_path):
+    res = runner.invoke(app, _args(folders, tmp_path / "run", "--epochs", "1", "--no-calibrate", "-q",
+                                   "--label-smoothing", "0.2"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["label_smoothing"] == 0.2
+    res = runner.invoke(app, _args(folders, tmp_path / "bad", "--label-smoothing", "1.5"))
+    assert res.exit_code == 2 and "--label-smoothing" in res.output

@@ -97,3 +97,17 @@ def test_total_loss_weights():
     assert total_loss({"dice": torch.tensor(0.5)}, w).item() == pytest.approx(2.5)
     with pytest.raises(ValueError):
         total_loss({"kl": torch.tensor(1.0)}, w)
+
+
+def test_cross_entropy_with_label_smoothing_is_the_smoothed_target_s():
+    from mmcli.training.losses import cross_entropy
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-1.0, 3.0]])
+    labels = torch.tensor([0, 1, 1])
+    logp = torch.log_softmax(logits, dim=1)
+    for e in (0.0, 0.1, 0.4):
+        target = torch.full((3, 2), e / 2)
+        target[torch.arange(3), labels] = 1 - e / 2
+        want = -(target * logp).sum(1).mean()
+        assert float(cross_entropy(logits, labels, e)) == pytest.approx(float(want), abs=1e-6)
+    assert float(cross_entropy(logits, labels, 0.1)) != pytest.approx(float(cross_entropy(logits, labels)), abs=1e-3)

@@ -208,6 +208,10 @@ def train(
     beta: Annotated[float | None, typer.Option(
         "--beta", min=0.0, metavar="X", hidden=True,
         help="Deprecated (warns; to be removed): the old name of --consistency-weight.")] = None,
+    label_smoothing: Annotated[float, typer.Option(
+        "--label-smoothing", min=0.0, max=0.99, metavar="E",
+        help="Smooth the class labels: the target is 1 - E/2 on the label and E/2 on the other class (0: off); "
+             "for noisy labels, such as text-mined ones.")] = 0.0,
     hflip: Annotated[bool, typer.Option(
         "--hflip/--no-hflip", help="Random horizontal flips (they swap laterality: off by default).")] = False,
     site_aug: Annotated[str, typer.Option(
@@ -254,7 +258,8 @@ def train(
             batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size, lr=lr, lr_step=lr_step,
             threshold=_renamed(ctx, "pseudo_threshold", pseudo_threshold, "--threshold", threshold),
             lambda_u=lambda_u, alpha=_renamed(ctx, "dice_weight", dice_weight, "--alpha", alpha),
-            beta=_renamed(ctx, "consistency_weight", consistency_weight, "--beta", beta), hflip=hflip,
+            beta=_renamed(ctx, "consistency_weight", consistency_weight, "--beta", beta),
+            label_smoothing=label_smoothing, hflip=hflip,
             site_aug=_site_ops(site_aug), balance_sources=balance_sources,
             freeze=tuple(dict.fromkeys(p.strip() for p in freeze.split(",") if p.strip())),
             patience=patience or None, calibrate=calibrate, voi_lut=voi_lut, device=device,

@@ -23,6 +23,7 @@ class LossWeights:
     threshold: float = 0.7
     alpha: float = 5.0
     beta: float = 0.01
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class TrainConfig:
     lambda_u: float = 0.25
     alpha: float = 5.0
     beta: float = 0.01
+    label_smoothing: float = 0.0
     hflip: bool = False
     site_aug: tuple[str, ...] = ()
     balance_sources: bool = False
@@ -165,6 +167,8 @@ class TrainConfig:
             raise UsageError(f"--workers must be 0 or more, got {self.workers}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--pseudo-threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         unknown = [o for o in self.site_aug if o not in SITE_OPS]
         if unknown:
             raise UsageError(f"--site-aug: unknown {', '.join(unknown)}: use {', '.join(SITE_OPS)} or all")
@@ -183,7 +187,8 @@ class TrainConfig:
 
     @property
     def loss_weights(self) -> LossWeights:
-        return LossWeights(lambda_u=self.lambda_u, threshold=self.threshold, alpha=self.alpha, beta=self.beta)
+        return LossWeights(lambda_u=self.lambda_u, threshold=self.threshold, alpha=self.alpha, beta=self.beta,
+                           label_smoothing=self.label_smoothing)
 
     def model_overrides(self) -> dict[str, Any]:
         return arch_overrides(self.arch)

@@ -26,9 +26,10 @@ __all__ = [
 ]
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy: logits (B, C), integer labels (B,) -> scalar."""
-    return F.cross_entropy(logits.float(), labels.long())
+def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy: logits (B, C), integer labels (B,) -> scalar. With ``label_smoothing`` e the
+    target is ``(1 - e) * onehot + e / C`` (Szegedy et al., 2016): ``1 - e/2`` and ``e/2`` for two classes."""
+    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
 
 
 def soft_dice_loss(mask_logits: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:

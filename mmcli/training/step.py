@@ -117,7 +117,7 @@ def train_step(
             parts = [batch.cls_l] + ([strong] if strong is not None else [])
             logits = cls_logits(model, torch.cat(parts)).float()
             n = batch.cls_l.shape[0]
-            terms["ce"] = cross_entropy(logits[:n], batch.cls_l_labels)
+            terms["ce"] = cross_entropy(logits[:n], batch.cls_l_labels, weights.label_smoothing)
             if strong is not None and batch.cls_weak is not None:
                 with torch.no_grad():
                     weak = cls_logits(model, batch.cls_weak).float()
