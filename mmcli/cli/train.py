@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,6 +27,9 @@ from mmcli.cli.common import (
 from mmcli.config import ARCH_PRESETS
 from mmcli.errors import UsageError
 from mmcli.training.config import SITE_OPS, VARIANTS, TrainConfig
+
+_TRAIN: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
+"""The defaults of train's options: the config's own, stated once (in :class:`TrainConfig`)."""
 
 if TYPE_CHECKING:
     from mmcli.training import TrainSummary
@@ -167,53 +171,56 @@ def train(
     cls_data: Annotated[list[Path] | None, typer.Option(
         "--cls-data", metavar="DIR", help="Folder of images with labels.csv (file,label) (repeatable).")] = None,
     variant: Annotated[str, typer.Option(
-        "--variant", metavar="NAME", help=f"{'|'.join(VARIANTS)} (the paper's ablations).")] = "multimix",
+        "--variant", metavar="NAME", help=f"{'|'.join(VARIANTS)} (the paper's ablations).")] = _TRAIN["variant"],
     seg_labels: Annotated[str, typer.Option(
         "--seg-labels", metavar="N|all", help="Masks to keep; the rest is unlabelled.")] = "all",
     cls_labels: Annotated[str, typer.Option(
         "--cls-labels", metavar="N|all", help="Class labels to keep (stratified); the rest is unlabelled.")] = "all",
     val_fraction: Annotated[float, typer.Option(
-        "--val-fraction", min=0.0, max=0.95, metavar="X", help="Validation share.")] = 0.2,
+        "--val-fraction", min=0.0, max=0.95, metavar="X", help="Validation share.")] = _TRAIN["val_fraction"],
     seed: Annotated[int, typer.Option(
-        "--seed", metavar="N", help="Seeds splits, initialisation, sampling, augmentation.")] = 0,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, metavar="N")] = 30,
+        "--seed", metavar="N", help="Seeds splits, initialisation, sampling, augmentation.")] = _TRAIN["seed"],
+    epochs: Annotated[int, typer.Option("--epochs", min=1, metavar="N")] = _TRAIN["epochs"],
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, metavar="N", help="Images per stream per step.")] = 10,
+        "--batch-size", "-b", min=1, metavar="N", help="Images per stream per step.")] = _TRAIN["batch_size"],
     steps_per_epoch: Annotated[int | None, typer.Option(
         "--steps-per-epoch", min=1, metavar="N",
         help="Steps per epoch. Default: one pass over the largest labelled pool.")] = None,
     image_size: Annotated[int, typer.Option(
-        "--image-size", min=64, max=1024, metavar="PX", help="Model input size (multiple of 16).")] = 256,
+        "--image-size", min=64, max=1024, metavar="PX", help="Model input size (multiple of 16).")] = (
+        _TRAIN["image_size"]),
     arch: Annotated[str, typer.Option(
         "--arch", metavar="|".join(ARCH_PRESETS), help="Model size: base (paper widths) or tiny (smoke tests).")] = (
-        "base"),
-    lr: Annotated[float, typer.Option("--lr", min=0.0, metavar="X", help="Learning rate.")] = 1e-4,
-    lr_step: Annotated[int, typer.Option("--lr-step", min=1, metavar="N", help="Epochs between lr x0.1 steps.")] = 8,
+        _TRAIN["arch"]),
+    lr: Annotated[float, typer.Option("--lr", min=0.0, metavar="X", help="Learning rate.")] = _TRAIN["lr"],
+    lr_step: Annotated[int, typer.Option("--lr-step", min=1, metavar="N", help="Epochs between lr x0.1 steps.")] = (
+        _TRAIN["lr_step"]),
     pseudo_threshold: Annotated[float, typer.Option(
         "--pseudo-threshold", min=0.0, max=1.0, metavar="P",
-        help="Confidence from which an unlabelled image's prediction becomes its pseudo label.")] = 0.7,
+        help="Confidence from which an unlabelled image's prediction becomes its pseudo label.")] = _TRAIN["threshold"],
     threshold: Annotated[float | None, typer.Option(
         "--threshold", min=0.0, max=1.0, metavar="P", hidden=True,
         help="Deprecated (warns; to be removed): the old name of --pseudo-threshold.")] = None,
     lambda_u: Annotated[float, typer.Option(
-        "--lambda-u", min=0.0, metavar="X", help="Weight of the pseudo-label loss.")] = 0.25,
+        "--lambda-u", min=0.0, metavar="X", help="Weight of the pseudo-label loss.")] = _TRAIN["lambda_u"],
     dice_weight: Annotated[float, typer.Option(
-        "--dice-weight", min=0.0, metavar="X", help="Weight of the Dice loss (the paper's alpha).")] = 5.0,
+        "--dice-weight", min=0.0, metavar="X", help="Weight of the Dice loss (the paper's alpha).")] = _TRAIN["alpha"],
     alpha: Annotated[float | None, typer.Option(
         "--alpha", min=0.0, metavar="X", hidden=True,
         help="Deprecated (warns; to be removed): the old name of --dice-weight.")] = None,
     consistency_weight: Annotated[float, typer.Option(
         "--consistency-weight", min=0.0, metavar="X",
-        help="Weight of the foreground-KL consistency (the paper's beta).")] = 0.01,
+        help="Weight of the foreground-KL consistency (the paper's beta).")] = _TRAIN["beta"],
     beta: Annotated[float | None, typer.Option(
         "--beta", min=0.0, metavar="X", hidden=True,
         help="Deprecated (warns; to be removed): the old name of --consistency-weight.")] = None,
     label_smoothing: Annotated[float, typer.Option(
         "--label-smoothing", min=0.0, max=0.99, metavar="E",
         help="Smooth the class labels: the target is 1 - E/2 on the label and E/2 on the other class (0: off); "
-             "for noisy labels, such as text-mined ones.")] = 0.0,
+             "for noisy labels, such as text-mined ones.")] = _TRAIN["label_smoothing"],
     hflip: Annotated[bool, typer.Option(
-        "--hflip/--no-hflip", help="Random horizontal flips (they swap laterality: off by default).")] = False,
+        "--hflip/--no-hflip", help="Random horizontal flips (they swap laterality: off by default).")] = (
+        _TRAIN["hflip"]),
     site_aug: Annotated[str, typer.Option(
         "--site-aug", metavar="OPS",
         help=f"Site-shift augmentations, comma-separated: {','.join(SITE_OPS)}, or all, or none "
@@ -221,15 +228,16 @@ def train(
     balance_sources: Annotated[bool, typer.Option(
         "--balance-sources/--no-balance-sources",
         help="Draw every stream from its source folders at equal rates, not in proportion to their "
-             "sizes (the rates go into run.json).")] = False,
+             "sizes (the rates go into run.json).")] = _TRAIN["balance_sources"],
     freeze: Annotated[str, typer.Option(
         "--freeze", metavar="PARTS",
         help="Keep these parts of the --init weights fixed, comma-separated: encoder, classifier, decoder "
              "(encoder,classifier adapts the masks only and keeps the pneumonia answer as it was).")] = "",
     patience: Annotated[int | None, typer.Option(
-        "--patience", min=0, metavar="N", help="Stop after N epochs without a better score; 0: never.")] = 10,
+        "--patience", min=0, metavar="N", help="Stop after N epochs without a better score; 0: never.")] = (
+        _TRAIN["patience"]),
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate/--no-calibrate", help="Fit a temperature on the validation split.")] = True,
+        "--calibrate/--no-calibrate", help="Fit a temperature on the validation split.")] = _TRAIN["calibrate"],
     voi_lut: VoiLutOpt = False,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
@@ -237,7 +245,8 @@ def train(
         "--workers", "-j", min=0, envvar="MMCLI_WORKERS", show_envvar=True, metavar="N",
         help="Processes that decode the images before the first epoch (default: one per CPU core; up to 8 "
              "beside a GPU); 0: main process only. Training steps run on batches already in memory.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = (
+        _TRAIN["resume"]),
     quiet: QuietOpt = False,
 ) -> None:
     """Train MultiMix (or an ablation) semi-supervised from few labels.
