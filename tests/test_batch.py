@@ -140,6 +140,18 @@ def test_help_shows_no_python_type_placeholders(command):
     assert os.linesep.join(res.output.splitlines())  # not empty
 
 
+@pytest.mark.parametrize("command", ["predict", "explain", "evaluate", "train", "merge", "report"])
+def test_help_paragraphs_wrap_to_the_terminal(command):
+    """A docstring's line breaks are not kept: at 80 columns no help line is cut short mid-paragraph."""
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0
+    text = res.output.split("╭")[0]  # the description, before the option panels
+    lines = [line.strip() for line in text.splitlines()]
+    for this, following in zip(lines, lines[1:], strict=False):
+        if this and following and not this.startswith("Usage:"):
+            assert len(this) > 60, (this, following)  # a full line, wrapped at the terminal's width
+
+
 def test_a_replaced_input_is_predicted_again(tmp_path, scans, tiny_weights):
     out = tmp_path / "r.csv"
     cfg = PredictConfig(inputs=(str(scans),), out=out, weights=str(tiny_weights), device="cpu", workers=0)

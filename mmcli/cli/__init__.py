@@ -33,7 +33,17 @@ def _drop_placeholders(params: list[Any]) -> None:
             param.display_type_rich = _no_placeholder  # this parameter's own; the class is untouched
 
 
+def _reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line: the help then wraps them to the terminal (Typer's rich help
+    keeps a docstring's line breaks, which leaves ragged lines at 80 columns)."""
+    return None if text is None else "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+
+
 class _Command(typer.core.TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
     def get_params(self, ctx: ClickContext) -> list[Any]:  # with --help, which click adds here
         params = super().get_params(ctx)
         _drop_placeholders(params)
