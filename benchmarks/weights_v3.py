@@ -1,12 +1,13 @@
 """Weights v3: every candidate recipe trained with ``mmcli train`` and judged by ``mmcli evaluate``.
 
-Each candidate starts from ``multimix-cxr-v2`` (or from scratch) and trains on the training
+Each candidate starts from ``multimix-cxr-v2`` (E and F: from ``multimix-cxr-v3``, which is C
+with refitted out-of-distribution statistics) and trains on the training
 parts of ``benchmarks/v3_split.py``: JSRT, COVID-19 and seg-adult masks; Kermany, NIH
 (cls-cross) and adult NIH (cls-adult) labels; every folder drawn at the same rate
 (``--balance-sources``), every film also unlabelled data for the task it has no label for.
 The candidates differ in how the adult NIH labels are given (all of them, or balanced by
-class within each view, the rest unlabelled), the schedule and the loss weights (see
-``CANDIDATES``). Rows ``v1`` and ``v2`` are the registered weights, not trained.
+class within each view, the rest unlabelled), the schedule and the loss (label smoothing;
+see ``CANDIDATES``). Rows ``v1`` and ``v2`` are the registered weights, not trained.
 
 Every row is evaluated on the held-out patients of the six sets, the adult NIH test films
 also within each view (AP, PA). ``table.md`` / ``table.json`` add the ROC AUC that the view
@@ -47,6 +48,9 @@ CROSS = ("--cls-data", "cls-cross-train")  # the NIH films of v2's split, with t
 VIEW_BALANCED = ("--cls-data", "cls-adult-train-vb", "--unlabelled-data", "cls-adult-train-vb-rest")
 ALL_ADULT = ("--cls-data", "cls-adult-train")
 SCHEDULE = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "1e-4")
+NO_CROSS = ("--unlabelled-data", "cls-cross-train")  # the NIH films of v2's split, without their labels
+TWELVE = ("--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8", "--lr", "1e-4")
+LONGER = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "5e-5")
 
 # name -> (what it tries, the folders and options after the shared ones)
 CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -55,21 +59,13 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "B-all": ("from v2; every adult NIH label (the view imbalance left in)",
               ("--init", "multimix-cxr-v2", *CROSS, *ALL_ADULT, *SCHEDULE)),
     "C-vb-nocross": ("as A-vb, but the cls-cross NIH films (80 % normal, mostly PA) unlabelled, 12 epochs",
-                     ("--init", "multimix-cxr-v2", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
-                      "--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8",
-                      "--lr", "1e-4")),
+                     ("--init", "multimix-cxr-v2", *VIEW_BALANCED, *NO_CROSS, *TWELVE)),
     "D-all-nocross": ("as B-all, but the cls-cross NIH films unlabelled, 12 epochs",
-                      ("--init", "multimix-cxr-v2", *ALL_ADULT, "--unlabelled-data", "cls-cross-train",
-                       "--epochs", "12", "--steps-per-epoch", "30", "--lr-step", "9", "--batch-size", "8",
-                       "--lr", "1e-4")),
+                      ("--init", "multimix-cxr-v2", *ALL_ADULT, *NO_CROSS, *TWELVE)),
     "E-v3-longer": ("as C-vb-nocross, continued from v3 for 8 more epochs at half the learning rate",
-                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
-                     "--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8",
-                     "--lr", "5e-5")),
-    "F-v3-smooth": ("as E-v3-longer, with label smoothing 0.1 (for the text-mined NIH labels)",
-                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, "--unlabelled-data", "cls-cross-train",
-                     "--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8",
-                     "--lr", "5e-5", "--label-smoothing", "0.1")),
+                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, *NO_CROSS, *LONGER)),
+    "F-v3-smooth": ("as E-v3-longer, with label smoothing 0.1 (for the text-mined NIH labels; v3.1)",
+                    ("--init", "multimix-cxr-v3", *VIEW_BALANCED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
