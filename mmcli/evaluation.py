@@ -215,6 +215,10 @@ class EvaluationRun:
         return open_predict(PredictConfig(inputs=tuple(str(r.path) for r in self.refs),
                                           out=self.out / "predictions.csv", **shared), command=command)
 
+    def close(self) -> None:
+        """Release the run folder's lock (done by :meth:`cases`; for a run given up before it)."""
+        self._lock.release()
+
     def cases(self) -> Iterator[dict[str, Any]]:
         """Evaluate each referenced image (running the predictions first if still to do)."""
         try:

@@ -78,6 +78,7 @@ class BatchPrediction:
         (:meth:`native_mask`), else its ``(1, S, S)`` logits resized here."""
         native = self.native_mask(k)
         if native is not None:
+            assert native.shape == (height, width), f"mask of {native.shape}, image of {(height, width)}"
             return native
         assert self.mask_logits is not None, "a mask needs a segmentation head"
         from mmcli.data.transforms import mask_to_native

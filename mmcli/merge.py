@@ -305,8 +305,8 @@ def merge_reports(reports: Sequence[Path], out: Path, *, columns: Sequence[str],
             write_hdf5(out, rows, columns, masks=mask, attrs=dict(shards[0].manifest.get("provenance", {})))
         else:
             write_csv(out, rows, columns)
-        counts = {"total": len(rows),
-                  **{str(s): sum(r["status"] == s for r in rows) for s in (Status.OK, Status.ERROR, Status.SKIPPED)}}
+        counts = {"total": len(rows), **{name: sum(r["status"] == s for r in rows) for name, s in (
+            ("ok", Status.OK), ("failed", Status.ERROR), ("skipped", Status.SKIPPED))}}  # as predict counts them
         first = shards[0].manifest
         seconds = time.perf_counter() - started
         write_run_json(layout, run_record(

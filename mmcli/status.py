@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
 
 __all__ = ["Status"]
 
 
-class Status(StrEnum):
+class Status(str, Enum):
     """A report row's ``status``; a member is its own text (``Status.OK == "ok"``), in CSV, JSON and HDF5 alike.
 
     * ``ok``: the case has a result (its ``qa_flags`` may still say why to doubt it);
@@ -20,3 +20,9 @@ class Status(StrEnum):
     ERROR = "error"
     SKIPPED = "skipped"
     MISSING = "missing"
+
+    def __str__(self) -> str:  # its text, as StrEnum gives (Python 3.11) and as reports hold it
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)

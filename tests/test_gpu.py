@@ -109,3 +109,16 @@ def test_gpu_pipeline_matches_the_cpu_engine(tmp_path, tiny_weights):
         ma = read_mask_png(tmp_path / "cpu" / a.loc[case, "mask"])
         mb = read_mask_png(tmp_path / "cuda" / b.loc[case, "mask"])
         assert ma.shape == mb.shape and (ma != mb).mean() < 1e-3, case
+
+
+def test_the_loader_pins_a_batch_of_cases(tmp_path):
+    """CaseBatch knows pin_memory, so the images copy to the GPU asynchronously."""
+    from mmcli.config import ReadOptions
+    from mmcli.data.datasets import RadiographDataset, collate_cases
+    from mmcli.io.discover import InputFile
+
+    files = [InputFile(save_png8(tmp_path / f"s{i}.png", 80, 72, seed=i), f"s{i}") for i in range(2)]
+    loader = torch.utils.data.DataLoader(RadiographDataset(files, PreprocessConfig(image_size=64), ReadOptions()),
+                                         batch_size=2, collate_fn=collate_cases, pin_memory=True)
+    batch = next(iter(loader))
+    assert batch.images.is_pinned() and [c.index for c in batch.cases] == [0, 1]

@@ -102,3 +102,23 @@ def test_train_refuses_a_folder_of_someone_else_s_files(tmp_path):
                "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "-j", "0", "-q")
     assert res.exit_code == 2 and str(out) in res.output
     assert sorted(p.name for p in out.iterdir()) == ["chapter1.tex"]
+
+
+def test_a_training_that_fails_at_the_start_leaves_its_folder_to_the_next(tmp_path, tiny_weights):
+    """The folder is train's as soon as it is locked: a corrected rerun goes ahead."""
+    seg, cls = make_folders(tmp_path / "data", n_seg=4, n_cls=6)
+    args = ["train", "--seg-data", seg, "--cls-data", cls, "--out", tmp_path / "run", "--image-size", "64",
+            "--epochs", "1", "--steps-per-epoch", "1", "--val-fraction", "0.34", "--device", "cpu", "-j", "0", "-q",
+            "--no-calibrate"]
+    res = _run(*args, "--init", tiny_weights)  # the tiny weights do not fit the base architecture
+    assert res.exit_code == 2 and _manifest(tmp_path / "run")["status"] == "starting"
+    res = _run(*args, "--arch", "tiny")
+    assert res.exit_code == 0, res.output
+    assert _manifest(tmp_path / "run")["status"] == "finished"
+
+
+def test_status_is_its_own_text_everywhere():
+    from mmcli.status import Status
+
+    assert str(Status.OK) == "ok" and f"{Status.ERROR:>6}" == " error" and f"{Status.OK}" == "ok"
+    assert json.dumps({"status": Status.SKIPPED}) == '{"status": "skipped"}' and Status.MISSING == "missing"

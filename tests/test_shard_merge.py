@@ -57,7 +57,7 @@ def test_a_sharded_run_merged_back_equals_one_run(tmp_path, scans, tiny_weights,
         assert (work / "merge" / "masks" / mask.relative_to(tmp_path / "whole" / "masks")).read_bytes() == \
             mask.read_bytes()
     merged_manifest = json.loads((work / "merge" / "run.json").read_text())
-    assert merged_manifest["counts"] == {"total": 9, "ok": 8, "error": 1, "skipped": 0}
+    assert merged_manifest["counts"] == {"total": 9, "ok": 8, "failed": 1, "skipped": 0}
     assert len(merged_manifest["merged_from"]) == 3
 
 

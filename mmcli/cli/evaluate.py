@@ -62,9 +62,12 @@ def evaluate(
         evaluation = EvaluationRun(cfg, command=sys.argv)
         with stop_cleanly("predictions finished so far are kept in " + str(evaluation.report.with_suffix("")),
                           "run the same command again to resume"):
-            if evaluation.predict_run is not None:
-                follow_rows("predict", evaluation.predict_run, len(evaluation.predict_run.todo), quiet=quiet)
-            follow_rows("evaluate", evaluation.cases(), len(evaluation.refs), quiet=quiet)
+            try:
+                if evaluation.predict_run is not None:
+                    follow_rows("predict", evaluation.predict_run, len(evaluation.predict_run.todo), quiet=quiet)
+                follow_rows("evaluate", evaluation.cases(), len(evaluation.refs), quiet=quiet)
+            finally:
+                evaluation.close()  # also when the predictions failed before the evaluation began
     summary = evaluation.summary
     assert summary is not None
     if not quiet:

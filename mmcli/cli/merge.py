@@ -35,5 +35,5 @@ def merge(
         summary = merge_reports(reports, out, columns=REPORT_COLUMNS, file_columns=FILE_COLUMNS, command=sys.argv)
     if not quiet:
         c = summary.counts
-        say(f"{summary.shards} shards: {c['ok']} ok, {c['error']} failed, {c['skipped']} skipped "
+        say(f"{summary.shards} shards: {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped "
             f"-> {summary.report}")

@@ -59,6 +59,11 @@ class CaseBatch:
     ok: list[int]
     cases: list[Case]
 
+    def pin_memory(self) -> CaseBatch:
+        """The batch with its images in pinned memory (the DataLoader calls it with ``pin_memory``), so that
+        copies to a GPU overlap with its work."""
+        return replace(self, images=None if self.images is None else self.images.pin_memory())
+
 
 class RadiographDataset(Dataset[Case]):
     """Read and preprocess one input per item (a :class:`Case`), never raising on a bad file."""

@@ -126,7 +126,7 @@ def open_run_folder(layout: RunLayout, command: str, *, columns: Sequence[str] |
         for report in (layout.report, *extra_reports):
             ownership.check_report(report, layout.folder, command, columns)
     probe_writable(*dict.fromkeys((layout.folder, layout.report.parent, *writable)))
-    lock = RunLock(layout.lock, layout.report if layout.report != layout.folder else layout.folder)
+    lock = RunLock(layout.lock, layout.folder if layout.report.parent == layout.folder else layout.report)
     lock.acquire()
     return lock
 

@@ -405,10 +405,13 @@ def run_train(cfg: TrainConfig, *, on_start: Callable[[Trainer], None] | None = 
     """Train as ``cfg`` says; write best/last checkpoints, state.pt, history.csv, splits.csv and run.json."""
     started = time.time()
     keep_freed_memory()
+    layout = RunLayout.in_folder(Path(cfg.out), "best.safetensors")
+    cfg = replace(cfg, out=str(layout.folder))  # "~" and relative paths resolved once, for every rank
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run folder, held by torchrun's rank 0
-            layout = RunLayout.in_folder(Path(cfg.out), "best.safetensors")
             stack.callback(open_run_folder(layout, "train", holds=_holds_training(layout.folder)).release)
+            if not layout.manifest.is_file():  # the folder is train's from now on, even if the start fails
+                write_run_json(layout, run_record("train", argv=command, settings=cfg.to_dict(), status="starting"))
         trainer = Trainer(cfg)
         try:
             return _run(trainer, started, on_start, on_step, on_epoch, command)
