@@ -197,12 +197,14 @@ def auc(real: np.ndarray, mirr: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(real)), np.ones(len(mirr))], np.r_[real, mirr]))
 
 
-def evaluate(model: MirrorNet, x: np.ndarray, thr: float) -> dict:
-    """False alarm and catch at ``thr`` with Wilson intervals, and the AUC, on held-out films ``x``."""
+def evaluate(model: MirrorNet, x: np.ndarray, thr: float, names: list[str]) -> dict:
+    """False alarm and catch at ``thr`` with Wilson intervals, and the AUC, on held-out films ``x`` (files
+    ``names``); the files of the real films flagged, to look at."""
     real, mirr = scores(model, x)
     n, fa, ca = len(real), int(np.sum(real > thr)), int(np.sum(mirr > thr))
     return {"n": n, "false_alarm": fa / n, "false_alarm_ci95": wilson(fa, n), "false_alarms": fa,
-            "catch": ca / n, "catch_ci95": wilson(ca, n), "caught": ca, "auc": auc(real, mirr)}
+            "catch": ca / n, "catch_ci95": wilson(ca, n), "caught": ca, "auc": auc(real, mirr),
+            "flagged": [names[i] for i in np.flatnonzero(real > thr)]}
 
 
 def split_train_val(data: Path, cache: Path, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     train, val, counts = split_train_val(args.data, args.cache, args)
     tests = {name: load_folder(args.data / f"{name}-test", args.cache, args.size) for name in SETS}
+    names = {name: [str(f.relative_to(args.data / f"{name}-test")) for f in list_films(args.data / f"{name}-test")]
+             for name in SETS}
     timing = {"load_s": time.perf_counter() - start}
     result: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "seed": args.seed, "thumbnail": args.size, "films": counts, "scorers": {}}
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model, fitted = fit(kind == "antisym", train, val, args)
         thr = fitted["best"]["threshold"]
-        per_set = {name: evaluate(model, x, thr) for name, x in tests.items()}
+        per_set = {name: evaluate(model, x, thr, names[name]) for name, x in tests.items()}
         timing[f"{kind}_s"] = time.perf_counter() - t0
         result["scorers"][kind] = {"epoch": fitted["best"]["epoch"], "threshold": thr, "validation": fitted["best"],
                                    "history": fitted["history"], "test": per_set, **summarise(per_set)}
