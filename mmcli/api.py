@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcli.config import DEFAULT_MAX_PIXELS, ReadOptions
+from mmcli.config import DEFAULT_MAX_PIXELS, QA_POLICIES, ReadOptions
 from mmcli.data.datasets import load_case
 from mmcli.data.transforms import preprocess
 from mmcli.errors import CaseError, UsageError
@@ -31,7 +31,6 @@ from mmcli.io.discover import InputFile
 from mmcli.io.image import ImageFacts
 from mmcli.outcome import case_outcome
 from mmcli.qa.image import image_flags
-from mmcli.qa.policy import QA_POLICIES
 from mmcli.status import Status
 from mmcli.weights import load_weights
 
@@ -84,7 +83,7 @@ class Model:
             raise UsageError(f"qa must be one of {', '.join(QA_POLICIES)}, got {qa!r}")
         self.predictor = predictor
         self.threshold, self.qa, self.raw_masks = threshold, qa, raw_masks
-        self.voi_lut, self.max_pixels = voi_lut, max_pixels
+        self.read = ReadOptions(voi_lut=voi_lut, max_pixels=max_pixels, image_qa=qa != "off")
 
     def __repr__(self) -> str:
         ckpt = self.predictor.checkpoint
@@ -105,14 +104,13 @@ class Model:
         if isinstance(image, np.ndarray):
             pixels = _as_pixels(image)
             height, width = pixels.shape
-            flags = tuple(image_flags(pixels, height=height, width=width)) if self.qa != "off" else ()
+            flags = tuple(image_flags(pixels, height=height, width=width)) if self.read.image_qa else ()
             facts = ImageFacts(height, width, None, "array", flags)
             x = preprocess(pixels, self.predictor.preprocess)
             source = "the array"
         else:
             path = Path(image).expanduser().resolve()
-            read = ReadOptions(voi_lut=self.voi_lut, max_pixels=self.max_pixels, image_qa=self.qa != "off")
-            case = load_case(InputFile(path, path.stem), self.predictor.preprocess, read)
+            case = load_case(InputFile(path, path.stem), self.predictor.preprocess, self.read)
             if case.error is not None or case.image is None or case.facts is None:
                 raise CaseError(path, case.error or "not read")
             facts, x, source = case.facts, case.image, str(path)

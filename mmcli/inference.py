@@ -81,8 +81,6 @@ class BatchPrediction:
             assert native.shape == (height, width), f"mask of {native.shape}, image of {(height, width)}"
             return native
         assert self.mask_logits is not None, "a mask needs a segmentation head"
-        from mmcli.data.transforms import mask_to_native
-
         return mask_to_native(self.mask_logits[k], height, width).numpy()
 
     def failure(self, k: int) -> str | None:

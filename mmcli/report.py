@@ -100,9 +100,6 @@ class ReviewSummary:
     missing: int  # ok cases whose picture could not be drawn (their reason is on the page)
 
 
-REPORT_SUFFIXES = tuple(REPORT_FORMATS)
-
-
 def find_run(run: Path) -> Run:
     """The run that ``run`` names: a report file (``results.csv``, ``results.h5``, ``explain.csv``) or a run folder.
 
@@ -113,7 +110,7 @@ def find_run(run: Path) -> Run:
     if run.is_dir():
         if (run / "explain.csv").is_file():
             return Run(run / "explain.csv", run, "explain")
-        for suffix in REPORT_SUFFIXES:
+        for suffix in REPORT_FORMATS:
             report = run.with_name(run.name + suffix)
             if report.is_file():
                 return Run(report, run, "predict")
@@ -121,7 +118,7 @@ def find_run(run: Path) -> Run:
                          f"or {run.name}.csv or {run.name}.h5 beside it)")
     if not run.is_file():
         raise UsageError(f"{run}: no such file or folder")
-    if run.suffix.lower() not in REPORT_SUFFIXES:
+    if run.suffix.lower() not in REPORT_FORMATS:
         raise UsageError(f"{run}: give the run's report (results.csv, results.h5 or explain.csv) or its folder")
     if run.name == "explain.csv":
         return Run(run, run.parent, "explain")

@@ -36,10 +36,12 @@ def _drop_placeholders(params: list[Any]) -> None:
 def _reflow(text: str | None) -> str | None:
     """A docstring's paragraphs each on one line: the help then wraps them to the terminal (Typer's rich help
     keeps a docstring's line breaks, which leaves ragged lines at 80 columns)."""
-    if text is None:
-        return None
-    kept = lambda p: p.startswith("\b") or any(line.startswith(" ") for line in p.splitlines())  # noqa: E731
-    return "\n\n".join(p if kept(p) else " ".join(p.split()) for p in text.split("\n\n"))
+    def one(paragraph: str) -> str:  # click's \b blocks and indented lines keep their breaks
+        if paragraph.startswith("\b") or any(line.startswith(" ") for line in paragraph.splitlines()):
+            return paragraph
+        return " ".join(paragraph.split())
+
+    return None if text is None else "\n\n".join(one(p) for p in text.split("\n\n"))
 
 
 class _Command(typer.core.TyperCommand):

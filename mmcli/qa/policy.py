@@ -19,13 +19,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmcli.config import QA_POLICIES
 from mmcli.io.image import ImageFacts
 from mmcli.qa.flags import NO_GROUNDS, OUT_OF_DISTRIBUTION
 from mmcli.qa.mask import mask_flags
 from mmcli.status import Status
 
-__all__ = ["QA_POLICIES", "UNCERTAIN", "apply_policy", "case_flags"]
+__all__ = ["UNCERTAIN", "apply_policy", "case_flags"]
 
 UNCERTAIN = "uncertain"
 
