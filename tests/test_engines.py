@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,21 +199,24 @@ def test_keep_freed_memory_stops_page_faults() -> None:
     assert kept < 100 < 1000 < default  # page faults per model call (thousands by default)
 
 
-def _crashing_reader(monkeypatch, name, before_exit=None, once=None):
-    """Worker processes forked from here read ``name`` by dying (after ``before_exit()``; only while the
-    file ``once`` does not exist, if given)."""
+def _crashing_reader(monkeypatch, name):
+    """Worker processes forked from here read ``name`` by dying."""
     real = engines.load_case
 
     def crashing(file, *args, **kwargs):
-        if file.path.name == name and not (once is not None and once.exists()):
-            if once is not None:
-                once.touch()
-            if before_exit is not None:
-                before_exit()
+        if file.path.name == name:
             os._exit(3)  # a decoder that takes the whole process down
         return real(file, *args, **kwargs)
 
     monkeypatch.setattr(engines, "load_case", crashing)
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+    except FileNotFoundError:
+        return True
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers inherit the patched reader")
@@ -258,6 +262,7 @@ def test_a_crash_retried_is_one_warning_line_naming_the_case(tmp_path, folder, t
 def test_weights_replaced_mid_run_stop_it_with_one_line(tmp_path, tiny_weights, monkeypatch):
     import json
     import shutil
+    import time
 
     from conftest import make_checkpoint
     from typer.testing import CliRunner
@@ -269,10 +274,23 @@ def test_weights_replaced_mid_run_stop_it_with_one_line(tmp_path, tiny_weights, 
     weights = tmp_path / "w.safetensors"
     shutil.copyfile(tiny_weights, weights)
     other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
-    # the worker that reads s3.png replaces the weights file, then crashes (once): its replacement
-    # finds other weights
-    _crashing_reader(monkeypatch, "s3.png", before_exit=lambda: shutil.copyfile(other, weights),
-                     once=tmp_path / "crashed")
+    # The worker that reads s0.png replaces the weights file, then crashes (once). The other
+    # worker holds its file until that process is dead, so the retry and the files still to do
+    # need a fresh worker, which finds other weights.
+    real, crashed = engines.load_case, tmp_path / "crashed"
+
+    def reader(file, *args, **kwargs):
+        if file.path.name == "s0.png" and not crashed.exists():
+            shutil.copyfile(other, weights)
+            crashed.write_text(str(os.getpid()))
+            os._exit(3)
+        deadline = time.monotonic() + 60
+        while not (crashed.exists() and crashed.read_text() and _dead(int(crashed.read_text()))):
+            assert time.monotonic() < deadline, "the crashing worker never ended"
+            time.sleep(0.01)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "load_case", reader)
     out = tmp_path / "r.csv"
     res = CliRunner().invoke(app, ["predict", str(tmp_path / "scans"), "--out", str(out), "-w", str(weights),
                                    "-j", "2", "-b", "1", "--device", "cpu", "-q"])
