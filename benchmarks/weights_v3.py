@@ -42,10 +42,14 @@ from mmcli.io.writers import write_json  # noqa: E402
 
 TEST_SETS = ("seg-in-test", "seg-cross-test", "seg-adult-test", "cls-in-test", "cls-cross-test",
              "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+# the brightness probes (benchmarks/brightness_shortcut.py make): the adult NIH test films
+# histogram-matched, and the JSRT test films, none of which shows pneumonia
+PROBE_SETS = ("cls-adult-test-hm", "cls-adult-test-ap-hm", "cls-adult-test-pa-hm", "cls-jsrt-test")
 MASKS = ("--seg-data", "seg-in-train", "--seg-data", "seg-cross-train", "--seg-data", "seg-adult-train")
 LABELS = ("--cls-data", "cls-in-train")
 CROSS = ("--cls-data", "cls-cross-train")  # the NIH films of v2's split, with their labels
 VIEW_BALANCED = ("--cls-data", "cls-adult-train-vb", "--unlabelled-data", "cls-adult-train-vb-rest")
+MATCHED = ("--cls-data", "cls-adult-train-vb-hm", "--unlabelled-data", "cls-adult-train-vb-rest-hm")
 ALL_ADULT = ("--cls-data", "cls-adult-train")
 SCHEDULE = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "1e-4")
 NO_CROSS = ("--unlabelled-data", "cls-cross-train")  # the NIH films of v2's split, without their labels
@@ -66,6 +70,12 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
                     ("--init", "multimix-cxr-v3", *VIEW_BALANCED, *NO_CROSS, *LONGER)),
     "F-v3-smooth": ("as E-v3-longer, with label smoothing 0.1 (for the text-mined NIH labels; v3.1)",
                     ("--init", "multimix-cxr-v3", *VIEW_BALANCED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1")),
+    "G-v3-hm": ("as F-v3-smooth, the adult NIH films histogram-matched to one grey-level distribution "
+                "(no brightness shortcut)",
+                ("--init", "multimix-cxr-v3", *MATCHED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1")),
+    "H-v3-hm-gamma": ("as G-v3-hm, with random windowing and gamma on every film (--site-aug window,gamma)",
+                      ("--init", "multimix-cxr-v3", *MATCHED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
+                       "--site-aug", "window,gamma")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
@@ -87,7 +97,7 @@ def train_once(cmd: list[str], train_dir: Path) -> dict[str, Any]:
 def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
     """``mmcli train`` of candidate ``name`` into ``train_dir``, resumed if interrupted; its run.json."""
     _, options = CANDIDATES[name]
-    folders = [str(data / a) if not a.startswith("-") and a.endswith(("-train", "-vb", "-rest")) else a
+    folders = [str(data / a) if not a.startswith("-") and a.endswith(("-train", "-vb", "-rest", "-hm")) else a
                for a in (*MASKS, *LABELS, *options)]
     cmd = ["train", *folders, "--balance-sources", "--patience", "0", "--seed", "0", "--precision", "bf16",
            "--out", str(train_dir), "-q"]
@@ -125,16 +135,26 @@ def run_row(name: str, data: Path, out: Path) -> dict[str, Any]:
         result["train"] = train(name, data, row_dir / "train")
         result["history"] = (row_dir / "train" / "history.csv").read_text()
         weights = str(row_dir / "train" / "best.safetensors")
-    mmcli("evaluate", *(str(data / s) for s in TEST_SETS), "--out", str(row_dir / "eval"), "--weights", weights,
-           "--precision", "fp32", "--overwrite", "--no-plots", "-q")
-    summary = json.loads((row_dir / "eval" / "summary.json").read_text())
-    result.update(weights=weights, datasets=summary["datasets"], any_flag=flag_rates(row_dir / "eval"))
+    result.update(weights=weights, datasets={}, any_flag={})
+    return add_sets(result, data, row_dir, (*TEST_SETS, *PROBE_SETS), "eval")
+
+
+def add_sets(result: dict[str, Any], data: Path, row_dir: Path, sets: tuple[str, ...], eval_name: str,
+             ) -> dict[str, Any]:
+    """``result`` with ``mmcli evaluate`` of its weights on ``sets`` (into ``row_dir/eval_name``) added; saved."""
+    mmcli("evaluate", *(str(data / s) for s in sets), "--out", str(row_dir / eval_name), "--weights",
+          result["weights"], "--precision", "fp32", "--overwrite", "--no-plots", "-q")
+    summary = json.loads((row_dir / eval_name / "summary.json").read_text())
+    result["datasets"].update(summary["datasets"])
+    result["any_flag"].update(flag_rates(row_dir / eval_name))
     write_json(row_dir / "result.json", result)
     return result
 
 
 CLS = (("cls-adult-test", "adult NIH"), ("cls-adult-test-ap", "adult NIH, AP"),
-       ("cls-adult-test-pa", "adult NIH, PA"), ("cls-in-test", "Kermany"), ("cls-cross-test", "NIH (v2 split)"))
+       ("cls-adult-test-pa", "adult NIH, PA"), ("cls-in-test", "Kermany"), ("cls-cross-test", "NIH (v2 split)"),
+       ("cls-adult-test-hm", "adult NIH, matched"), ("cls-adult-test-ap-hm", "adult NIH, AP, matched"),
+       ("cls-adult-test-pa-hm", "adult NIH, PA, matched"), ("cls-jsrt-test", "JSRT (no pneumonia)"))
 SEG = (("seg-in-test", "JSRT"), ("seg-cross-test", "COVID-19 (gb)"), ("seg-adult-test", "seg-adult (V7)"))
 
 
@@ -172,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     data, out = args.data.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in args.rows:
-        if not args.report_only and not (out / name / "result.json").is_file():
+        if args.report_only:
+            continue
+        if not (out / name / "result.json").is_file():
             run_row(name, data, out)
+        result = json.loads((out / name / "result.json").read_text())
+        if missing := tuple(s for s in PROBE_SETS if s not in result["datasets"]):  # a row from before the probes
+            add_sets(result, data, out / name, missing, "eval-probes")
     results = [json.loads(f.read_text()) for r in ROWS if (f := out / r / "result.json").is_file()]
     view = view_auc(data)
     print(write_table(out, results, view))

@@ -1,0 +1,151 @@
+"""The brightness shortcut of the adult NIH set, measured, and folders without it.
+
+In ``cls-adult`` the films labelled normal are brighter than those labelled pneumonia
+within each view, while in ``cls-cross`` (the same hospital, another draw) the two classes
+are equally bright. A model can then score adult films by their brightness. This script
+
+* ``measure``: the ROC AUC that a film's brightness alone reaches (the negated median grey
+  level; 95 % bootstrap intervals) on each labelled set, overall and within each view;
+* ``make``: histogram-matched copies of the adult NIH folders (``*-hm``): every film's
+  grey levels mapped onto one reference distribution, the mean quantile function of the
+  adult NIH training films (each class weighted equally), so that brightness and contrast
+  no longer tell the classes apart while the anatomy is untouched. Also ``cls-jsrt-test``:
+  the JSRT test films labelled ``normal`` (JSRT holds no pneumonia: "normal" is "no
+  pneumonia" there), to count how many films without pneumonia a model calls pneumonia.
+
+    python benchmarks/brightness_shortcut.py make --data runs/v3/data
+    python benchmarks/brightness_shortcut.py measure --data runs/v3/data --out docs/results/brightness-shortcut.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from paper_table import read_csv  # noqa: E402
+
+from mmcli import metrics as M  # noqa: E402
+from mmcli.io.writers import write_json  # noqa: E402
+
+QUANTILES = np.linspace(0.0, 1.0, 257)
+MATCHED = ("cls-adult-train-vb", "cls-adult-train-vb-rest", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+PROBES = ("cls-adult-train", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa", "cls-cross-train",
+          "cls-cross-test", "cls-in-test")
+
+
+def grey(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def reference(folder: Path) -> np.ndarray:
+    """The mean quantile function of ``folder``'s labelled films, each class weighted equally."""
+    _, labels = read_csv(folder / "labels.csv")
+    by_class: dict[str, list[np.ndarray]] = {}
+    for name, row in sorted(labels.items()):
+        by_class.setdefault(row["label"], []).append(np.quantile(grey(folder / name), QUANTILES))
+    return np.mean([np.mean(q, axis=0) for q in by_class.values()], axis=0)
+
+
+def match(pixels: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``pixels`` (uint8) mapped level by level onto the distribution whose quantiles are ``ref``."""
+    counts = np.bincount(pixels.ravel(), minlength=256).astype(np.float64)
+    below = np.cumsum(counts) - counts
+    cdf = (below + counts / 2) / pixels.size  # mid-rank of each grey level: equal pixels stay equal
+    lut = np.clip(np.rint(np.interp(cdf, QUANTILES, ref)), 0, 255).astype(np.uint8)
+    return lut[pixels]
+
+
+def make(data: Path) -> dict[str, Path]:
+    ref = reference(data / "cls-adult-train")
+    made: dict[str, Path] = {}
+    for name in MATCHED:
+        src, dst = data / name, data / f"{name}-hm"
+        if not dst.is_dir():
+            tmp = dst.with_name(dst.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for image in sorted(src.glob("*.png")):
+                Image.fromarray(match(grey(image), ref)).save(tmp / image.name)
+            for table in ("labels.csv", "meta.csv"):
+                if (src / table).is_file():
+                    shutil.copyfile(src / table, tmp / table)
+            tmp.rename(dst)
+        made[dst.name] = dst
+    jsrt = data / "cls-jsrt-test"
+    if not jsrt.is_dir():
+        tmp = jsrt.with_name(jsrt.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        names = sorted(p.name for p in (data / "seg-in-test").glob("*.png"))
+        for name in names:
+            (tmp / name).symlink_to((data / "seg-in-test" / name).resolve())
+        with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "label"])
+            w.writerows([n, "normal"] for n in names)
+        tmp.rename(jsrt)
+    made[jsrt.name] = jsrt
+    np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
+    return made
+
+
+def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
+    """ROC AUC of the negated median grey level against the labels of ``folder``, per view where known."""
+    _, labels = read_csv(folder / "labels.csv")
+    _, meta = read_csv(folder / "meta.csv")
+    names = sorted(labels)
+    y = np.array([labels[n]["label"] == "pneumonia" for n in names], dtype=int)
+    score = np.array([-float(np.median(grey(folder / n))) for n in names])
+    mean = {c: float(np.mean([grey(folder / n).mean() for n in names if labels[n]["label"] == c]))
+            for c in ("normal", "pneumonia")}
+    out: dict[str, Any] = {"n": len(names), "mean_grey": mean,
+                           "auc": _auc(y, score, seed)}
+    views = {meta.get(n, {}).get("view") for n in names} - {None, ""}
+    for view in sorted(views) if len(views) > 1 else []:
+        keep = np.array([meta[n]["view"] == view for n in names])
+        out[f"auc_{view}"] = _auc(y[keep], score[keep], seed)
+    return out
+
+
+def _auc(y: np.ndarray, score: np.ndarray, seed: int) -> dict[str, float]:
+    low, high = M.bootstrap_ci(M.roc_auc, y, score, n_resamples=2000, seed=seed)
+    return {"value": M.roc_auc(y, score), "low": low, "high": high}
+
+
+def measure(data: Path) -> dict[str, Any]:
+    sets = [*PROBES, *(f"{n}-hm" for n in MATCHED if n.startswith("cls-adult-test"))]
+    return {name: brightness_auc(data / name) for name in sets if (data / name / "labels.csv").is_file()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("make", "measure"))
+    p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/v3_split.py")
+    p.add_argument("--out", type=Path, default=None, help="measure: JSON file for the figures")
+    args = p.parse_args(argv)
+    if args.what == "make":
+        for name, path in make(args.data.resolve()).items():
+            print(f"{name:28s} {sum(1 for f in path.iterdir() if f.suffix == '.png'):5d} images  {path}")
+        return 0
+    result = measure(args.data.resolve())
+    for name, r in result.items():
+        views = "  ".join(f"{k[4:]} {v['value']:.3f}" for k, v in r.items() if k.startswith("auc_"))
+        print(f"{name:26s} n={r['n']:4d}  brightness AUC {r['auc']['value']:.3f} "
+              f"[{r['auc']['low']:.3f}, {r['auc']['high']:.3f}]  {views}  mean grey "
+              f"normal {r['mean_grey']['normal']:.1f} pneumonia {r['mean_grey']['pneumonia']:.1f}")
+    if args.out:
+        write_json(args.out, {"command": "python benchmarks/brightness_shortcut.py measure", "sets": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/brightness_shortcut.py: histogram matching that removes a brightness cue, and its probe folders."""
+
+import csv
+
+import numpy as np
+import pytest
+from conftest import load_benchmark, radiograph_like, read_rows
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def bs():
+    return load_benchmark("brightness_shortcut")
+
+
+def _film(seed: int, gain: float) -> np.ndarray:
+    return np.clip(radiograph_like(64, 64, seed=seed) * 255 * gain, 0, 255).astype(np.uint8)
+
+
+def test_match_maps_any_brightness_onto_the_reference_and_keeps_the_order_of_grey_levels(bs):
+    ref = np.quantile(_film(0, 1.0), bs.QUANTILES)
+    for gain in (0.6, 1.0, 1.3):
+        film = _film(1, gain)
+        matched = bs.match(film, ref)
+        assert abs(float(matched.mean()) - float(_film(0, 1.0).mean())) < 3  # brightness now the reference's
+        order = np.argsort(film.ravel(), kind="stable")
+        assert np.all(np.diff(matched.ravel()[order].astype(int)) >= 0)  # a darker pixel never ends brighter
+        levels = {}
+        for a, b in zip(film.ravel(), matched.ravel(), strict=True):
+            assert levels.setdefault(a, b) == b  # equal grey levels stay equal
+    # a dark and a bright copy of one film match to the same image, up to rounding
+    dark, bright = bs.match(_film(2, 0.7), ref).astype(int), bs.match(_film(2, 1.2), ref).astype(int)
+    assert np.abs(dark - bright).mean() < 2.0
+
+
+def _folder(path, films, labels, views=None):
+    path.mkdir(parents=True)
+    for name, film in films.items():
+        Image.fromarray(film).save(path / name)
+    with open(path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "label"), *labels.items()])
+    with open(path / "meta.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "view"), *((n, (views or {}).get(n, "PA")) for n in films)])
+
+
+def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_path):
+    # normal films bright, pneumonia films dark: brightness alone separates them perfectly
+    films = {f"n{i}.png": _film(i, 1.25) for i in range(6)} | {f"p{i}.png": _film(10 + i, 0.75) for i in range(6)}
+    labels = {n: "normal" if n.startswith("n") else "pneumonia" for n in films}
+    views = {n: "AP" if int(n[1]) % 2 else "PA" for n in films}
+    for name in ("cls-adult-train", *bs.MATCHED):
+        _folder(tmp_path / name, films, labels, views)
+    (tmp_path / "seg-in-test").mkdir()
+    Image.fromarray(_film(30, 1.0)).save(tmp_path / "seg-in-test" / "JPCNN001.png")
+    before = bs.brightness_auc(tmp_path / "cls-adult-test")
+    assert before["auc"]["value"] == 1.0 and before["auc_AP"]["value"] == 1.0
+    made = bs.make(tmp_path)
+    assert set(made) == {f"{n}-hm" for n in bs.MATCHED} | {"cls-jsrt-test"}
+    after = bs.brightness_auc(tmp_path / "cls-adult-test-hm")
+    assert after["n"] == 12 and abs(after["auc"]["value"] - 0.5) < 0.3
+    assert abs(after["mean_grey"]["normal"] - after["mean_grey"]["pneumonia"]) < 2
+    assert (tmp_path / "cls-adult-test-hm" / "labels.csv").read_text() == (
+        tmp_path / "cls-adult-test" / "labels.csv").read_text()
+    jsrt = read_rows(tmp_path / "cls-jsrt-test" / "labels.csv")
+    assert jsrt == [{"file": "JPCNN001.png", "label": "normal"}]
+    assert not list(tmp_path.glob("*.part"))
