@@ -19,6 +19,12 @@ NIH patients (overall and within AP and PA).
     OMP_NUM_THREADS=1 python benchmarks/adult_few_labels.py --data runs/v3/data --out runs/v3-few
     OMP_NUM_THREADS=1 python benchmarks/adult_few_labels.py --data runs/v3/data --out runs/v3-few-long \
         --schedule v3 --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/adult_few_labels.py --data runs/v3/data --out runs/v3-few-hm \
+        --schedule v3 --matched --budgets 25 100 358
+
+``--matched`` trains on the histogram-matched adult films, without the brightness shortcut
+(``benchmarks/brightness_shortcut.py``); every run is also judged on the matched test films
+where they exist.
 
 A run whose ``result.json`` exists is not run again; an interrupted training resumes.
 ``table.md`` and ``table.json`` hold the curve.
@@ -45,6 +51,8 @@ from mmcli.io.writers import write_json  # noqa: E402
 BUDGETS = (25, 50, 100, 200, 358)  # 358: every view-balanced adult label
 ARMS = ("semi", "sup")
 TEST = ("cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+# the same test films histogram-matched (benchmarks/brightness_shortcut.py make)
+MATCHED_TEST = ("cls-adult-test-hm", "cls-adult-test-ap-hm", "cls-adult-test-pa-hm")
 SCHEDULE = ("--epochs", "4", "--steps-per-epoch", "25", "--lr-step", "3", "--batch-size", "8", "--lr", "1e-4")
 # name -> (training options, whether the small NIH set (cls-cross) keeps its labels)
 SCHEDULES: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -54,9 +62,12 @@ SCHEDULES: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def budget_folders(data: Path, out: Path, n: int, seed: int) -> tuple[Path, Path]:
-    """Folders with ``n`` labelled adult NIH films (balanced by class within view) and the others unlabelled."""
-    src = data / "cls-adult-train-vb"
+def budget_folders(data: Path, out: Path, n: int, seed: int, suffix: str = "") -> tuple[Path, Path]:
+    """Folders with ``n`` labelled adult NIH films (balanced by class within view) and the others unlabelled.
+
+    ``suffix`` ``-hm``: the histogram-matched copies of the films (the same films are picked).
+    """
+    src, rest = data / f"cls-adult-train-vb{suffix}", data / f"cls-adult-train-vb-rest{suffix}"
     with open(src / "meta.csv", newline="", encoding="utf-8") as f:
         meta = {r["file"]: r for r in csv.DictReader(f)}
     rng = np.random.default_rng([seed, n])
@@ -67,14 +78,14 @@ def budget_folders(data: Path, out: Path, n: int, seed: int) -> tuple[Path, Path
     for names in strata.values():  # the same share of every (view, class) stratum
         k = round(n * len(names) / len(meta))
         picked += [names[j] for j in rng.permutation(len(names))[:k]]
-    every = sorted(meta) + sorted(p.name for p in (data / "cls-adult-train-vb-rest").glob("*.png"))
-    lab, free = out / f"adult-{n}-s{seed}-labelled", out / f"adult-{n}-s{seed}-unlabelled"
+    every = sorted(meta) + sorted(p.name for p in rest.glob("*.png"))
+    lab, free = out / f"adult-{n}-s{seed}{suffix}-labelled", out / f"adult-{n}-s{seed}{suffix}-unlabelled"
     for folder, files in ((lab, sorted(picked)), (free, sorted(set(every) - set(picked)))):
         if folder.is_dir() or not files:
             continue
         folder.mkdir(parents=True)
         for name in files:
-            target = src / name if (src / name).exists() else data / "cls-adult-train-vb-rest" / name
+            target = src / name if (src / name).exists() else rest / name
             (folder / name).symlink_to(target.resolve())
         if folder is lab:
             with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
@@ -84,10 +95,11 @@ def budget_folders(data: Path, out: Path, n: int, seed: int) -> tuple[Path, Path
     return lab, free
 
 
-def run(data: Path, out: Path, n: int, arm: str, seed: int, schedule: str = "short") -> dict[str, Any]:
+def run(data: Path, out: Path, n: int, arm: str, seed: int, schedule: str = "short", matched: bool = False,
+        ) -> dict[str, Any]:
     row_dir = out / f"{arm}-{n}-s{seed}"
     options, cross_labels = SCHEDULES[schedule]
-    lab, free = budget_folders(data, out / "data", n, seed)
+    lab, free = budget_folders(data, out / "data", n, seed, "-hm" if matched else "")
     train_dir = row_dir / "train"
     cmd = ["train", "--init", "multimix-cxr-v2",
            *(a for s in ("seg-in", "seg-cross", "seg-adult") for a in ("--seg-data", str(data / f"{s}-train"))),
@@ -98,22 +110,26 @@ def run(data: Path, out: Path, n: int, arm: str, seed: int, schedule: str = "sho
            "--precision", "bf16", "--out", str(train_dir), "-q"]
     cmd += ["--unlabelled-data", str(free)] if arm == "semi" else ["--lambda-u", "0", "--consistency-weight", "0"]
     train_once(cmd, train_dir)
-    mmcli("evaluate", *(str(data / s) for s in TEST), "--out", str(row_dir / "eval"), "--weights",
+    tests = (*TEST, *MATCHED_TEST) if (data / MATCHED_TEST[0]).is_dir() else TEST
+    mmcli("evaluate", *(str(data / s) for s in tests), "--out", str(row_dir / "eval"), "--weights",
            str(train_dir / "best.safetensors"), "--precision", "fp32", "--overwrite", "--no-plots", "-q")
     summary = json.loads((row_dir / "eval" / "summary.json").read_text())
-    result = {"arm": arm, "labels": n, "seed": seed, "datasets": summary["datasets"]}
+    result = {"arm": arm, "labels": n, "seed": seed, "matched": matched, "datasets": summary["datasets"]}
     write_json(row_dir / "result.json", result)
     return result
 
 
 def write_table(out: Path, results: list[dict[str, Any]]) -> str:
     lines = ["# Adult NIH ROC AUC against the number of adult labels", "",
-             "| adult labels | seed | arm | ROC AUC | AUC within AP | AUC within PA | balanced accuracy |",
-             "|---|---|---|---|---|---|---|"]
+             "| adult labels | seed | arm | ROC AUC | AUC within AP | AUC within PA | balanced accuracy "
+             "| AUC, films matched | within AP, matched | within PA, matched |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["labels"], r["seed"], r["arm"])):
         cells = [cell(metric(r, t, "classification", "roc_auc")) for t in TEST]
+        matched = [cell(metric(r, t, "classification", "roc_auc")) for t in MATCHED_TEST]
         bal = cell(metric(r, "cls-adult-test", "classification", "balanced_accuracy"))
-        lines.append(f"| {r['labels']} | {r['seed']} | {r['arm']} | {' | '.join(cells)} | {bal} |")
+        lines.append(f"| {r['labels']} | {r['seed']} | {r['arm']} | {' | '.join(cells)} | {bal} | "
+                     f"{' | '.join(matched)} |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text, encoding="utf-8")
     return text
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--schedule", choices=SCHEDULES, default="short",
                    help="short: 100 steps with the small NIH set's labels; v3: weights v3's (use another --out)")
+    p.add_argument("--matched", action="store_true",
+                   help="train on the histogram-matched adult films (benchmarks/brightness_shortcut.py make)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -138,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.budgets:
                 for arm in args.arms:
                     if not (out / f"{arm}-{n}-s{seed}" / "result.json").is_file():
-                        run(data, out, n, arm, seed, args.schedule)
+                        run(data, out, n, arm, seed, args.schedule, args.matched)
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*/result.json"))]
     print(write_table(out, results))
     if args.json:
         write_json(args.json, {"schedule": SCHEDULES[args.schedule][0], "cross_labels": SCHEDULES[args.schedule][1],
-                               "rows": results})
+                               "matched": args.matched, "rows": results})
     return 0
 
 
