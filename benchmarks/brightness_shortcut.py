@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -64,22 +65,49 @@ def match(pixels: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return lut[pixels]
 
 
+def local_contrast(pixels: np.ndarray) -> float:
+    """Mean absolute Laplacian of the film's central part, its grey levels stretched to 0..255."""
+    a = pixels.astype(np.float64)
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+    h, w = a.shape
+    c = a[h // 8 : h - h // 8, w // 8 : w - w // 8]
+    return float(np.abs(4 * c[1:-1, 1:-1] - c[:-2, 1:-1] - c[2:, 1:-1] - c[1:-1, :-2] - c[1:-1, 2:]).mean())
+
+
+def soften(pixels: np.ndarray, target: float) -> np.ndarray:
+    """``pixels`` blurred just enough that :func:`local_contrast` is at most ``target`` (unchanged if it is)."""
+    if local_contrast(pixels) <= target:
+        return pixels
+    low, high = 0.0, 4.0
+    for _ in range(20):
+        sigma = (low + high) / 2
+        if local_contrast(gaussian_filter(pixels.astype(np.float64), sigma)) > target:
+            low = sigma
+        else:
+            high = sigma
+    return np.clip(np.rint(gaussian_filter(pixels.astype(np.float64), high)), 0, 255).astype(np.uint8)
+
+
 def make(data: Path) -> dict[str, Path]:
     ref = reference(data / "cls-adult-train")
+    train = sorted((data / "cls-adult-train").glob("*.png"))
+    target = float(np.percentile([local_contrast(match(grey(p), ref)) for p in train], 25))
     made: dict[str, Path] = {}
     for name in MATCHED:
-        src, dst = data / name, data / f"{name}-hm"
-        if not dst.is_dir():
-            tmp = dst.with_name(dst.name + ".part")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for image in sorted(src.glob("*.png")):
-                Image.fromarray(match(grey(image), ref)).save(tmp / image.name)
-            for table in ("labels.csv", "meta.csv"):
-                if (src / table).is_file():
-                    shutil.copyfile(src / table, tmp / table)
-            tmp.rename(dst)
-        made[dst.name] = dst
+        src = data / name
+        for suffix, mapping in (("-hm", lambda a: match(a, ref)), ("-hs", lambda a: match(soften(a, target), ref))):
+            dst = data / f"{name}{suffix}"
+            if not dst.is_dir():
+                tmp = dst.with_name(dst.name + ".part")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for image in sorted(src.glob("*.png")):
+                    Image.fromarray(mapping(grey(image))).save(tmp / image.name)
+                for table in ("labels.csv", "meta.csv"):
+                    if (src / table).is_file():
+                        shutil.copyfile(src / table, tmp / table)
+                tmp.rename(dst)
+            made[dst.name] = dst
     jsrt = data / "cls-jsrt-test"
     if not jsrt.is_dir():
         tmp = jsrt.with_name(jsrt.name + ".part")
@@ -99,7 +127,8 @@ def make(data: Path) -> dict[str, Path]:
 
 
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
-    """ROC AUC of the negated median grey level against the labels of ``folder``, per view where known."""
+    """ROC AUC of the negated median grey level (``auc``) and of the local contrast (``contrast_auc``)
+    against the labels of ``folder``, per view where known."""
     _, labels = read_csv(folder / "labels.csv")
     _, meta = read_csv(folder / "meta.csv")
     names = sorted(labels)
@@ -107,8 +136,11 @@ def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
     score = np.array([-float(np.median(grey(folder / n))) for n in names])
     mean = {c: float(np.mean([grey(folder / n).mean() for n in names if labels[n]["label"] == c]))
             for c in ("normal", "pneumonia")}
-    out: dict[str, Any] = {"n": len(names), "mean_grey": mean,
-                           "auc": _auc(y, score, seed)}
+    contrast = np.array([local_contrast(grey(folder / n)) for n in names])
+    out: dict[str, Any] = {"n": len(names), "mean_grey": mean, "auc": _auc(y, score, seed),
+                           "contrast_auc": _auc(y, contrast, seed),
+                           "mean_contrast": {c: float(contrast[y == (c == "pneumonia")].mean())
+                                             for c in ("normal", "pneumonia")}}
     views = {meta.get(n, {}).get("view") for n in names} - {None, ""}
     for view in sorted(views) if len(views) > 1 else []:
         keep = np.array([meta[n]["view"] == view for n in names])
@@ -122,7 +154,7 @@ def _auc(y: np.ndarray, score: np.ndarray, seed: int) -> dict[str, float]:
 
 
 def measure(data: Path) -> dict[str, Any]:
-    sets = [*PROBES, *(f"{n}-hm" for n in MATCHED if n.startswith("cls-adult-test"))]
+    sets = [*PROBES, *(f"{n}{s}" for s in ("-hm", "-hs") for n in MATCHED if n.startswith("cls-adult-test"))]
     return {name: brightness_auc(data / name) for name in sets if (data / name / "labels.csv").is_file()}
 
 
@@ -141,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         views = "  ".join(f"{k[4:]} {v['value']:.3f}" for k, v in r.items() if k.startswith("auc_"))
         print(f"{name:26s} n={r['n']:4d}  brightness AUC {r['auc']['value']:.3f} "
               f"[{r['auc']['low']:.3f}, {r['auc']['high']:.3f}]  {views}  mean grey "
-              f"normal {r['mean_grey']['normal']:.1f} pneumonia {r['mean_grey']['pneumonia']:.1f}")
+              f"normal {r['mean_grey']['normal']:.1f} pneumonia {r['mean_grey']['pneumonia']:.1f}  "
+              f"local contrast AUC {r['contrast_auc']['value']:.3f} (normal {r['mean_contrast']['normal']:.2f}, "
+              f"pneumonia {r['mean_contrast']['pneumonia']:.2f})")
     if args.out:
         write_json(args.out, {"command": "python benchmarks/brightness_shortcut.py measure", "sets": result})
     return 0

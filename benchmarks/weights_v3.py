@@ -42,14 +42,17 @@ from mmcli.io.writers import write_json  # noqa: E402
 
 TEST_SETS = ("seg-in-test", "seg-cross-test", "seg-adult-test", "cls-in-test", "cls-cross-test",
              "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
-# the brightness probes (benchmarks/brightness_shortcut.py make): the adult NIH test films
-# histogram-matched, and the JSRT test films, none of which shows pneumonia
-PROBE_SETS = ("cls-adult-test-hm", "cls-adult-test-ap-hm", "cls-adult-test-pa-hm", "cls-jsrt-test")
+# the shortcut probes (benchmarks/brightness_shortcut.py make): the adult NIH test films
+# histogram-matched (-hm; also softened to one local contrast: -hs), and the JSRT test films,
+# none of which shows pneumonia
+PROBE_SETS = ("cls-adult-test-hm", "cls-adult-test-ap-hm", "cls-adult-test-pa-hm", "cls-jsrt-test",
+              "cls-adult-test-hs")
 MASKS = ("--seg-data", "seg-in-train", "--seg-data", "seg-cross-train", "--seg-data", "seg-adult-train")
 LABELS = ("--cls-data", "cls-in-train")
 CROSS = ("--cls-data", "cls-cross-train")  # the NIH films of v2's split, with their labels
 VIEW_BALANCED = ("--cls-data", "cls-adult-train-vb", "--unlabelled-data", "cls-adult-train-vb-rest")
 MATCHED = ("--cls-data", "cls-adult-train-vb-hm", "--unlabelled-data", "cls-adult-train-vb-rest-hm")
+SOFTENED = ("--cls-data", "cls-adult-train-vb-hs", "--unlabelled-data", "cls-adult-train-vb-rest-hs")
 ALL_ADULT = ("--cls-data", "cls-adult-train")
 SCHEDULE = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "1e-4")
 NO_CROSS = ("--unlabelled-data", "cls-cross-train")  # the NIH films of v2's split, without their labels
@@ -76,6 +79,9 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "H-v3-hm-gamma": ("as G-v3-hm, with random windowing and gamma on every film (--site-aug window,gamma)",
                       ("--init", "multimix-cxr-v3", *MATCHED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
                        "--site-aug", "window,gamma")),
+    "K-v3-hs-gamma": ("as H-v3-hm-gamma, the adult NIH films also softened to one local contrast",
+                      ("--init", "multimix-cxr-v3", *SOFTENED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
+                       "--site-aug", "window,gamma")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
@@ -97,7 +103,7 @@ def train_once(cmd: list[str], train_dir: Path) -> dict[str, Any]:
 def train(name: str, data: Path, train_dir: Path) -> dict[str, Any]:
     """``mmcli train`` of candidate ``name`` into ``train_dir``, resumed if interrupted; its run.json."""
     _, options = CANDIDATES[name]
-    folders = [str(data / a) if not a.startswith("-") and a.endswith(("-train", "-vb", "-rest", "-hm")) else a
+    folders = [str(data / a) if not a.startswith("-") and a.endswith(("-train", "-vb", "-rest", "-hm", "-hs")) else a
                for a in (*MASKS, *LABELS, *options)]
     cmd = ["train", *folders, "--balance-sources", "--patience", "0", "--seed", "0", "--precision", "bf16",
            "--out", str(train_dir), "-q"]
@@ -154,7 +160,8 @@ def add_sets(result: dict[str, Any], data: Path, row_dir: Path, sets: tuple[str,
 CLS = (("cls-adult-test", "adult NIH"), ("cls-adult-test-ap", "adult NIH, AP"),
        ("cls-adult-test-pa", "adult NIH, PA"), ("cls-in-test", "Kermany"), ("cls-cross-test", "NIH (v2 split)"),
        ("cls-adult-test-hm", "adult NIH, matched"), ("cls-adult-test-ap-hm", "adult NIH, AP, matched"),
-       ("cls-adult-test-pa-hm", "adult NIH, PA, matched"), ("cls-jsrt-test", "JSRT (no pneumonia)"))
+       ("cls-adult-test-pa-hm", "adult NIH, PA, matched"), ("cls-adult-test-hs", "adult NIH, matched, softened"),
+       ("cls-jsrt-test", "JSRT (no pneumonia)"))
 SEG = (("seg-in-test", "JSRT"), ("seg-cross-test", "COVID-19 (gb)"), ("seg-adult-test", "seg-adult (V7)"))
 
 
