@@ -44,8 +44,10 @@ def _folder(path, films, labels, views=None):
 
 
 def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_path):
-    # normal films bright, pneumonia films dark: brightness alone separates them perfectly
-    films = {f"n{i}.png": _film(i, 1.25) for i in range(6)} | {f"p{i}.png": _film(10 + i, 0.75) for i in range(6)}
+    # normal films bright and smooth, pneumonia films dark and grainy: either cue alone separates them
+    grain = np.random.default_rng(0).integers(-12, 13, (64, 64))
+    films = {f"n{i}.png": _film(i, 1.25) for i in range(6)} | {
+        f"p{i}.png": np.clip(_film(10 + i, 0.75).astype(int) + grain, 0, 255).astype(np.uint8) for i in range(6)}
     labels = {n: "normal" if n.startswith("n") else "pneumonia" for n in films}
     views = {n: "AP" if int(n[1]) % 2 else "PA" for n in films}
     for name in ("cls-adult-train", *bs.MATCHED):
@@ -54,8 +56,9 @@ def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_
     Image.fromarray(_film(30, 1.0)).save(tmp_path / "seg-in-test" / "JPCNN001.png")
     before = bs.brightness_auc(tmp_path / "cls-adult-test")
     assert before["auc"]["value"] == 1.0 and before["auc_AP"]["value"] == 1.0
+    assert before["contrast_auc"]["value"] == 1.0
     made = bs.make(tmp_path)
-    assert set(made) == {f"{n}-hm" for n in bs.MATCHED} | {"cls-jsrt-test"}
+    assert set(made) == {f"{n}{s}" for n in bs.MATCHED for s in ("-hm", "-hs")} | {"cls-jsrt-test"}
     after = bs.brightness_auc(tmp_path / "cls-adult-test-hm")
     assert after["n"] == 12 and abs(after["auc"]["value"] - 0.5) < 0.3
     assert abs(after["mean_grey"]["normal"] - after["mean_grey"]["pneumonia"]) < 2
@@ -64,3 +67,30 @@ def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_
     jsrt = read_rows(tmp_path / "cls-jsrt-test" / "labels.csv")
     assert jsrt == [{"file": "JPCNN001.png", "label": "normal"}]
     assert not list(tmp_path.glob("*.part"))
+    # softened: brightness and local contrast both level
+    soft = bs.brightness_auc(tmp_path / "cls-adult-test-hs")
+    assert abs(soft["mean_grey"]["normal"] - soft["mean_grey"]["pneumonia"]) < 2
+    assert soft["mean_contrast"]["pneumonia"] < 1.3 * soft["mean_contrast"]["normal"]
+    assert after["mean_contrast"]["pneumonia"] > 1.5 * after["mean_contrast"]["normal"]  # matching alone kept it
+
+
+def test_select_weights_scores_as_train_does_and_refuses_rows_with_other_validation_films(tmp_path):
+    sw = load_benchmark("select_weights")
+    per_case = tmp_path / "per_case.csv"
+    rows = [("val-seg-in", "a", "ok", "", "0.9"), ("val-seg-adult", "b", "ok", "", "0.8"),
+            ("val-cls-in", "c", "ok", "normal", ""), ("val-cls-in", "d", "ok", "pneumonia", ""),
+            ("val-cls-adult-hm", "e", "ok", "normal", ""), ("val-cls-adult-hm", "f", "ok", "pneumonia", ""),
+            ("val-cls-adult", "e", "ok", "normal", ""), ("val-cls-adult", "f", "ok", "pneumonia", ""),
+            ("val-cls-in", "g", "error", "normal", "")]
+    p = {"c": 0.1, "d": 0.9, "e": 0.7, "f": 0.6}  # matched: e (normal) above f (pneumonia)
+    with open(per_case, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "case_id", "status", "true_label", "dice", "p_pneumonia"])
+        w.writerows([d, c, s, t, dice, p.get(c, "")] for d, c, s, t, dice in rows)
+    got = sw.score(per_case, sw.SCORED)
+    # pooled AUC over c, d, e, f: pairs (normal, pneumonia) ranked right: c<d, c<f, e<d; e>f wrong -> 3/4
+    assert got == {"dice": pytest.approx(0.85), "auc": 0.75, "score": pytest.approx(0.8), "n_masks": 2,
+                   "n_labels": 4}
+    splits = tmp_path / "splits.csv"
+    splits.write_text("file,source,split\n/x/a-hm/f1.png,a,val\n/x/a/f2.png,a,train\n")
+    assert sw._split_of(splits) == [("f1.png", "val"), ("f2.png", "train")]
