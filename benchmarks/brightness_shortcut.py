@@ -9,9 +9,10 @@ are equally bright. A model can then score adult films by their brightness. This
 * ``make``: histogram-matched copies of the adult NIH folders (``*-hm``): every film's
   grey levels mapped onto one reference distribution, the mean quantile function of the
   adult NIH training films (each class weighted equally), so that brightness and contrast
-  no longer tell the classes apart while the anatomy is untouched. Also ``cls-jsrt-test``:
-  the JSRT test films labelled ``normal`` (JSRT holds no pneumonia: "normal" is "no
-  pneumonia" there), to count how many films without pneumonia a model calls pneumonia.
+  no longer tell the classes apart while the anatomy is untouched. Also ``cls-jsrt-test``
+  and ``cls-jsrt-train``: the JSRT films labelled ``normal`` (JSRT holds no pneumonia:
+  "normal" is "no pneumonia" there), to count how many films without pneumonia a model
+  calls pneumonia, and to train on that knowledge.
 
     python benchmarks/brightness_shortcut.py make --data runs/v3/data
     python benchmarks/brightness_shortcut.py measure --data runs/v3/data --out docs/results/brightness-shortcut.json
@@ -108,22 +109,28 @@ def make(data: Path) -> dict[str, Path]:
                         shutil.copyfile(src / table, tmp / table)
                 tmp.rename(dst)
             made[dst.name] = dst
-    jsrt = data / "cls-jsrt-test"
+    for part in ("train", "test"):
+        made[f"cls-jsrt-{part}"] = _jsrt(data, part)
+    np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
+    return made
+
+
+def _jsrt(data: Path, part: str) -> Path:
+    """``cls-jsrt-<part>``: the films of ``seg-in-<part>`` (JSRT) labelled ``normal``, i.e. no pneumonia."""
+    jsrt = data / f"cls-jsrt-{part}"
     if not jsrt.is_dir():
         tmp = jsrt.with_name(jsrt.name + ".part")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        names = sorted(p.name for p in (data / "seg-in-test").glob("*.png"))
+        names = sorted(p.name for p in (data / f"seg-in-{part}").glob("*.png"))
         for name in names:
-            (tmp / name).symlink_to((data / "seg-in-test" / name).resolve())
+            (tmp / name).symlink_to((data / f"seg-in-{part}" / name).resolve())
         with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "label"])
             w.writerows([n, "normal"] for n in names)
         tmp.rename(jsrt)
-    made[jsrt.name] = jsrt
-    np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
-    return made
+    return jsrt
 
 
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:

@@ -52,13 +52,15 @@ def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_
     views = {n: "AP" if int(n[1]) % 2 else "PA" for n in films}
     for name in ("cls-adult-train", *bs.MATCHED):
         _folder(tmp_path / name, films, labels, views)
-    (tmp_path / "seg-in-test").mkdir()
-    Image.fromarray(_film(30, 1.0)).save(tmp_path / "seg-in-test" / "JPCNN001.png")
+    for part, case in (("train", "JPCLN002"), ("test", "JPCNN001")):
+        (tmp_path / f"seg-in-{part}").mkdir()
+        Image.fromarray(_film(30, 1.0)).save(tmp_path / f"seg-in-{part}" / f"{case}.png")
     before = bs.brightness_auc(tmp_path / "cls-adult-test")
     assert before["auc"]["value"] == 1.0 and before["auc_AP"]["value"] == 1.0
     assert before["contrast_auc"]["value"] == 1.0
     made = bs.make(tmp_path)
-    assert set(made) == {f"{n}{s}" for n in bs.MATCHED for s in ("-hm", "-hs")} | {"cls-jsrt-test"}
+    assert set(made) == {f"{n}{s}" for n in bs.MATCHED for s in ("-hm", "-hs")} | {"cls-jsrt-test",
+                                                                                         "cls-jsrt-train"}
     after = bs.brightness_auc(tmp_path / "cls-adult-test-hm")
     assert after["n"] == 12 and abs(after["auc"]["value"] - 0.5) < 0.3
     assert abs(after["mean_grey"]["normal"] - after["mean_grey"]["pneumonia"]) < 2
