@@ -1,8 +1,9 @@
 """Choose between weights candidates on their common validation films, never on the test films.
 
 Candidates of ``benchmarks/weights_v3.py`` that share a seed share their validation split
-(``train/splits.csv``, the same files in every row). This script links those validation
-films into folders (``--data``/``val-*``; the adult NIH films both as they are and
+(``train/splits.csv``) unless their labelled folders differ. This script takes the films
+that are validation films in every row (none of the rows trained on them), links them into
+folders (``--data``/``val-<digest>/val-*``; the adult NIH films both as they are and
 histogram-matched, :mod:`brightness_shortcut`), runs ``mmcli evaluate`` of each row's
 weights on them, and scores each row as ``mmcli train`` scores an epoch: the mean of the
 mean Dice over the validation masks and the ROC AUC over the labelled validation films
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -40,13 +42,11 @@ SCORED = ("val-seg-in", "val-seg-cross", "val-seg-adult", "val-cls-in", "val-cls
 RAW = ("val-seg-in", "val-seg-cross", "val-seg-adult", "val-cls-in", "val-cls-adult")
 
 
-def val_folders(data: Path, splits: Path) -> dict[str, Path]:
-    """Link the validation films of ``splits`` (a train/splits.csv) into ``data``/val-* folders."""
-    with open(splits, newline="", encoding="utf-8") as f:
-        val = {Path(r["file"]).name for r in csv.DictReader(f) if r["split"] == "val"}
+def val_folders(root: Path, data: Path, val: set[str]) -> dict[str, Path]:
+    """Link the films named in ``val`` into ``root``/val-* folders, from the training folders of ``data``."""
     out: dict[str, Path] = {}
     for name, source in VAL_SETS.items():
-        src, dst = data / source, data / name
+        src, dst = data / source, root / name
         if not dst.is_dir():
             fields, meta = read_csv(src / "meta.csv")
             _, label_rows = read_csv(src / "labels.csv")
@@ -82,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     data, runs = args.data.resolve(), args.runs.resolve()
-    keyed = [_split_of(runs / r / "train" / "splits.csv") for r in args.rows]
-    if any(k != keyed[0] for k in keyed):
-        raise SystemExit("the rows do not share one validation split: they cannot be compared on it")
-    folders = val_folders(data, runs / args.rows[0] / "train" / "splits.csv")
+    splits = [_split_of(runs / r / "train" / "splits.csv") for r in args.rows]
+    val = set.intersection(*({name for name, part in s if part == "val"} for s in splits))
+    digest = hashlib.sha256("\n".join(sorted(val)).encode()).hexdigest()[:8]
+    folders = val_folders(data / f"val-{digest}", data, val)
     result: dict[str, Any] = {"command": "python benchmarks/select_weights.py " + " ".join(argv or sys.argv[1:]),
-                              "rows": {}}
+                              "validation_films": len(val), "rows": {}}
+    print(f"{len(val)} films are validation films of every row")
     for row in args.rows:
-        out = runs / row / "eval-val"
+        out = runs / row / f"eval-val-{digest}"
         if not (out / "per_case.csv").is_file():
             weights = json.loads((runs / row / "result.json").read_text())["weights"] \
                 if (runs / row / "result.json").is_file() else str(runs / row / "train" / "best.safetensors")
