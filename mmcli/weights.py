@@ -18,6 +18,8 @@ bytes, else ``sha256:`` and the first 12 hex digits of the file's own sha256.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from mmcli import __version__
 from mmcli.config import CLASS_NAMES, PreprocessConfig
@@ -226,9 +229,10 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> str:
 def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> Checkpoint:
     """Load a checkpoint safely, verifying its sha256 when one is expected.
 
-    The description is checked (:func:`validate_description`) before the tensors of a
-    safetensors file are read, and the tensors (:func:`validate_tensors`) before anything
-    is built from them.
+    The file is read once: the sha256 is that of the very bytes the checkpoint is built
+    from, so a file replaced while it loads cannot pass under the old hash. The description
+    is checked (:func:`validate_description`) before the tensors of a safetensors file are
+    decoded, and the tensors (:func:`validate_tensors`) before anything is built from them.
 
     Raises:
         WeightsError: one line naming the file and why it cannot be used.
@@ -236,35 +240,37 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_sha256: str | None
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    sha = file_sha256(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
+    sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 and sha != expected_sha256.lower():
         raise WeightsError(
             f"{path}: sha256 mismatch (expected {expected_sha256}, got {sha}); "
             "the file is corrupt or was replaced"
         )
-    ckpt = _read(path)
+    ckpt = _read(path, data)
     ckpt.path, ckpt.sha256 = path, sha
     validate_description(ckpt)
-    state = _read_tensors(path) if path.suffix == ".safetensors" else ckpt.state_dict
+    state = _read_tensors(path, data) if path.suffix == ".safetensors" else ckpt.state_dict
     ckpt.tensors = {k[len(_TENSOR_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_TENSOR_PREFIX)]}
     ckpt.state_dict = state
     validate_tensors(ckpt)
     return ckpt
 
 
-def _read(path: Path) -> Checkpoint:
-    """The checkpoint's description; with its tensors for a ``.pt`` file (a safetensors file's come later)."""
+def _read(path: Path, data: bytes) -> Checkpoint:
+    """The checkpoint's description from the file's bytes ``data``; with its tensors for a ``.pt``
+    file (a safetensors file's come later)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                raw_meta = (f.metadata() or {}).get(_META_KEY)
+            raw_meta = (_safetensors_header(data).get("__metadata__") or {}).get(_META_KEY)
             if raw_meta is None:
                 raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' metadata)")
             meta, state = json.loads(raw_meta), {}
         else:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if not isinstance(blob, dict) or _META_KEY not in blob:
                 raise WeightsError(f"{path}: not an mmcli checkpoint (no '{_META_KEY}' entry)")
             meta, state = blob[_META_KEY], dict(blob["state_dict"])
@@ -280,9 +286,20 @@ def _read(path: Path) -> Checkpoint:
         raise WeightsError(f"{path}: {err}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes in a file of {len(data)}")
+    header = json.loads(data[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        return safetensors_load(data)
     except Exception as err:  # safetensors raises many types for a bad file
         raise WeightsError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
 

@@ -281,7 +281,8 @@ def test_weights_replaced_mid_run_stop_it_with_one_line(tmp_path, tiny_weights, 
 
     def reader(file, *args, **kwargs):
         if file.path.name == "s0.png" and not crashed.exists():
-            shutil.copyfile(other, weights)
+            shutil.copyfile(other, tmp_path / "swap")
+            os.replace(tmp_path / "swap", weights)  # whole, as an installer would: readers see old or new
             crashed.write_text(str(os.getpid()))
             os._exit(3)
         deadline = time.monotonic() + 60

@@ -44,6 +44,36 @@ def test_sha_mismatch_is_refused(tmp_path):
         W.load_checkpoint(path, expected_sha256="0" * 64)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_file_replaced_while_it_loads_gives_the_tensors_its_sha256_names(tmp_path, monkeypatch, suffix):
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / f"w{suffix}", seed=0)
+    other = make_checkpoint(tmp_path / f"other{suffix}", seed=1)
+    first = W.load_checkpoint(path)
+    expected = {k: v.clone() for k, v in first.state_dict.items()}
+    real = W._read
+
+    def replaced_after_the_hash(p, *args):
+        path.write_bytes(other.read_bytes())  # another process rewrites the file now
+        return real(p, *args)
+
+    monkeypatch.setattr(W, "_read", replaced_after_the_hash)
+    got = W.load_checkpoint(path, expected_sha256=first.sha256)
+    assert got.sha256 == first.sha256
+    assert all(torch.equal(got.state_dict[k], expected[k]) for k in expected)  # not the new file's
+    # the loaded tensors are the process's own: rewriting the file in place later leaves them as they are
+    path.write_bytes(make_checkpoint(tmp_path / f"third{suffix}", seed=2).read_bytes())
+    assert all(torch.equal(got.state_dict[k], expected[k]) for k in expected)
+
+
+def test_a_safetensors_header_that_lies_about_its_length_is_refused(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10**9).to_bytes(8, "little") + b'{"__metadata__": {}}')
+    with pytest.raises(WeightsError, match="cannot read checkpoint.*header of 1000000000 bytes"):
+        W.load_checkpoint(bad)
+
+
 def test_garbage_and_foreign_files_are_refused(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
