@@ -39,7 +39,8 @@ from mmcli import metrics as M  # noqa: E402
 from mmcli.io.writers import write_json  # noqa: E402
 
 QUANTILES = np.linspace(0.0, 1.0, 257)
-MATCHED = ("cls-adult-train-vb", "cls-adult-train-vb-rest", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa")
+MATCHED = ("cls-adult-train-vb", "cls-adult-train-vb-rest", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa",
+           "cls-jsrt-test")
 PROBES = ("cls-adult-train", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa", "cls-cross-train",
           "cls-cross-test", "cls-in-test")
 
@@ -93,7 +94,7 @@ def make(data: Path) -> dict[str, Path]:
     ref = reference(data / "cls-adult-train")
     train = sorted((data / "cls-adult-train").glob("*.png"))
     target = float(np.percentile([local_contrast(match(grey(p), ref)) for p in train], 25))
-    made: dict[str, Path] = {}
+    made = {f"cls-jsrt-{part}": _jsrt(data, part) for part in ("train", "test")}
     for name in MATCHED:
         src = data / name
         for suffix, mapping in (("-hm", lambda a: match(a, ref)), ("-hs", lambda a: match(soften(a, target), ref))):
@@ -109,8 +110,6 @@ def make(data: Path) -> dict[str, Path]:
                         shutil.copyfile(src / table, tmp / table)
                 tmp.rename(dst)
             made[dst.name] = dst
-    for part in ("train", "test"):
-        made[f"cls-jsrt-{part}"] = _jsrt(data, part)
     np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
     return made
 

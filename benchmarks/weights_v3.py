@@ -82,6 +82,9 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "K-v3-hs-gamma": ("as H-v3-hm-gamma, the adult NIH films also softened to one local contrast",
                       ("--init", "multimix-cxr-v3", *SOFTENED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
                        "--site-aug", "window,gamma")),
+    "I-v2-hm": ("as C-vb-nocross (v3's recipe, from v2), the adult NIH films histogram-matched "
+                "(the same run as the semi-supervised 358-label point of adult_few_labels.py --matched)",
+                ("--init", "multimix-cxr-v2", *MATCHED, *NO_CROSS, *TWELVE)),
     "L-v3-hm-gamma-jsrt": ("as H-v3-hm-gamma, the JSRT films also labelled: no pneumonia",
                            ("--init", "multimix-cxr-v3", *MATCHED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
                             "--site-aug", "window,gamma", "--cls-data", "cls-jsrt-train")),

@@ -51,7 +51,8 @@ def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_
     labels = {n: "normal" if n.startswith("n") else "pneumonia" for n in films}
     views = {n: "AP" if int(n[1]) % 2 else "PA" for n in films}
     for name in ("cls-adult-train", *bs.MATCHED):
-        _folder(tmp_path / name, films, labels, views)
+        if name != "cls-jsrt-test":
+            _folder(tmp_path / name, films, labels, views)
     for part, case in (("train", "JPCLN002"), ("test", "JPCNN001")):
         (tmp_path / f"seg-in-{part}").mkdir()
         Image.fromarray(_film(30, 1.0)).save(tmp_path / f"seg-in-{part}" / f"{case}.png")
