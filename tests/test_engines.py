@@ -182,11 +182,11 @@ def test_keep_freed_memory_stops_page_faults() -> None:
         "torch.set_num_threads(1); torch.manual_seed(0)\n"
         "m = MultiMix(widths=(8, 16, 32, 64, 128)).eval(); x = torch.rand(2, 1, 256, 256)\n"
         "faults = []\n"
-        "for _ in range(9):\n"
+        "for _ in range(13):\n"
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    with torch.no_grad(): m(x)\n"
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-        "print(ok, statistics.median(faults[3:]))\n"  # after the first calls have grown the heap
+        "print(ok, statistics.median(faults[4:]))\n"  # after the first calls have grown the heap
     )
 
     def faults(flag: str) -> tuple[str, float]:
@@ -196,7 +196,9 @@ def test_keep_freed_memory_stops_page_faults() -> None:
 
     (ok, kept), (_, default) = faults("1"), faults("0")
     assert ok == "True"
-    assert kept < 100 < 1000 < default  # page faults per model call (thousands by default)
+    # page faults per model call: thousands by default, next to none once the buffers are kept (the
+    # heap may still grow now and then: a few hundred on a busy machine)
+    assert 1000 < default and kept < default / 20
 
 
 def _crashing_reader(monkeypatch, name):
