@@ -46,7 +46,7 @@ from mmcli.inference import BatchPrediction, Predictor
 from mmcli.io.discover import InputFile
 from mmcli.runtime import keep_freed_memory, usable_cores
 from mmcli.weights import load_checkpoint
-from mmcli.workers import WorkerPool
+from mmcli.workers import STARTUP_LIMIT, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class _Finisher:
         self.task, self.processes, self.timeout = task, processes, timeout
         self.generation = 0  # counts the pools: a case remembers which one it went to
         self.killed: set[int] = set()  # the generations killed for another case's time limit
+        self.ready: set[int] = set()  # the generations that have answered once: their processes are up
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
@@ -217,12 +218,21 @@ class _Finisher:
 
     def result(self, file: InputFile, fut: Future[dict[str, Any]], job: _Job | None) -> dict[str, Any]:
         """The row of a case sent by :meth:`submit`: a case that runs past the time limit fails, its pool
-        killed; the cases that waited or ran in that pool run again in the next one, with the same limit."""
+        killed; the cases that waited or ran in that pool run again in the next one, with the same limit.
+
+        Until a pool has answered once, its processes may still be starting (importing torch on
+        a busy machine): the first case of each pool gets :data:`~mmcli.workers.STARTUP_LIMIT`
+        seconds more, as a new worker process does.
+        """
         if job is None:
             return fut.result()  # a thread cannot be stopped: no time limit
         while True:
+            starting = job.generation not in self.ready
+            limit = None if self.timeout is None else self.timeout + (STARTUP_LIMIT if starting else 0.0)
             try:
-                return fut.result(timeout=self.timeout)
+                row = fut.result(timeout=limit)
+                self.ready.add(job.generation)
+                return row
             except FutureTimeout:
                 self._kill()
                 return self.task.failed(file, f"timed out after {self.timeout:g} s")
