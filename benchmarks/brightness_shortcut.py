@@ -24,6 +24,7 @@ import argparse
 import csv
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,38 +99,48 @@ def make(data: Path) -> dict[str, Path]:
     for name in MATCHED:
         src = data / name
         for suffix, mapping in (("-hm", lambda a: match(a, ref)), ("-hs", lambda a: match(soften(a, target), ref))):
-            dst = data / f"{name}{suffix}"
-            if not dst.is_dir():
-                tmp = dst.with_name(dst.name + ".part")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                for image in sorted(src.glob("*.png")):
-                    Image.fromarray(mapping(grey(image))).save(tmp / image.name)
-                for table in ("labels.csv", "meta.csv"):
-                    if (src / table).is_file():
-                        shutil.copyfile(src / table, tmp / table)
-                tmp.rename(dst)
-            made[dst.name] = dst
+            made[f"{name}{suffix}"] = _build(data / f"{name}{suffix}", _mapped_copy(src, mapping))
     np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
     return made
 
 
-def _jsrt(data: Path, part: str) -> Path:
-    """``cls-jsrt-<part>``: the films of ``seg-in-<part>`` (JSRT) labelled ``normal``, i.e. no pneumonia."""
-    jsrt = data / f"cls-jsrt-{part}"
-    if not jsrt.is_dir():
-        tmp = jsrt.with_name(jsrt.name + ".part")
+def _mapped_copy(src: Path, mapping: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], None]:
+    """Writes ``src``'s films through ``mapping``, with its labels.csv and meta.csv, into a folder."""
+    def fill(tmp: Path) -> None:
+        for image in sorted(src.glob("*.png")):
+            Image.fromarray(mapping(grey(image))).save(tmp / image.name)
+        for table in ("labels.csv", "meta.csv"):
+            if (src / table).is_file():
+                shutil.copyfile(src / table, tmp / table)
+
+    return fill
+
+
+def _build(dst: Path, fill: Callable[[Path], None]) -> Path:
+    """``dst``, unless it exists, made whole: ``fill`` writes into ``dst.part``, which is then renamed."""
+    if not dst.is_dir():
+        tmp = dst.with_name(dst.name + ".part")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        names = sorted(p.name for p in (data / f"seg-in-{part}").glob("*.png"))
+        fill(tmp)
+        tmp.rename(dst)
+    return dst
+
+
+def _jsrt(data: Path, part: str) -> Path:
+    """``cls-jsrt-<part>``: the films of ``seg-in-<part>`` (JSRT) labelled ``normal``, i.e. no pneumonia."""
+    src = data / f"seg-in-{part}"
+
+    def fill(tmp: Path) -> None:
+        names = sorted(p.name for p in src.glob("*.png"))
         for name in names:
-            (tmp / name).symlink_to((data / f"seg-in-{part}" / name).resolve())
+            (tmp / name).symlink_to((src / name).resolve())
         with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "label"])
             w.writerows([n, "normal"] for n in names)
-        tmp.rename(jsrt)
-    return jsrt
+
+    return _build(data / f"cls-jsrt-{part}", fill)
 
 
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
@@ -139,14 +150,14 @@ def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
     _, meta = read_csv(folder / "meta.csv")
     names = sorted(labels)
     y = np.array([labels[n]["label"] == "pneumonia" for n in names], dtype=int)
-    score = np.array([-float(np.median(grey(folder / n))) for n in names])
-    mean = {c: float(np.mean([grey(folder / n).mean() for n in names if labels[n]["label"] == c]))
-            for c in ("normal", "pneumonia")}
-    contrast = np.array([local_contrast(grey(folder / n)) for n in names])
-    out: dict[str, Any] = {"n": len(names), "mean_grey": mean, "auc": _auc(y, score, seed),
-                           "contrast_auc": _auc(y, contrast, seed),
-                           "mean_contrast": {c: float(contrast[y == (c == "pneumonia")].mean())
-                                             for c in ("normal", "pneumonia")}}
+    films = [grey(folder / n) for n in names]  # each film read once
+    score = np.array([-float(np.median(a)) for a in films])
+    brightness = np.array([a.mean() for a in films])
+    contrast = np.array([local_contrast(a) for a in films])
+    by_class = {"normal": y == 0, "pneumonia": y == 1}
+    out: dict[str, Any] = {"n": len(names), "mean_grey": {c: float(brightness[k].mean()) for c, k in by_class.items()},
+                           "auc": _auc(y, score, seed), "contrast_auc": _auc(y, contrast, seed),
+                           "mean_contrast": {c: float(contrast[k].mean()) for c, k in by_class.items()}}
     views = {meta.get(n, {}).get("view") for n in names} - {None, ""}
     for view in sorted(views) if len(views) > 1 else []:
         keep = np.array([meta[n]["view"] == view for n in names])

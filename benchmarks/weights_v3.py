@@ -207,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.rows:
         if args.report_only:
             continue
-        if not (out / name / "result.json").is_file():
-            run_row(name, data, out)
-        result = json.loads((out / name / "result.json").read_text())
+        done = out / name / "result.json"
+        result = json.loads(done.read_text()) if done.is_file() else run_row(name, data, out)
         if missing := tuple(s for s in PROBE_SETS if s not in result["datasets"]):  # a row from before the probes
             add_sets(result, data, out / name, missing, "eval-probes")
     results = [json.loads(f.read_text()) for r in ROWS if (f := out / r / "result.json").is_file()]
