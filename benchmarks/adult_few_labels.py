@@ -135,6 +135,44 @@ def write_table(out: Path, results: list[dict[str, Any]]) -> str:
     return text
 
 
+def write_curve(path: Path, results: list[dict[str, Any]]) -> None:
+    """ROC AUC (95 % intervals) against the adult labels, per arm: the held-out films as they are, and matched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 3.4), dpi=120)
+    FigureCanvasAgg(fig)
+    panels = (("cls-adult-test", "held-out adult films as they are"),
+              ("cls-adult-test-hm", "the same films histogram-matched"))
+    for i, (dataset, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for arm, name, colour, shift in (("semi", "MultiMix, other adult films unlabelled", "tab:red", 0.97),
+                                         ("sup", "same network, semi-supervised losses off", "tab:blue", 1.03)):
+            rows = sorted((r for r in results if r["arm"] == arm), key=lambda r: (r["labels"], r["seed"]))
+            pts = [(r["labels"], m) for r in rows if (m := metric(r, dataset, "classification", "roc_auc"))]
+            if not pts:
+                continue
+            ax.errorbar([n * shift for n, _ in pts], [m["value"] for _, m in pts],
+                        yerr=[[m["value"] - m["ci_low"] for _, m in pts], [m["ci_high"] - m["value"] for _, m in pts]],
+                        marker="o", linestyle="none", capsize=3, color=colour, label=name)
+            budgets = sorted({n for n, _ in pts})
+            means = [float(np.mean([m["value"] for k, m in pts if k == n])) for n in budgets]
+            ax.plot([n * shift for n in budgets], means, color=colour, linewidth=1)
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0.75, color="grey", linestyle="--", linewidth=1, label="target 0.75")
+        ax.set_xscale("log")
+        ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("adult training labels")
+        ax.set_ylabel("adult NIH ROC AUC (95 % interval)")
+        ax.set_ylim(0.3, 1.0)
+        ax.set_title(title, fontsize=9)
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/v3_split.py")
@@ -148,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train on the histogram-matched adult films (benchmarks/brightness_shortcut.py make)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="also draw the curve into this PNG")
     args = p.parse_args(argv)
     data, out = args.data.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         run(data, out, n, arm, seed, args.schedule, args.matched)
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*/result.json"))]
     print(write_table(out, results))
+    if args.plot:
+        write_curve(args.plot, results)
     if args.json:
         write_json(args.json, {"schedule": SCHEDULES[args.schedule][0], "cross_labels": SCHEDULES[args.schedule][1],
                                "matched": args.matched, "rows": results})

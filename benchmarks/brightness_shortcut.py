@@ -99,7 +99,7 @@ def make(data: Path) -> dict[str, Path]:
     for name in MATCHED:
         src = data / name
         for suffix, mapping in (("-hm", lambda a: match(a, ref)), ("-hs", lambda a: match(soften(a, target), ref))):
-            made[f"{name}{suffix}"] = _build(data / f"{name}{suffix}", _mapped_copy(src, mapping))
+            made[f"{name}{suffix}"] = build_folder(data / f"{name}{suffix}", _mapped_copy(src, mapping))
     np.savetxt(data / "hm-reference.txt", ref, fmt="%.4f", header="grey level at quantiles 0, 1/256, ..., 1")
     return made
 
@@ -116,7 +116,7 @@ def _mapped_copy(src: Path, mapping: Callable[[np.ndarray], np.ndarray]) -> Call
     return fill
 
 
-def _build(dst: Path, fill: Callable[[Path], None]) -> Path:
+def build_folder(dst: Path, fill: Callable[[Path], None]) -> Path:
     """``dst``, unless it exists, made whole: ``fill`` writes into ``dst.part``, which is then renamed."""
     if not dst.is_dir():
         tmp = dst.with_name(dst.name + ".part")
@@ -140,7 +140,7 @@ def _jsrt(data: Path, part: str) -> Path:
             w.writerow(["file", "label"])
             w.writerows([n, "normal"] for n in names)
 
-    return _build(data / f"cls-jsrt-{part}", fill)
+    return build_folder(data / f"cls-jsrt-{part}", fill)
 
 
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:

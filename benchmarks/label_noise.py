@@ -11,6 +11,16 @@ a model that ranks every real pneumonia above every normal film still reaches on
 ``1 - e / 2`` against these labels.
 
     python benchmarks/label_noise.py --eval runs/v3/B-all/eval --meta ../shared/data/cls-adult/meta.csv
+
+Co-label handling: ``--make DATA`` builds, from the histogram-matched view-balanced adult
+training films (``benchmarks/brightness_shortcut.py make``), a labelled folder whose
+pneumonia films all carry another finding as well (``cls-adult-train-vb-co-hm``), and puts
+the films labelled Pneumonia alone, whose label no other finding backs, in an unlabelled
+folder (``cls-adult-train-vb-alone-hm``), with as many normal films of the same views so
+that the labelled classes stay balanced within each view. Candidate ``M`` of
+``benchmarks/weights_v3.py`` trains on them.
+
+    python benchmarks/label_noise.py --make runs/v3/data
 """
 
 from __future__ import annotations
@@ -24,7 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcli import metrics as M
+sys.path.insert(0, str(Path(__file__).parent))
+
+from brightness_shortcut import build_folder  # noqa: E402
+
+from mmcli import metrics as M  # noqa: E402
 
 CO_LABELS = ("Infiltration", "Atelectasis", "Edema", "Effusion", "Consolidation")
 
@@ -38,13 +52,54 @@ def auc_of(rows: list[dict[str, str]], findings: dict[str, str], keep: Callable[
             "n_normal": int(len(y) - y.sum())}
 
 
+def colabel_folders(data: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The labelled folder of co-labelled pneumonia and normal films, and the unlabelled rest (see above)."""
+    src = data / "cls-adult-train-vb-hm"
+    with open(src / "meta.csv", newline="", encoding="utf-8") as f:
+        meta = list(csv.DictReader(f))
+    alone = [r for r in meta if r["label"] == "pneumonia" and r["finding_labels"] == "Pneumonia"]
+    rng = np.random.default_rng(seed)
+    dropped = {r["file"] for r in alone}
+    for view in sorted({r["view"] for r in alone}):
+        normal = sorted(r["file"] for r in meta if r["label"] == "normal" and r["view"] == view)
+        k = sum(r["view"] == view for r in alone)
+        dropped |= {normal[j] for j in rng.permutation(len(normal))[:k]}
+    kept = [r for r in meta if r["file"] not in dropped]
+
+    def fill(rows: list[dict[str, str]], labelled: bool) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            for r in rows:
+                (tmp / r["file"]).symlink_to((src / r["file"]).resolve())
+            with open(tmp / "meta.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(meta[0]))
+                w.writeheader()
+                w.writerows(rows)
+            if labelled:
+                with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f)
+                    w.writerow(["file", "label", "patient"])
+                    w.writerows([r["file"], r["label"], r["patient"]] for r in rows)
+        return write
+
+    return (build_folder(data / "cls-adult-train-vb-co-hm", fill(kept, True)),
+            build_folder(data / "cls-adult-train-vb-alone-hm",
+                         fill([r for r in meta if r["file"] in dropped], False)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--eval", type=Path, required=True, help="an mmcli evaluate folder (its per_case.csv)")
-    p.add_argument("--meta", type=Path, required=True, help="cls-adult meta.csv (file, finding_labels)")
+    p.add_argument("--eval", type=Path, help="an mmcli evaluate folder (its per_case.csv)")
+    p.add_argument("--meta", type=Path, help="cls-adult meta.csv (file, finding_labels)")
+    p.add_argument("--make", type=Path, metavar="DATA", help="build the co-label folders in DATA and stop")
     p.add_argument("--dataset", default="cls-adult-test")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.make:
+        for folder in colabel_folders(args.make):
+            print(folder, sum(1 for _ in folder.glob("*.png")), "films")
+        return 0
+    if not (args.eval and args.meta):
+        p.error("--eval and --meta are needed (or --make)")
     with open(args.meta, newline="", encoding="utf-8") as f:
         findings = {Path(r["file"]).stem: r["finding_labels"] for r in csv.DictReader(f)}
     with open(args.eval / "per_case.csv", newline="", encoding="utf-8") as f:

@@ -52,6 +52,10 @@ LABELS = ("--cls-data", "cls-in-train")
 CROSS = ("--cls-data", "cls-cross-train")  # the NIH films of v2's split, with their labels
 VIEW_BALANCED = ("--cls-data", "cls-adult-train-vb", "--unlabelled-data", "cls-adult-train-vb-rest")
 MATCHED = ("--cls-data", "cls-adult-train-vb-hm", "--unlabelled-data", "cls-adult-train-vb-rest-hm")
+# the matched films, the pneumonia films labelled Pneumonia alone unlabelled with as many normal
+# films of their views (benchmarks/label_noise.py --make)
+COLABEL = ("--cls-data", "cls-adult-train-vb-co-hm", "--unlabelled-data", "cls-adult-train-vb-alone-hm",
+           "--unlabelled-data", "cls-adult-train-vb-rest-hm")
 SOFTENED = ("--cls-data", "cls-adult-train-vb-hs", "--unlabelled-data", "cls-adult-train-vb-rest-hs")
 ALL_ADULT = ("--cls-data", "cls-adult-train")
 SCHEDULE = ("--epochs", "8", "--steps-per-epoch", "30", "--lr-step", "6", "--batch-size", "8", "--lr", "1e-4")
@@ -88,6 +92,10 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "L-v3-hm-gamma-jsrt": ("as H-v3-hm-gamma, the JSRT films also labelled: no pneumonia",
                            ("--init", "multimix-cxr-v3", *MATCHED, *NO_CROSS, *LONGER, "--label-smoothing", "0.1",
                             "--site-aug", "window,gamma", "--cls-data", "cls-jsrt-train")),
+    "M-v3-hm-gamma-jsrt-colabel": ("as L-v3-hm-gamma-jsrt, the pneumonia films labelled Pneumonia alone (no other "
+                                   "finding backs the label) unlabelled, with as many normal films of their views",
+                                   ("--init", "multimix-cxr-v3", *COLABEL, *NO_CROSS, *LONGER, "--label-smoothing",
+                                    "0.1", "--site-aug", "window,gamma", "--cls-data", "cls-jsrt-train")),
 }
 REGISTERED = ("v1", "v2")
 ROWS = (*REGISTERED, *CANDIDATES)
