@@ -15,7 +15,8 @@ are equally bright. A model can then score adult films by their brightness. This
   calls pneumonia, and to train on that knowledge.
 
     python benchmarks/brightness_shortcut.py make --data runs/v3/data
-    python benchmarks/brightness_shortcut.py measure --data runs/v3/data --out docs/results/brightness-shortcut.json
+    python benchmarks/brightness_shortcut.py measure --data runs/v3/data --out docs/results/brightness-shortcut.json \
+        --plot docs/results/brightness-shortcut.png
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mmcli.io.writers import write_json  # noqa: E402
 QUANTILES = np.linspace(0.0, 1.0, 257)
 MATCHED = ("cls-adult-train-vb", "cls-adult-train-vb-rest", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa",
            "cls-jsrt-test")
+DARK = 140  # a median grey level below which few normal adult NIH films fall
 PROBES = ("cls-adult-train", "cls-adult-test", "cls-adult-test-ap", "cls-adult-test-pa", "cls-cross-train",
           "cls-cross-test", "cls-in-test")
 
@@ -146,11 +148,7 @@ def _jsrt(data: Path, part: str) -> Path:
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
     """ROC AUC of the negated median grey level (``auc``) and of the local contrast (``contrast_auc``)
     against the labels of ``folder``, per view where known."""
-    _, labels = read_csv(folder / "labels.csv")
-    _, meta = read_csv(folder / "meta.csv")
-    names = sorted(labels)
-    y = np.array([labels[n]["label"] == "pneumonia" for n in names], dtype=int)
-    films = [grey(folder / n) for n in names]  # each film read once
+    y, names, meta, films = _films(folder)
     score = np.array([-float(np.median(a)) for a in films])
     brightness = np.array([a.mean() for a in films])
     contrast = np.array([local_contrast(a) for a in films])
@@ -162,7 +160,46 @@ def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:
     for view in sorted(views) if len(views) > 1 else []:
         keep = np.array([meta[n]["view"] == view for n in names])
         out[f"auc_{view}"] = _auc(y[keep], score[keep], seed)
+        # the dark mode of the adult NIH pneumonia films (brightness-shortcut.png)
+        out[f"dark_share_{view}"] = {c: float((-score[keep & k] < DARK).mean()) for c, k in by_class.items()}
     return out
+
+
+def _films(folder: Path) -> tuple[np.ndarray, list[str], dict[str, dict[str, str]], list[np.ndarray]]:
+    """``folder``'s labels (1: pneumonia), film names, meta.csv rows and grey levels, each film read once."""
+    _, labels = read_csv(folder / "labels.csv")
+    _, meta = read_csv(folder / "meta.csv") if (folder / "meta.csv").is_file() else ([], {})
+    names = sorted(labels)
+    y = np.array([labels[n]["label"] == "pneumonia" for n in names], dtype=int)
+    return y, names, meta, [grey(folder / n) for n in names]
+
+
+def write_plot(path: Path, data: Path) -> None:
+    """Median grey level of each film by class: the adult NIH films, the small NIH set, Kermany."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(name, title) for name, title in (("cls-adult-train", "adult NIH (cls-adult), training"),
+                                                ("cls-adult-test", "adult NIH (cls-adult), test"),
+                                                ("cls-cross-train", "small NIH set, training"),
+                                                ("cls-in-test", "Kermany (children), test"))
+              if (data / name / "labels.csv").is_file()]
+    fig = Figure(figsize=(3.0 * len(panels), 2.8), dpi=120)
+    FigureCanvasAgg(fig)
+    bins = np.linspace(0, 255, 33)
+    for i, (name, title) in enumerate(panels):
+        y, _, _, films = _films(data / name)
+        median = np.array([float(np.median(a)) for a in films])
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label, k, colour in (("normal", 0, "tab:blue"), ("pneumonia", 1, "tab:red")):
+            ax.hist(median[y == k], bins=bins, density=True, alpha=0.5, color=colour,
+                    label=f"{label} ({(y == k).sum()})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("median grey level of the film")
+        ax.set_yticks([])
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _auc(y: np.ndarray, score: np.ndarray, seed: int) -> dict[str, float]:
@@ -180,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("make", "measure"))
     p.add_argument("--data", type=Path, required=True, help="the folders of benchmarks/v3_split.py")
     p.add_argument("--out", type=Path, default=None, help="measure: JSON file for the figures")
+    p.add_argument("--plot", type=Path, default=None, help="measure: also draw the grey levels by class (PNG)")
     args = p.parse_args(argv)
     if args.what == "make":
         for name, path in make(args.data.resolve()).items():
@@ -193,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
               f"normal {r['mean_grey']['normal']:.1f} pneumonia {r['mean_grey']['pneumonia']:.1f}  "
               f"local contrast AUC {r['contrast_auc']['value']:.3f} (normal {r['mean_contrast']['normal']:.2f}, "
               f"pneumonia {r['mean_contrast']['pneumonia']:.2f})")
+    if args.plot:
+        write_plot(args.plot, args.data.resolve())
     if args.out:
         write_json(args.out, {"command": "python benchmarks/brightness_shortcut.py measure", "sets": result})
     return 0

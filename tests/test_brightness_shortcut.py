@@ -75,6 +75,10 @@ def test_make_writes_matched_copies_that_brightness_no_longer_separates(bs, tmp_
     assert abs(soft["mean_grey"]["normal"] - soft["mean_grey"]["pneumonia"]) < 2
     assert soft["mean_contrast"]["pneumonia"] < 1.3 * soft["mean_contrast"]["normal"]
     assert after["mean_contrast"]["pneumonia"] > 1.5 * after["mean_contrast"]["normal"]  # matching alone kept it
+    # the picture: one panel per set present (here the adult NIH training and test films), 3 x 2.8 in each
+    bs.write_plot(tmp_path / "grey.png", tmp_path)
+    with Image.open(tmp_path / "grey.png") as im:
+        assert im.size == (720, 336)
 
 
 def test_select_weights_scores_as_train_does_and_refuses_rows_with_other_validation_films(tmp_path):
