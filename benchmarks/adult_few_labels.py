@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from brightness_shortcut import build_folder, linked_folder  # noqa: E402
 from paper_table import cell, metric  # noqa: E402
 from weights_v3 import mmcli, train_once  # noqa: E402
 
@@ -78,20 +79,15 @@ def budget_folders(data: Path, out: Path, n: int, seed: int, suffix: str = "") -
     for names in strata.values():  # the same share of every (view, class) stratum
         k = round(n * len(names) / len(meta))
         picked += [names[j] for j in rng.permutation(len(names))[:k]]
-    every = sorted(meta) + sorted(p.name for p in rest.glob("*.png"))
-    lab, free = out / f"adult-{n}-s{seed}{suffix}-labelled", out / f"adult-{n}-s{seed}{suffix}-unlabelled"
-    for folder, files in ((lab, sorted(picked)), (free, sorted(set(every) - set(picked)))):
-        if folder.is_dir() or not files:
-            continue
-        folder.mkdir(parents=True)
-        for name in files:
-            target = src / name if (src / name).exists() else rest / name
-            (folder / name).symlink_to(target.resolve())
-        if folder is lab:
-            with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["file", "label", "patient"])
-                w.writerows([name, meta[name]["label"], meta[name]["patient"]] for name in files)
+    picked.sort()
+    every = {p.name: p for p in rest.glob("*.png")} | {name: src / name for name in meta}
+    labels = [{"file": name, "label": meta[name]["label"], "patient": meta[name]["patient"]} for name in picked]
+    out.mkdir(parents=True, exist_ok=True)
+    lab = build_folder(out / f"adult-{n}-s{seed}{suffix}-labelled",
+                       linked_folder({name: every[name] for name in picked}, {"labels.csv": labels}))
+    free = out / f"adult-{n}-s{seed}{suffix}-unlabelled"
+    if others := sorted(set(every) - set(picked)):
+        build_folder(free, linked_folder({name: every[name] for name in others}, {}))
     return lab, free
 
 

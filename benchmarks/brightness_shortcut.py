@@ -129,20 +129,28 @@ def build_folder(dst: Path, fill: Callable[[Path], None]) -> Path:
     return dst
 
 
+def linked_folder(films: dict[str, Path], tables: dict[str, list[dict[str, str]]]) -> Callable[[Path], None]:
+    """A ``fill`` for :func:`build_folder`: a link ``name`` to each film, and each table (file name -> rows,
+    none: no file) as CSV."""
+    def fill(tmp: Path) -> None:
+        for name, film in films.items():
+            (tmp / name).symlink_to(film.resolve())
+        for table, rows in tables.items():
+            if not rows:
+                continue
+            with open(tmp / table, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+    return fill
+
+
 def _jsrt(data: Path, part: str) -> Path:
     """``cls-jsrt-<part>``: the films of ``seg-in-<part>`` (JSRT) labelled ``normal``, i.e. no pneumonia."""
-    src = data / f"seg-in-{part}"
-
-    def fill(tmp: Path) -> None:
-        names = sorted(p.name for p in src.glob("*.png"))
-        for name in names:
-            (tmp / name).symlink_to((src / name).resolve())
-        with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "label"])
-            w.writerows([n, "normal"] for n in names)
-
-    return build_folder(data / f"cls-jsrt-{part}", fill)
+    films = {p.name: p for p in sorted((data / f"seg-in-{part}").glob("*.png"))}
+    labels = [{"file": name, "label": "normal"} for name in films]
+    return build_folder(data / f"cls-jsrt-{part}", linked_folder(films, {"labels.csv": labels}))
 
 
 def brightness_auc(folder: Path, seed: int = 0) -> dict[str, Any]:

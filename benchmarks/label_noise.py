@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from brightness_shortcut import build_folder  # noqa: E402
+from brightness_shortcut import build_folder, linked_folder  # noqa: E402
 
 from mmcli import metrics as M  # noqa: E402
 
@@ -65,25 +65,13 @@ def colabel_folders(data: Path, seed: int = 0) -> tuple[Path, Path]:
         k = sum(r["view"] == view for r in alone)
         dropped |= {normal[j] for j in rng.permutation(len(normal))[:k]}
     kept = [r for r in meta if r["file"] not in dropped]
-
-    def fill(rows: list[dict[str, str]], labelled: bool) -> Callable[[Path], None]:
-        def write(tmp: Path) -> None:
-            for r in rows:
-                (tmp / r["file"]).symlink_to((src / r["file"]).resolve())
-            with open(tmp / "meta.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=list(meta[0]))
-                w.writeheader()
-                w.writerows(rows)
-            if labelled:
-                with open(tmp / "labels.csv", "w", newline="", encoding="utf-8") as f:
-                    w = csv.writer(f)
-                    w.writerow(["file", "label", "patient"])
-                    w.writerows([r["file"], r["label"], r["patient"]] for r in rows)
-        return write
-
-    return (build_folder(data / "cls-adult-train-vb-co-hm", fill(kept, True)),
+    labels = [{"file": r["file"], "label": r["label"], "patient": r["patient"]} for r in kept]
+    free = [r for r in meta if r["file"] in dropped]
+    return (build_folder(data / "cls-adult-train-vb-co-hm",
+                         linked_folder({r["file"]: src / r["file"] for r in kept}, {"meta.csv": kept,
+                                                                                     "labels.csv": labels})),
             build_folder(data / "cls-adult-train-vb-alone-hm",
-                         fill([r for r in meta if r["file"] in dropped], False)))
+                         linked_folder({r["file"]: src / r["file"] for r in free}, {"meta.csv": free})))
 
 
 def main(argv: list[str] | None = None) -> int:
